@@ -1,0 +1,1 @@
+"""Ray job entry points: `ray job submit -- python -m jobs.<stage> --config ...`."""

@@ -1,0 +1,201 @@
+"""Typed run configuration: YAML file + dotted overrides -> nested dataclasses.
+
+Every key is checked: an unknown key, a value of the wrong type or a missing required
+value raises ConfigError naming the dotted key, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from resmem_ray.errors import ResMemError
+
+
+class ConfigError(ResMemError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    name: str = "digits"  # digits | fashion_mnist | cifar10 | cifar100 | imagefolder
+    root: Optional[str] = None  # dataset folder (fashion_mnist, cifar*, imagefolder)
+    download: bool = False  # torchvision datasets only; machines here have no network
+    val_fraction: float = 0.1  # of the source train split, held out of training and memory
+    test_fraction: float = 0.2  # only for datasets without an official test split (digits)
+    limit: Optional[int] = None  # cap on examples per split, for quick runs
+    image_size: int = 224  # imagefolder only: images are resized and centre-cropped to this
+    augment: bool = False  # random crop + flip during training (CIFAR / ImageNet recipes)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "small_cnn"  # small_cnn | resnet20 | resnet32 | resnet56 | resnet18 | resnet50
+    width: int = 16  # small_cnn: first conv channels; cifar resnets: multiplier of 16
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 64  # per worker
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class EmbedConfig:
+    batch_size: int = 256
+    num_actors: int = 2  # Ray Data actor pool size: one model replica per actor
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+
+
+@dataclass
+class IndexConfig:
+    num_shards: int = 2
+    factory: str = "Flat"  # FAISS index factory string
+
+
+@dataclass
+class ResMemConfig:
+    k: int = 20  # neighbours whose residuals are summed
+    sigma: float = 0.5  # kernel temperature: weights = softmax(-d / sigma)
+    temperature: float = 1.0  # T in p = softmax(logits / T), used for residuals and prediction
+    gate: float = 1.0  # lambda: weight of the memory's correction
+    distance: str = "l2"  # l2 | sqeuclidean | cosine
+    normalize: bool = True  # L2-normalise embeddings before indexing and search
+
+
+@dataclass
+class EvaluateConfig:
+    knn_ks: list[int] = field(default_factory=lambda: [1, 10, 20, 30])
+    batch_size: int = 1024  # queries per lookup round trip
+    cpus_per_shard: float = 0.5  # CPU share of each shard actor (also its FAISS threads)
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/digits"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    resmem: ResMemConfig = field(default_factory=ResMemConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.name": ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"),
+    "model.name": ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"),
+    "resmem.distance": ("l2", "sqeuclidean", "cosine"),
+}
+POSITIVE = ("train.epochs", "train.batch_size", "train.num_workers", "embed.batch_size",
+            "embed.num_actors", "index.num_shards", "resmem.k", "resmem.sigma",
+            "resmem.temperature", "evaluate.batch_size", "model.width")
+
+
+def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or the defaults), apply `a.b=value` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {part} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    cfg = _build(Config, raw, prefix="")
+    _check_values(cfg)
+    return cfg
+
+
+def _build(cls, raw: Any, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}{key} (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], raw[f.name], prefix + f.name)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, key: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(inner, value, key)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key} must be a list, got {value!r}")
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 5e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key {key} must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _get(cfg: Config, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_values(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        if _get(cfg, key) not in allowed:
+            raise ConfigError(f"config key {key}: unknown value {_get(cfg, key)!r} "
+                              f"(choose from {', '.join(allowed)})")
+    for key in POSITIVE:
+        if _get(cfg, key) <= 0:
+            raise ConfigError(f"config key {key} must be positive, got {_get(cfg, key)}")
+    for frac in ("data.val_fraction", "data.test_fraction"):
+        if not 0 <= _get(cfg, frac) < 1:
+            raise ConfigError(f"config key {frac} must be in [0, 1), got {_get(cfg, frac)}")
+    if any(k <= 0 for k in cfg.evaluate.knn_ks):
+        raise ConfigError(f"config key evaluate.knn_ks must hold positive ints, got {cfg.evaluate.knn_ks}")
+    if cfg.data.name in ("imagefolder",) and not cfg.data.root:
+        raise ConfigError("config key data.root is required for data.name=imagefolder")

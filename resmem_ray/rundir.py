@@ -1,0 +1,126 @@
+"""The run directory: the only coupling between stages.
+
+    RUN/manifest.json      config, stage status, versions, content hashes
+    RUN/model/             trained weights (model.pt) + meta.json, epoch metrics
+    RUN/embeddings/<split>/*.parquet
+    RUN/index/             FAISS shard files + manifest.json
+    RUN/report/            metrics.json, report.md, predictions.parquet, plots
+
+Every artifact is written under a temporary name and renamed into place, so a failed
+stage never leaves a half-written output behind; every load checks the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+from resmem_ray.errors import ResMemError
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ResMemError(f"{path} is not valid JSON: {e}") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a fresh temporary directory that replaces `final` only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.with_name(f".{final.name}.{uuid.uuid4().hex}.old")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def verify_hashes(folder: Path, expected: dict[str, str], what: str) -> None:
+    for rel, digest in expected.items():
+        p = folder / rel
+        if not p.is_file():
+            raise ResMemError(f"{what}: {p} is missing")
+        if sha256(p) != digest:
+            raise ResMemError(f"{what}: {p} does not match its manifest hash (changed or corrupt)")
+
+
+class RunDir:
+    """Paths and the manifest of one run."""
+
+    STAGES = ("train", "embed", "index", "evaluate")
+
+    def __init__(self, path: str | Path):
+        self.root = Path(path).resolve()
+        self.model = self.root / "model"
+        self.embeddings = self.root / "embeddings"
+        self.index = self.root / "index"
+        self.report = self.root / "report"
+        self.manifest_path = self.root / "manifest.json"
+
+    def manifest(self) -> dict:
+        if self.manifest_path.is_file():
+            return read_json(self.manifest_path)
+        return {"stages": {}}
+
+    def stage_output(self, stage: str, needed_by: str) -> dict:
+        """The manifest entry of a finished stage, or a clear error naming what is missing."""
+        entry = self.manifest().get("stages", {}).get(stage)
+        if not entry or entry.get("status") != "done":
+            raise ResMemError(f"run directory {self.root} has no finished '{stage}' stage, which "
+                              f"'{needed_by}' needs: run `resmem {stage}` first")
+        return entry
+
+    def mark_running(self, stage: str, config: dict) -> None:
+        """Record that `stage` started; the outputs of later stages become stale."""
+        manifest = self.manifest()
+        stages = manifest.setdefault("stages", {})
+        for later in self.STAGES[self.STAGES.index(stage) + 1:]:
+            stages.pop(later, None)
+        stages[stage] = {"status": "running", "started_at": time.time(), "config": config}
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json(self.manifest_path, manifest)
+
+    def mark_done(self, stage: str, config: dict, **info) -> None:
+        from resmem_ray import versions
+
+        manifest = self.manifest()
+        manifest["config"] = config
+        manifest["versions"] = versions()
+        manifest.setdefault("stages", {})[stage] = {"status": "done", "finished_at": time.time(), **info}
+        write_json(self.manifest_path, manifest)
