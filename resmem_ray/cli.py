@@ -34,12 +34,8 @@ def init_ray() -> None:
 
 
 def run_stage(name: str, cfg: Config):
-    from resmem_ray.rundir import RunDir
-
     t0 = time.time()
     print(f"== {name} ==", flush=True)
-    if name != "train":  # train tracks its own running state for resumption
-        RunDir(cfg.run_dir).mark_running(name, cfg.to_dict())
     out = _stages()[name](cfg)
     print(f"== {name} done in {time.time() - t0:.1f}s ==", flush=True)
     return out

@@ -134,13 +134,15 @@ def _imagefolder(cfg: DataConfig):
     """ImageNet layout: root/train/<class>/*.JPEG and root/val/<class>/*.JPEG."""
     from torchvision.datasets import ImageFolder
 
+    for sub in ("train", "val"):
+        if not (Path(cfg.root) / sub).is_dir():
+            raise ResMemError(f"data.root={cfg.root}: missing {sub}/ folder (ImageNet layout)")
     parts = []
     for sub in ("train", "val"):
-        folder = Path(cfg.root) / sub
-        if not folder.is_dir():
-            raise ResMemError(f"data.root={cfg.root}: missing {sub}/ folder (ImageNet layout)")
-        ds = ImageFolder(str(folder))
-        parts.append(ds)
+        try:
+            parts.append(ImageFolder(str(Path(cfg.root) / sub)))
+        except FileNotFoundError as e:  # no class folders, or no images in them
+            raise ResMemError(f"data.root={cfg.root}: {e}") from None
     if parts[0].classes != parts[1].classes:
         raise ResMemError(f"data.root={cfg.root}: train/ and val/ hold different class folders")
     out = []

@@ -72,6 +72,7 @@ def embed(cfg: Config) -> dict:
     run = RunDir(cfg.run_dir)
     run.stage_output("train", needed_by="embed")
     splits, info = load_splits(cfg.data, cfg.seed)
+    run.mark_running("embed", cfg.to_dict())
     e = cfg.embed
     counts = {}
     for name in SPLITS:

@@ -107,10 +107,14 @@ def evaluate(cfg: Config) -> dict:
     check_matches_index(cfg, manifest)
     test = read_split(run, "test", needed_by="evaluate", columns=("id", "label", "embedding", "logits"))
     queries = prepare_queries(test["embedding"], cfg.resmem.distance, cfg.resmem.normalize)
+    if queries.shape[1] != manifest["dim"]:
+        raise ResMemError(f"embedding dimension {queries.shape[1]} of {run.embeddings / 'test'} does not "
+                          f"match the index in {run.index} ({manifest['dim']} dims): rerun `resmem index`")
     k_max = max([cfg.resmem.k, *cfg.evaluate.knn_ks])
     if k_max > manifest["rows"]:
         raise ResMemError(f"k={k_max} (max of resmem.k and evaluate.knn_ks) is larger than the "
                           f"memory ({manifest['rows']} rows)")
+    run.mark_running("evaluate", cfg.to_dict())
     print(f"[evaluate] {len(queries)} test queries against {manifest['rows']} memory rows in "
           f"{len(manifest['shards'])} shard actor(s), k={k_max}", flush=True)
     with ShardedMemory(run.index, manifest, cfg.evaluate.cpus_per_shard) as memory:

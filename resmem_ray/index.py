@@ -58,6 +58,7 @@ def build_index(cfg: Config) -> dict:
     n, dim = train["embedding"].shape
     if cfg.index.num_shards > n:
         raise ResMemError(f"index.num_shards={cfg.index.num_shards} is more than the memory's {n} rows")
+    run.mark_running("index", cfg.to_dict())
     r = cfg.resmem
     emb = prepare_queries(train["embedding"], r.distance, r.normalize)
     res = residuals(train["logits"], train["label"], r.temperature)

@@ -70,10 +70,18 @@ class ShardActor:
         from resmem_ray.index import load_shard
 
         faiss.omp_set_num_threads(num_threads)  # the actor's CPU share, not the whole host
-        self.index, self.rows = load_shard(Path(index_dir), entry)
-        self.distance = distance
+        self.distance, self.error = distance, None
+        try:
+            self.index, self.rows = load_shard(Path(index_dir), entry)
+        except ResMemError as e:  # kept for ready(): Ray drops the cause of a failed __init__
+            self.error = e
+
+    def ready(self) -> None:
+        if self.error:
+            raise self.error
 
     def search(self, queries: np.ndarray, k: int):
+        self.ready()
         return search_shard(self.index, self.rows, queries, k, self.distance)
 
 
@@ -88,6 +96,11 @@ class ShardedMemory:
         threads = max(1, int(round(cpus_per_shard)))
         self.actors = [actor.remote(str(index_dir), entry, manifest["distance"], threads)
                        for entry in manifest["shards"]]
+        try:
+            ray.get([a.ready.remote() for a in self.actors])
+        except BaseException:
+            self.close()
+            raise
 
     def search(self, queries: np.ndarray, k: int) -> Neighbours:
         import ray

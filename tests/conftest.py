@@ -1,0 +1,39 @@
+"""One local Ray instance for the whole test session (ray.init costs ~8 s here), and one
+small digits pipeline run that several tests read."""
+
+import os
+import shutil
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+# Tiny but real: 2 Ray Train workers, 2 Ray Data actors, 2 FAISS shard actors.
+DIGITS_ARGS = ["--config", "jobs/configs/digits.yaml", "train.epochs=3", "train.cpus_per_worker=0.5"]
+
+
+@pytest.fixture(scope="session")
+def digits_run(ray_session, tmp_path_factory):
+    """A finished digits pipeline; tests that change it work on a copy (`run_copy`)."""
+    from resmem_ray.cli import main
+
+    run_dir = tmp_path_factory.mktemp("digits") / "run"
+    assert main(["run", *DIGITS_ARGS, f"run_dir={run_dir}"]) == 0
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(digits_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(digits_run, dst)
+    return dst

@@ -1,0 +1,49 @@
+import pytest
+
+from resmem_ray.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\n"), ("train.lr=0.1", "resmem.k=7",
+                                                               "evaluate.knn_ks=[1,5]", "data.limit=50"))
+    assert (cfg.train.epochs, cfg.train.lr, cfg.resmem.k) == (3, 0.1, 7)
+    assert cfg.evaluate.knn_ks == [1, 5] and cfg.data.limit == 50
+    assert cfg.model.name == "small_cnn"
+    assert load_config(None, ("train.weight_decay=5e-4",)).train.weight_decay == 5e-4
+
+
+@pytest.mark.parametrize("text,overrides,message", [
+    ("trian:\n  epochs: 3\n", (), "unknown config key trian"),
+    ("train:\n  epohcs: 3\n", (), "unknown config key train.epohcs"),
+    ("train:\n  epochs: three\n", (), "config key train.epochs must be int"),
+    ("train:\n  use_gpu: 1\n", (), "config key train.use_gpu must be bool"),
+    ("", ("data.name=mnist2",), "config key data.name: unknown value 'mnist2'"),
+    ("", ("model.name=vgg",), "config key model.name: unknown value 'vgg'"),
+    ("", ("resmem.k=0",), "config key resmem.k must be positive"),
+    ("", ("data.name=imagefolder",), "data.root is required"),
+    ("", ("train.epochs",), "must look like section.key=value"),
+    ("- a\n- b\n", (), "mapping at the top level"),
+])
+def test_bad_config_names_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_shipped_configs_load():
+    import glob
+
+    paths = sorted(glob.glob("jobs/configs/*.yaml"))
+    assert paths
+    for p in paths:
+        load_config(p)
