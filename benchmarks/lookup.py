@@ -1,0 +1,138 @@
+"""Lookup throughput and recall.
+
+1. Exact search QPS of the sharded service (S = 1, 2, 4 shard actors) against one plain
+   FAISS Flat index in the same process, over the same memory and queries, in one run.
+   Both return the same thing: top-k distances, ids and the neighbours' residual rows.
+2. recall@k of IVF-Flat, IVF-PQ and HNSW against Flat on real embeddings (a finished
+   run's train split as memory, its val split as queries).
+
+    python benchmarks/lookup.py --rows 100000 1000000 --real runs/digits runs/fashion_mnist
+
+Appends a section to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from resmem_ray import versions
+from resmem_ray.config import IndexConfig
+from resmem_ray.index import build_shard, prepare_queries, read_index_manifest, write_shards
+from resmem_ray.lookup import ShardedMemory, search_shard
+
+DIM, CLASSES, K = 64, 10, 30
+
+
+def mixture(n: int, dim: int, seed: int, centres: int = 100) -> np.ndarray:
+    """Clustered synthetic embeddings (a Gaussian mixture), so recall means something."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(centres, dim)).astype(np.float32) * 3
+    return (means[rng.integers(0, centres, n)] + rng.normal(size=(n, dim)).astype(np.float32))
+
+
+def timed_qps(fn, queries: np.ndarray, batch: int, repeats: int = 3) -> float:
+    fn(queries[:batch])  # warm-up
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for s in range(0, len(queries), batch):
+            fn(queries[s:s + batch])
+        best = max(best, len(queries) / (time.perf_counter() - t0))
+    return best
+
+
+def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int]) -> list[dict]:
+    emb = prepare_queries(mixture(rows, DIM, seed=0), "l2", True)
+    queries = prepare_queries(mixture(num_queries, DIM, seed=1), "l2", True)
+    rng = np.random.default_rng(2)
+    memory_rows = {"ids": np.arange(rows), "labels": rng.integers(0, CLASSES, rows),
+                   "residuals": rng.normal(size=(rows, CLASSES)).astype(np.float32)}
+    faiss.omp_set_num_threads(os.cpu_count())
+    plain = build_shard(emb, "Flat", "l2")
+    results = [{"rows": rows, "setup": "plain FAISS Flat, in process",
+                "qps": timed_qps(lambda q: search_shard(plain, memory_rows, q, K, "l2"), queries, batch)}]
+    del plain
+    for shards in shard_counts:
+        with tempfile.TemporaryDirectory() as d:
+            manifest = write_shards(Path(d), emb, memory_rows["ids"], memory_rows["labels"],
+                                    memory_rows["residuals"], IndexConfig(num_shards=shards), "l2", True, 1.0)
+            settings = IndexConfig(num_shards=shards, cpus_per_shard=os.cpu_count() / shards)
+            with ShardedMemory(Path(d), manifest, settings) as memory:
+                qps = timed_qps(lambda q: memory.search(q, K), queries, batch)
+        results.append({"rows": rows, "setup": f"sharded, S={shards} actors", "qps": qps})
+    for r in results:
+        r["vs_plain"] = r["qps"] / results[0]["qps"]
+        print(f"{r['rows']:>9} rows  {r['setup']:<32} {r['qps']:>9.0f} q/s  {r['vs_plain']:.2f}x", flush=True)
+    return results
+
+
+def recall(run_dir: str, factories: list[str]) -> list[dict]:
+    from resmem_ray.embed import read_split
+    from resmem_ray.rundir import RunDir
+
+    run = RunDir(run_dir)
+    mem = prepare_queries(read_split(run, "train", "benchmark", ("id", "embedding"))["embedding"], "l2", True)
+    q = prepare_queries(read_split(run, "val", "benchmark", ("id", "embedding"))["embedding"], "l2", True)
+    exact = build_shard(mem, "Flat", "l2").search(q, K)[1]
+    out = []
+    for factory in factories:
+        t0 = time.perf_counter()
+        index = build_shard(mem, factory, "l2", train_sample=100_000)
+        build_s = time.perf_counter() - t0
+        from resmem_ray.lookup import set_search_params
+
+        set_search_params(index, nprobe=16, ef_search=64)
+        t0 = time.perf_counter()
+        found = index.search(q, K)[1]
+        search_s = time.perf_counter() - t0
+        hits = np.mean([len(set(a) & set(b)) / K for a, b in zip(found, exact)])
+        out.append({"run": run_dir, "rows": len(mem), "dim": mem.shape[1], "factory": factory,
+                    "recall": hits, "build_s": build_s, "qps": len(q) / search_s})
+        print(f"{run_dir}: {factory:<22} recall@{K} {hits:.4f}  build {build_s:.2f}s", flush=True)
+    return out
+
+
+def main() -> None:
+    import ray
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--queries", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--real", nargs="*", default=["runs/digits", "runs/fashion_mnist"])
+    parser.add_argument("--out", default="benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    ray.init(include_dashboard=False, log_to_driver=False)
+    tp = [r for rows in args.rows for r in throughput(rows, args.queries, args.batch, args.shards)]
+    factories = ["Flat", "IVF256,Flat", "IVF256,PQ16", "HNSW32"]
+    rc = [r for run in args.real if Path(run, "index").exists() for r in recall(run, factories)]
+    lines = [f"\n## Lookup ({time.strftime('%Y-%m-%d')})", "",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
+             f"versions: {versions()}.", f"Command: `python benchmarks/lookup.py {' '.join(os.sys.argv[1:])}`",
+             "", f"Exact search, {DIM}-dim clustered embeddings, k={K}, {args.queries} queries in batches "
+             f"of {args.batch}; each answer includes the neighbours' {CLASSES}-class residual rows.", "",
+             "| memory rows | setup | queries/s | vs plain |", "| ---: | --- | ---: | ---: |"]
+    lines += [f"| {r['rows']:,} | {r['setup']} | {r['qps']:,.0f} | {r['vs_plain']:.2f}x |" for r in tp]
+    if rc:
+        lines += ["", f"Approximate indices against Flat, recall@{K} (memory: train split, queries: "
+                  "val split; nprobe=16, efSearch=64):", "",
+                  "| run | rows x dim | index | recall@30 | build (s) | queries/s |",
+                  "| --- | --- | --- | ---: | ---: | ---: |"]
+        lines += [f"| {r['run']} | {r['rows']:,} x {r['dim']} | {r['factory']} | {r['recall']:.4f} | "
+                  f"{r['build_s']:.2f} | {r['qps']:,.0f} |" for r in rc]
+    with open(args.out, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
