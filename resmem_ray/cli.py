@@ -26,6 +26,14 @@ def _stages():
     return {"train": train, "embed": embed, "index": build_index, "evaluate": evaluate}
 
 
+STAGE_HELP = [("train", "train the base model (Ray Train)"),
+              ("embed", "embeddings, logits and residuals of every split (Ray Data)"),
+              ("index", "build the sharded FAISS memory (Ray tasks)"),
+              ("evaluate", "test-split report from sharded lookup actors"),
+              ("run", "all stages in order"),
+              ("memorize", "add labelled examples (--examples FILE.npz) to the memory, no retraining")]
+
+
 def init_ray() -> None:
     import ray
 
@@ -50,20 +58,23 @@ def run_pipeline(cfg: Config) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="resmem", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in [("train", "train the base model (Ray Train)"),
-                       ("embed", "embeddings, logits and residuals of every split (Ray Data)"),
-                       ("index", "build the sharded FAISS memory (Ray tasks)"),
-                       ("evaluate", "test-split report from sharded lookup actors"),
-                       ("run", "all stages in order")]:
+    for name, text in STAGE_HELP:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML config (defaults: the digits run)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+        if name == "memorize":
+            p.add_argument("--examples", required=True,
+                           help=".npz with images (N, C, H, W) uint8 and labels (N,)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, tuple(args.overrides))
         init_ray()
         if args.command == "run":
             run_pipeline(cfg)
+        elif args.command == "memorize":
+            from resmem_ray.memorize import memorize
+
+            memorize(cfg, args.examples)
         else:
             run_stage(args.command, cfg)
         if args.command in ("run", "evaluate"):

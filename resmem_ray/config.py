@@ -62,7 +62,14 @@ class EmbedConfig:
 @dataclass
 class IndexConfig:
     num_shards: int = 2
-    factory: str = "Flat"  # FAISS index factory string
+    factory: str = "Flat"  # FAISS factory string: Flat, IVF1024,Flat, IVF1024,PQ16, HNSW32, ...
+    train_sample: int = 100_000  # rows sampled per shard to train IVF / PQ indices
+    nprobe: int = 16  # IVF: inverted lists visited per query
+    ef_search: int = 64  # HNSW: breadth of the search
+    backend: str = "faiss"  # faiss | torch (exact: matrix multiply + top-k, GPU when present)
+    use_gpu: bool = False  # shard actors ask Ray for a GPU; CPU fallback (logged) without one
+    replicas: int = 1  # actors per shard; query batches are balanced across them
+    cpus_per_shard: float = 0.5  # CPU share of each shard actor (also its FAISS threads)
 
 
 @dataclass
@@ -79,7 +86,6 @@ class ResMemConfig:
 class EvaluateConfig:
     knn_ks: list[int] = field(default_factory=lambda: [1, 10, 20, 30])
     batch_size: int = 1024  # queries per lookup round trip
-    cpus_per_shard: float = 0.5  # CPU share of each shard actor (also its FAISS threads)
 
 
 @dataclass
@@ -102,9 +108,11 @@ CHOICES = {
     "data.name": ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"),
     "model.name": ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"),
     "resmem.distance": ("l2", "sqeuclidean", "cosine"),
+    "index.backend": ("faiss", "torch"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "train.num_workers", "embed.batch_size",
-            "embed.num_actors", "index.num_shards", "resmem.k", "resmem.sigma",
+            "embed.num_actors", "index.num_shards", "index.replicas", "index.nprobe",
+            "index.ef_search", "index.train_sample", "index.cpus_per_shard", "resmem.k", "resmem.sigma",
             "resmem.temperature", "evaluate.batch_size", "model.width")
 
 

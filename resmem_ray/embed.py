@@ -66,9 +66,26 @@ def split_dataset(split: Split, num_blocks: int):
     return ray.data.from_pandas([frame.iloc[c].reset_index(drop=True) for c in chunks])
 
 
-def embed(cfg: Config) -> dict:
+def embedded_rows(split: Split, run: RunDir, cfg: Config, image_size: int):
+    """A Ray Dataset of the split's (id, label, embedding, logits, residual) rows, computed
+    by an actor pool that holds the trained model."""
     import ray.data
 
+    e = cfg.embed
+    ds = split_dataset(split, num_blocks=max(4 * e.num_actors, len(split) // (4 * e.batch_size)))
+    if split.images is None:
+        ds = ds.map_batches(_decode, fn_kwargs={"image_size": image_size},
+                            batch_size=e.batch_size, num_cpus=min(1.0, e.cpus_per_actor))
+    return ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={"run_dir": str(run.root), "temperature": cfg.resmem.temperature,
+                               "num_threads": max(1, int(e.cpus_per_actor))},
+        compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+        batch_size=e.batch_size, num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None,
+        batch_format="numpy")
+
+
+def embed(cfg: Config) -> dict:
     run = RunDir(cfg.run_dir)
     run.stage_output("train", needed_by="embed")
     splits, info = load_splits(cfg.data, cfg.seed)
@@ -80,17 +97,7 @@ def embed(cfg: Config) -> dict:
         if len(split) == 0:
             raise ResMemError(f"split '{name}' is empty: check data.limit / data.val_fraction")
         print(f"[embed] {name}: {len(split)} examples on {e.num_actors} actor(s)", flush=True)
-        ds = split_dataset(split, num_blocks=max(4 * e.num_actors, len(split) // (4 * e.batch_size)))
-        if split.images is None:
-            ds = ds.map_batches(_decode, fn_kwargs={"image_size": info.image_size},
-                                batch_size=e.batch_size, num_cpus=min(1.0, e.cpus_per_actor))
-        ds = ds.map_batches(
-            Embedder,
-            fn_constructor_kwargs={"run_dir": str(run.root), "temperature": cfg.resmem.temperature,
-                                   "num_threads": max(1, int(e.cpus_per_actor))},
-            compute=ray.data.ActorPoolStrategy(size=e.num_actors),
-            batch_size=e.batch_size, num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None,
-            batch_format="numpy")
+        ds = embedded_rows(split, run, cfg, info.image_size)
         with atomic_dir(run.embeddings / name) as tmp:
             ds.write_parquet(str(tmp), min_rows_per_file=max(e.batch_size, 4096))
             rows = sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))

@@ -117,7 +117,8 @@ def evaluate(cfg: Config) -> dict:
     run.mark_running("evaluate", cfg.to_dict())
     print(f"[evaluate] {len(queries)} test queries against {manifest['rows']} memory rows in "
           f"{len(manifest['shards'])} shard actor(s), k={k_max}", flush=True)
-    with ShardedMemory(run.index, manifest, cfg.evaluate.cpus_per_shard) as memory:
+    with ShardedMemory(run.index, manifest, cfg.index) as memory:
+        print(f"[evaluate] shard actors search on: {', '.join(sorted(set(memory.placement)))}", flush=True)
         nb = lookup_all(memory, queries, k_max, cfg.evaluate.batch_size)
     labels = test["label"]
     preds = predictions(cfg, test["logits"], labels, nb)

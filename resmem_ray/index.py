@@ -15,7 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from resmem_ray.config import Config
+from resmem_ray.config import Config, IndexConfig
 from resmem_ray.embed import read_split
 from resmem_ray.errors import ResMemError
 from resmem_ray.resmem import normalize_rows, residuals
@@ -32,50 +32,88 @@ def prepare_queries(x: np.ndarray, distance: str, normalize: bool) -> np.ndarray
     return normalize_rows(x) if (normalize or distance == "cosine") else x
 
 
-def build_shard(embeddings: np.ndarray, factory: str, distance: str) -> faiss.Index:
-    """One FAISS index over a shard's rows (embeddings already prepared)."""
+def check_index_config(cfg: IndexConfig, rows: int, dim: int, distance: str) -> None:
+    """Fail before any work on a factory FAISS does not know or more shards than rows."""
+    try:
+        faiss.index_factory(dim, cfg.factory, faiss_metric(distance))
+    except RuntimeError as e:
+        raise ResMemError(f"config key index.factory={cfg.factory!r} is not a FAISS factory string "
+                          f"for {dim}-dim vectors: {str(e).strip().splitlines()[-1]}") from None
+    if cfg.num_shards > rows:
+        raise ResMemError(f"index.num_shards={cfg.num_shards} is more than the memory's {rows} rows")
+    if cfg.backend == "torch" and cfg.factory != "Flat":
+        raise ResMemError(f"index.backend=torch is exact search: it needs index.factory=Flat, "
+                          f"got {cfg.factory!r}")
+
+
+def build_shard(embeddings: np.ndarray, factory: str, distance: str, train_sample: int = 100_000,
+                seed: int = 0) -> faiss.Index:
+    """One FAISS index over a shard's rows (embeddings already prepared); IVF / PQ indices
+    are trained on a random sample of at most `train_sample` rows."""
     index = faiss.index_factory(embeddings.shape[1], factory, faiss_metric(distance))
     if not index.is_trained:
-        index.train(embeddings)
+        sample = embeddings
+        if len(embeddings) > train_sample:
+            rows = np.random.default_rng(seed).choice(len(embeddings), train_sample, replace=False)
+            sample = embeddings[np.sort(rows)]
+        try:
+            index.train(sample)
+        except RuntimeError as e:
+            raise ResMemError(f"index.factory={factory!r} could not be trained on {len(sample)} rows "
+                              f"(too few for its clusters?): {str(e).strip().splitlines()[-1]}") from None
     index.add(embeddings)
     return index
 
 
-def _build_and_write(embeddings, ids, labels, residual_rows, factory, distance, folder, shard) -> dict:
-    index = build_shard(embeddings, factory, distance)
+def _build_and_write(embeddings, ids, labels, residual_rows, cfg: IndexConfig, distance, folder, shard) -> dict:
+    faiss.omp_set_num_threads(1)  # one task per shard, several tasks per host
+    index = build_shard(embeddings, cfg.factory, distance, cfg.train_sample, seed=shard)
     name = f"shard-{shard:05d}"
     faiss.write_index(index, str(Path(folder) / f"{name}.faiss"))
     np.savez(Path(folder) / f"{name}.npz", ids=ids, labels=labels, residuals=residual_rows)
-    files = [f"{name}.faiss", f"{name}.npz"]
-    return {"shard": shard, "rows": int(len(ids)), "files": {f: sha256(Path(folder) / f) for f in files}}
+    files = [Path(folder) / f"{name}.faiss", Path(folder) / f"{name}.npz"]
+    return {"shard": shard, "rows": int(len(ids)), "files": {p.name: sha256(p) for p in files},
+            "bytes": {p.name: p.stat().st_size for p in files}}
+
+
+def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+                 residual_rows: np.ndarray, cfg: IndexConfig, distance: str, normalize: bool,
+                 temperature: float, first_shard: int = 0) -> dict:
+    """Split rows into cfg.num_shards contiguous shards, build and write each in its own
+    Ray task; return the index manifest (not written: the caller places it atomically)."""
+    import ray
+
+    n, dim = embeddings.shape
+    check_index_config(cfg, n, dim, distance)
+    bounds = np.linspace(0, n, cfg.num_shards + 1).astype(int)
+    build = ray.remote(num_cpus=0.5)(_build_and_write)
+    refs = [build.remote(embeddings[a:b], ids[a:b], labels[a:b], residual_rows[a:b], cfg, distance,
+                         str(folder), first_shard + s)
+            for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    return {"dim": int(dim), "rows": int(n), "num_classes": int(residual_rows.shape[1]),
+            "factory": cfg.factory, "distance": distance, "normalize": normalize,
+            "temperature": temperature, "shards": ray.get(refs)}
 
 
 def build_index(cfg: Config) -> dict:
-    import ray
-
     run = RunDir(cfg.run_dir)
     train = read_split(run, "train", needed_by="index", columns=("id", "label", "embedding", "logits"))
     n, dim = train["embedding"].shape
-    if cfg.index.num_shards > n:
-        raise ResMemError(f"index.num_shards={cfg.index.num_shards} is more than the memory's {n} rows")
+    check_index_config(cfg.index, n, dim, cfg.resmem.distance)
     run.mark_running("index", cfg.to_dict())
     r = cfg.resmem
     emb = prepare_queries(train["embedding"], r.distance, r.normalize)
     res = residuals(train["logits"], train["label"], r.temperature)
-    bounds = np.linspace(0, n, cfg.index.num_shards + 1).astype(int)
     print(f"[index] {n} rows x {dim} dims -> {cfg.index.num_shards} '{cfg.index.factory}' shard(s)",
           flush=True)
-    build = ray.remote(num_cpus=0.5)(_build_and_write)
     with atomic_dir(run.index) as tmp:
-        refs = [build.remote(emb[a:b], train["id"][a:b], train["label"][a:b], res[a:b],
-                             cfg.index.factory, r.distance, str(tmp), s)
-                for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
-        shards = ray.get(refs)
-        manifest = {"dim": int(dim), "rows": int(n), "num_classes": int(res.shape[1]),
-                    "factory": cfg.index.factory, "distance": r.distance, "normalize": r.normalize,
-                    "temperature": r.temperature, "shards": shards}
+        manifest = write_shards(tmp, emb, train["id"], train["label"], res, cfg.index, r.distance,
+                                r.normalize, r.temperature)
+        # ids for examples memorized later: past every id of every split
+        manifest["next_id"] = 1 + max(int(read_split(run, s, "index", ("id",))["id"].max())
+                                      for s in ("train", "val", "test"))
         write_json(tmp / "manifest.json", manifest)
-    run.mark_done("index", cfg.to_dict(), rows=int(n), num_shards=len(shards))
+    run.mark_done("index", cfg.to_dict(), rows=int(n), num_shards=len(manifest["shards"]))
     return manifest
 
 
@@ -89,6 +127,11 @@ def read_index_manifest(run: RunDir, needed_by: str) -> dict:
 
 def load_shard(folder: Path, entry: dict) -> tuple[faiss.Index, dict[str, np.ndarray]]:
     """A shard's index and rows, each file checked against the index manifest."""
+    for name, size in entry["bytes"].items():  # cheap check first: truncated or replaced files
+        actual = (folder / name).stat().st_size if (folder / name).is_file() else None
+        if actual != size:
+            raise ResMemError(f"index shard {entry['shard']}: {folder / name} has "
+                              f"{'no file' if actual is None else f'{actual} bytes'}, the manifest says {size} bytes")
     verify_hashes(folder, entry["files"], f"index shard {entry['shard']}")
     name = f"shard-{entry['shard']:05d}"
     index = faiss.read_index(str(folder / f"{name}.faiss"))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from resmem_ray.config import IndexConfig
 from resmem_ray.errors import ResMemError
 
 
@@ -61,43 +62,142 @@ def merge_topk(parts: list[tuple], k: int) -> Neighbours:
     return Neighbours(take(dist), take(ids), take(labels), np.take_along_axis(res, order[..., None], axis=1))
 
 
-class ShardActor:
-    """Holds one shard: reads it from the run directory (checked against the manifest)."""
+FAISS_GPU_MAX_K = 2048  # FAISS GPU's k and nprobe limit (without cuVS)
 
-    def __init__(self, index_dir: str, entry: dict, distance: str, num_threads: int):
+
+def set_search_params(index, nprobe: int, ef_search: int) -> None:
+    """Apply the search-time knobs that this index type has."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None:
+        hnsw.efSearch = ef_search
+
+
+class TorchFlatIndex:
+    """Exact search as a matrix multiply and a top-k in torch, on the GPU when there is
+    one, chunked over memory rows to bound the (queries x rows) score matrix. Answers
+    like a FAISS Flat index: squared L2 (smaller first) or inner product (larger first)."""
+
+    def __init__(self, vectors: np.ndarray, inner_product: bool, device: str,
+                 max_scores: int | None = None):
+        import torch
+
+        self.device, self.inner_product = device, inner_product
+        # score-matrix budget per step: 4 GB on a GPU, 512 MB on the host
+        self.max_scores = max_scores or (1 << 30 if device.startswith("cuda") else 1 << 27)
+        self.db = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
+        self.sq_norms = (self.db * self.db).sum(1)
+        self.ntotal = len(vectors)
+
+    def search(self, queries: np.ndarray, k: int):
+        import torch
+
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        chunk = max(k, self.max_scores // max(len(q), 1))
+        best_s = best_i = None
+        with torch.inference_mode():
+            for start in range(0, self.ntotal, chunk):
+                scores = q @ self.db[start:start + chunk].T
+                if not self.inner_product:  # ||q - x||^2 = ||q||^2 + ||x||^2 - 2 q.x
+                    scores = (q * q).sum(1, keepdim=True) + self.sq_norms[start:start + chunk] - 2 * scores
+                s, i = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=self.inner_product)
+                i += start
+                if best_s is not None:
+                    s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                    s, pos = torch.topk(s, min(k, s.shape[1]), dim=1, largest=self.inner_product)
+                    i = torch.gather(i, 1, pos)
+                best_s, best_i = s, i
+        return best_s.cpu().numpy(), best_i.cpu().numpy()
+
+
+def place_index(index, backend: str, use_gpu: bool):
+    """The shard's searchable index: FAISS on CPU or GPU, or the torch exact backend.
+    Returns (index, where) with `where` a word for the logs."""
+    import faiss
+    import torch
+
+    if backend == "torch":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        vectors = index.reconstruct_n(0, index.ntotal)
+        return TorchFlatIndex(vectors, index.metric_type == faiss.METRIC_INNER_PRODUCT, device), f"torch-{device}"
+    if use_gpu:
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            resources = faiss.StandardGpuResources()  # one per searching thread: the actor's
+            gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)  # the actor's GPU is device 0
+            gpu_index.resources = resources  # keep alive as long as the index
+            return gpu_index, "faiss-gpu"
+        print("[lookup] index.use_gpu=true but faiss has no GPU support or sees no GPU here: "
+              "searching on CPU", flush=True)
+    return index, "faiss-cpu"
+
+
+class ShardActor:
+    """Holds one shard: reads it from the run directory (checked against the manifest).
+    Ray restarts a dead actor, which runs __init__ again and so reloads its shard."""
+
+    def __init__(self, index_dir: str, entry: dict, distance: str, settings: IndexConfig):
         import faiss
 
         from resmem_ray.index import load_shard
 
-        faiss.omp_set_num_threads(num_threads)  # the actor's CPU share, not the whole host
-        self.distance, self.error = distance, None
+        threads = max(1, int(round(settings.cpus_per_shard)))
+        faiss.omp_set_num_threads(threads)  # the actor's CPU share, not the whole host
+        self.distance, self.error, self.where = distance, None, None
         try:
-            self.index, self.rows = load_shard(Path(index_dir), entry)
+            index, self.rows = load_shard(Path(index_dir), entry)
+            set_search_params(index, settings.nprobe, settings.ef_search)
+            self.index, self.where = place_index(index, settings.backend, settings.use_gpu)
         except ResMemError as e:  # kept for ready(): Ray drops the cause of a failed __init__
             self.error = e
 
-    def ready(self) -> None:
+    def ready(self) -> str:
         if self.error:
             raise self.error
+        return self.where
 
     def search(self, queries: np.ndarray, k: int):
         self.ready()
+        if self.where == "faiss-gpu" and k > FAISS_GPU_MAX_K:
+            raise ResMemError(f"k={k} is over FAISS GPU's limit of {FAISS_GPU_MAX_K}: lower k, or set "
+                              "index.backend=torch or index.use_gpu=false")
         return search_shard(self.index, self.rows, queries, k, self.distance)
 
 
 class ShardedMemory:
-    """S shard actors behind one `search(queries, k)` call."""
+    """S shards x R replicas of shard actors behind one `search(queries, k)` call.
 
-    def __init__(self, index_dir: Path, manifest: dict, cpus_per_shard: float = 0.5):
+    Each query batch goes to one replica of every shard (round robin over replicas). A
+    replica that dies is restarted by Ray and reloads its shard; meanwhile its query is
+    sent to the next replica, or, with one replica, retried by Ray once it is back.
+    """
+
+    def __init__(self, index_dir: Path, manifest: dict, settings: IndexConfig | None = None):
         import ray
 
-        self.manifest = manifest
-        actor = ray.remote(ShardActor).options(num_cpus=cpus_per_shard)
-        threads = max(1, int(round(cpus_per_shard)))
-        self.actors = [actor.remote(str(index_dir), entry, manifest["distance"], threads)
-                       for entry in manifest["shards"]]
+        settings = settings or IndexConfig()
+        self.manifest, self.replicas, self.calls = manifest, settings.replicas, 0
+        num_actors = len(manifest["shards"]) * settings.replicas
+        gpus = 0.0
+        if settings.use_gpu:
+            available = ray.cluster_resources().get("GPU", 0)
+            if available:
+                gpus = min(1.0, available / num_actors)
+            else:
+                print("[lookup] index.use_gpu=true but the Ray cluster has no GPU: shard actors "
+                      "run on CPU", flush=True)
+        actor = ray.remote(ShardActor).options(
+            num_cpus=settings.cpus_per_shard, num_gpus=gpus, max_restarts=-1,
+            # with one replica Ray retries in-flight queries after the restart; with more,
+            # search() sends them to another replica at once
+            max_task_retries=-1 if settings.replicas == 1 else 0)
+        self.actors = [[actor.remote(str(index_dir), entry, manifest["distance"], settings)
+                        for _ in range(settings.replicas)] for entry in manifest["shards"]]
         try:
-            ray.get([a.ready.remote() for a in self.actors])
+            self.placement = ray.get([a.ready.remote() for reps in self.actors for a in reps])
         except BaseException:
             self.close()
             raise
@@ -112,14 +212,33 @@ class ShardedMemory:
         if k > m["rows"]:
             raise ResMemError(f"k={k} is larger than the memory ({m['rows']} rows)")
         ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
-        parts = ray.get([a.search.remote(ref, k) for a in self.actors])
+        first = self.calls % self.replicas
+        self.calls += 1
+        futures = [reps[first].search.remote(ref, k) for reps in self.actors]
+        parts = [self._get(shard, future, first, ref, k) for shard, future in enumerate(futures)]
         return merge_topk(parts, k)
+
+    def _get(self, shard: int, future, replica: int, ref, k: int):
+        """The answer of one shard, failing over to its other replicas."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for attempt in range(1, 4 * self.replicas):
+            try:
+                return ray.get(future)
+            except RayActorError:
+                if self.replicas == 1:
+                    raise
+                replica = (replica + 1) % self.replicas
+                future = self.actors[shard][replica].search.remote(ref, k)
+        return ray.get(future)
 
     def close(self) -> None:
         import ray
 
-        for a in self.actors:
-            ray.kill(a)
+        for reps in self.actors:
+            for a in reps:
+                ray.kill(a, no_restart=True)
 
     def __enter__(self):
         return self

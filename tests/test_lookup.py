@@ -67,3 +67,135 @@ def test_sharded_memory_actors(ray_session, digits_run):
             sharded.search(q[:, :3], 10)
         with pytest.raises(ResMemError, match="k=5000 is larger than the memory"):
             sharded.search(q, 5000)
+
+
+# --- index types, search knobs, backends -------------------------------------------------
+
+def test_ivf_with_all_lists_probed_is_exact_and_hnsw_recalls():
+    from resmem_ray.lookup import set_search_params
+
+    emb, rows, queries = memory(n=2000, d=16)
+    exact = build_shard(emb, "Flat", "l2").search(queries, 10)[1]
+    ivf = build_shard(emb, "IVF16,Flat", "l2", train_sample=500)
+    set_search_params(ivf, nprobe=16, ef_search=64)
+    assert faiss.extract_index_ivf(ivf).nprobe == 16
+    np.testing.assert_array_equal(ivf.search(queries, 10)[1], exact)
+    hnsw = build_shard(emb, "HNSW32", "l2")
+    set_search_params(hnsw, nprobe=1, ef_search=128)
+    assert faiss.downcast_index(hnsw).hnsw.efSearch == 128
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(hnsw.search(queries, 10)[1], exact)])
+    assert recall > 0.9
+    pq = build_shard(emb, "IVF16,PQ4", "l2", train_sample=1000)
+    assert pq.ntotal == 2000
+
+
+def test_bad_index_config_is_named():
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.index import check_index_config
+
+    with pytest.raises(ResMemError, match="index.factory='IVF,Nonsense' is not a FAISS factory string"):
+        check_index_config(IndexConfig(factory="IVF,Nonsense"), 100, 8, "l2")
+    with pytest.raises(ResMemError, match="index.backend=torch is exact search"):
+        check_index_config(IndexConfig(factory="HNSW32", backend="torch"), 100, 8, "l2")
+    with pytest.raises(ResMemError, match="could not be trained on 10 rows"):
+        build_shard(np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32), "IVF64,Flat", "l2")
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_torch_backend_equals_faiss_flat(distance):
+    from resmem_ray.lookup import TorchFlatIndex
+
+    emb, rows, queries = memory(n=500, d=8)
+    emb, queries = prepare_queries(emb, distance, False), prepare_queries(queries, distance, False)
+    index = build_shard(emb, "Flat", distance)
+    torch_index = TorchFlatIndex(emb, distance == "cosine", "cpu", max_scores=40 * 64)  # many chunks
+    want, got = search_shard(index, rows, queries, 7, distance), search_shard(torch_index, rows, queries, 7, distance)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_torch_backend_on_gpu_equals_faiss_flat():
+    from resmem_ray.lookup import TorchFlatIndex
+
+    emb, rows, queries = memory(n=5000, d=32)
+    want = build_shard(emb, "Flat", "l2").search(queries, 20)[1]
+    got = TorchFlatIndex(emb, False, "cuda").search(queries, 20)[1]
+    assert (got == want).mean() > 0.999
+
+
+# --- the sharded service: actors, replicas, failover --------------------------------------
+
+def shard_dir(tmp_path, emb, rows, shards):
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.index import write_shards
+
+    folder = tmp_path / f"index-{shards}"
+    folder.mkdir()
+    manifest = write_shards(folder, emb, rows["ids"], rows["labels"], rows["residuals"],
+                            IndexConfig(num_shards=shards), "l2", False, 1.0)
+    return folder, manifest
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_sharded_actors_equal_one_exact_index(ray_session, tmp_path, shards):
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.lookup import ShardedMemory
+    from resmem_ray.resmem import resmem_probs, softmax
+
+    emb, rows, queries = memory(n=400, d=8)
+    whole = search_shard(build_shard(emb, "Flat", "l2"), rows, queries, 12, "l2")
+    folder, manifest = shard_dir(tmp_path, emb, rows, shards)
+    with ShardedMemory(folder, manifest, IndexConfig(cpus_per_shard=0.25)) as sharded:
+        nb = sharded.search(queries, 12)
+    np.testing.assert_array_equal(nb.ids, whole[1])
+    probs = softmax(np.random.default_rng(1).normal(size=(len(queries), 5)))
+    np.testing.assert_allclose(resmem_probs(probs, nb.residuals, nb.distances, 0.5),
+                               resmem_probs(probs, whole[3], whole[0], 0.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_query_stream_survives_shard_actor_kills(ray_session, tmp_path, replicas):
+    import ray
+
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.lookup import ShardedMemory
+
+    emb, rows, _ = memory(n=600, d=8)
+    stream = np.random.default_rng(5).normal(size=(12, 25, 8)).astype(np.float32)
+    folder, manifest = shard_dir(tmp_path, emb, rows, 2)
+    settings = IndexConfig(cpus_per_shard=0.25, replicas=replicas)
+    with ShardedMemory(folder, manifest, settings) as sharded:
+        clean = [sharded.search(q, 9) for q in stream]
+        answers = []
+        for i, q in enumerate(stream):
+            if i in (3, 7):  # kill a shard actor; Ray restarts it and it reloads its shard
+                ray.kill(sharded.actors[i % 2][sharded.calls % replicas], no_restart=False)
+            answers.append(sharded.search(q, 9))
+    for got, want in zip(answers, clean):
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(got.residuals, want.residuals)
+
+
+def test_use_gpu_without_gpu_falls_back_to_cpu(ray_session, tmp_path, capsys):
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.lookup import ShardedMemory
+
+    emb, rows, queries = memory(n=100, d=8)
+    folder, manifest = shard_dir(tmp_path, emb, rows, 1)
+    with ShardedMemory(folder, manifest, IndexConfig(use_gpu=True, cpus_per_shard=0.25)) as sharded:
+        assert sharded.placement == ["faiss-cpu"]
+        assert sharded.search(queries, 3).ids.shape == (40, 3)
+    assert "the Ray cluster has no GPU: shard actors run on CPU" in capsys.readouterr().out
+
+
+def test_torch_backend_through_actors(ray_session, tmp_path):
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.lookup import ShardedMemory
+
+    emb, rows, queries = memory(n=300, d=8)
+    whole = search_shard(build_shard(emb, "Flat", "l2"), rows, queries, 5, "l2")
+    folder, manifest = shard_dir(tmp_path, emb, rows, 2)
+    with ShardedMemory(folder, manifest, IndexConfig(backend="torch", cpus_per_shard=0.25)) as sharded:
+        assert sharded.placement == ["torch-cpu", "torch-cpu"]
+        np.testing.assert_array_equal(sharded.search(queries, 5).ids, whole[1])

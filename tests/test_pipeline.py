@@ -115,7 +115,12 @@ def test_query_time_settings_must_match_index(run_copy, capsys):
 
 def test_corrupt_index_shard_is_detected(run_copy, capsys):
     shard = run_copy / "index" / "shard-00001.npz"
-    shard.write_bytes(shard.read_bytes()[:-10])
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-10])  # truncated
+    assert main(["evaluate", *DIGITS_ARGS, f"run_dir={run_copy}"]) == 2
+    assert f"shard-00001.npz has {len(original) - 10} bytes, the manifest says {len(original)}" \
+        in one_error_line(capsys)
+    shard.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, one bit flipped
     assert main(["evaluate", *DIGITS_ARGS, f"run_dir={run_copy}"]) == 2
     assert "shard-00001.npz does not match its manifest hash" in one_error_line(capsys)
 

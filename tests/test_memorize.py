@@ -1,0 +1,54 @@
+"""`resmem memorize`: added examples enter the memory and their predictions follow."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from resmem_ray.cli import main
+from resmem_ray.config import load_config
+from resmem_ray.data import load_splits
+
+from .conftest import DIGITS_ARGS
+from .test_pipeline import one_error_line
+
+
+def test_memorized_examples_follow_their_new_labels(run_copy, tmp_path):
+    cfg = load_config("jobs/configs/digits.yaml")
+    test = load_splits(cfg.data, cfg.seed)[0]["test"]
+    pick = np.arange(0, 300, 10)  # 30 test images, relabelled
+    new_labels = (test.labels[pick] + 1) % 10
+    path = tmp_path / "new.npz"
+    np.savez(path, images=test.images[pick], labels=new_labels)
+    args = [*DIGITS_ARGS, f"run_dir={run_copy}"]
+
+    before = json.loads((run_copy / "index" / "manifest.json").read_text())
+    assert main(["memorize", *args, "--examples", str(path)]) == 0
+    after = json.loads((run_copy / "index" / "manifest.json").read_text())
+    assert after["rows"] == before["rows"] + 30 and len(after["shards"]) == len(before["shards"]) + 1
+    assert after["memorized"][0]["rows"] == 30 and after["next_id"] == before["next_id"] + 30
+
+    assert main(["evaluate", *args]) == 0
+    preds = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
+    followed = preds.loc[test.ids[pick], "resmem"].to_numpy() == new_labels
+    assert followed.mean() >= 0.9  # the example itself is its own nearest neighbour
+    base = preds.loc[test.ids[pick], "base"].to_numpy() == new_labels
+    assert base.mean() <= 0.2  # the model alone mostly disagrees with the new labels
+
+
+def test_memorize_rejects_bad_examples(run_copy, tmp_path, capsys):
+    args = [*DIGITS_ARGS, f"run_dir={run_copy}"]
+    index_before = (run_copy / "index" / "manifest.json").read_text()
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((3, 1, 28, 28), np.uint8), labels=np.zeros(3, np.int64))
+    assert main(["memorize", *args, "--examples", str(wrong)]) == 2
+    assert "images are uint8 (3, 1, 28, 28), the model takes uint8 (N, 1, 8, 8)" in one_error_line(capsys)
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, images=np.zeros((2, 1, 8, 8), np.uint8), labels=np.array([3, 12]))
+    assert main(["memorize", *args, "--examples", str(labels)]) == 2
+    assert "labels must lie in [0, 10), got 3..12" in one_error_line(capsys)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_text("not a zip")
+    assert main(["memorize", *args, "--examples", str(garbage)]) == 2
+    assert "not a readable .npz file" in one_error_line(capsys)
+    assert (run_copy / "index" / "manifest.json").read_text() == index_before
