@@ -26,7 +26,7 @@ import numpy as np
 from resmem_ray import versions
 from resmem_ray.config import IndexConfig
 from resmem_ray.index import build_shard, prepare_queries, read_index_manifest, write_shards
-from resmem_ray.lookup import ShardedMemory, search_shard
+from resmem_ray.lookup import ShardedMemory, search_shard, set_search_params
 
 DIM, CLASSES, K = 64, 10, 30
 
@@ -74,7 +74,13 @@ def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int])
     return results
 
 
-def recall(run_dir: str, factories: list[str]) -> list[dict]:
+def factories_for(rows: int) -> list[str]:
+    """Flat and approximate indices sized to the memory: about 4 sqrt(n) IVF lists."""
+    nlist = max(16, 2 ** int(round(np.log2(4 * np.sqrt(rows)))))
+    return ["Flat", f"IVF{nlist},Flat", f"IVF{nlist},PQ8", "HNSW32"]
+
+
+def recall(run_dir: str) -> list[dict]:
     from resmem_ray.embed import read_split
     from resmem_ray.rundir import RunDir
 
@@ -83,12 +89,10 @@ def recall(run_dir: str, factories: list[str]) -> list[dict]:
     q = prepare_queries(read_split(run, "val", "benchmark", ("id", "embedding"))["embedding"], "l2", True)
     exact = build_shard(mem, "Flat", "l2").search(q, K)[1]
     out = []
-    for factory in factories:
+    for factory in factories_for(len(mem)):
         t0 = time.perf_counter()
         index = build_shard(mem, factory, "l2", train_sample=100_000)
         build_s = time.perf_counter() - t0
-        from resmem_ray.lookup import set_search_params
-
         set_search_params(index, nprobe=16, ef_search=64)
         t0 = time.perf_counter()
         found = index.search(q, K)[1]
@@ -113,10 +117,10 @@ def main() -> None:
     args = parser.parse_args()
     ray.init(include_dashboard=False, log_to_driver=False)
     tp = [r for rows in args.rows for r in throughput(rows, args.queries, args.batch, args.shards)]
-    factories = ["Flat", "IVF256,Flat", "IVF256,PQ16", "HNSW32"]
-    rc = [r for run in args.real if Path(run, "index").exists() for r in recall(run, factories)]
+    rc = [r for run in args.real if Path(run, "embeddings").exists() for r in recall(run)]
     lines = [f"\n## Lookup ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores; "
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, no GPU; "
              f"versions: {versions()}.", f"Command: `python benchmarks/lookup.py {' '.join(os.sys.argv[1:])}`",
              "", f"Exact search, {DIM}-dim clustered embeddings, k={K}, {args.queries} queries in batches "
              f"of {args.batch}; each answer includes the neighbours' {CLASSES}-class residual rows.", "",
