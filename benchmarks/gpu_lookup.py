@@ -76,7 +76,7 @@ def main() -> None:
             pct = f"{100 * tflops / roof:.0f}%" if name.startswith("torch") else "-"
             lines.append(f"| {args.rows:,} x {dim} | {name} | {len(q) / s:,.0f} | {r:.4f} | {tflops:.2f} | {pct} |")
         print(lines[-2], lines[-1], sep="\n", flush=True)
-        del gpu, cpu
+        gpu = cpu = None  # free GPU memory before the next size
         torch.cuda.empty_cache()
     text = "\n".join(lines) + "\n"
     print(text)

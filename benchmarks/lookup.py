@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -23,9 +22,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from resmem_ray import versions
+from results import append, section
+
 from resmem_ray.config import IndexConfig
-from resmem_ray.index import build_shard, prepare_queries, read_index_manifest, write_shards
+from resmem_ray.index import build_shard, prepare_queries, write_shards
 from resmem_ray.lookup import ShardedMemory, search_shard, set_search_params
 
 DIM, CLASSES, K = 64, 10, 30
@@ -59,7 +59,7 @@ def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int])
     plain = build_shard(emb, "Flat", "l2")
     results = [{"rows": rows, "setup": "plain FAISS Flat, in process",
                 "qps": timed_qps(lambda q: search_shard(plain, memory_rows, q, K, "l2"), queries, batch)}]
-    del plain
+    plain = None  # free the memory before the sharded runs
     for shards in shard_counts:
         with tempfile.TemporaryDirectory() as d:
             manifest = write_shards(Path(d), emb, memory_rows["ids"], memory_rows["labels"],
@@ -118,13 +118,10 @@ def main() -> None:
     ray.init(include_dashboard=False, log_to_driver=False)
     tp = [r for rows in args.rows for r in throughput(rows, args.queries, args.batch, args.shards)]
     rc = [r for run in args.real if Path(run, "embeddings").exists() for r in recall(run)]
-    lines = [f"\n## Lookup ({time.strftime('%Y-%m-%d')})", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, no GPU; "
-             f"versions: {versions()}.", f"Command: `python benchmarks/lookup.py {' '.join(os.sys.argv[1:])}`",
-             "", f"Exact search, {DIM}-dim clustered embeddings, k={K}, {args.queries} queries in batches "
-             f"of {args.batch}; each answer includes the neighbours' {CLASSES}-class residual rows.", "",
-             "| memory rows | setup | queries/s | vs plain |", "| ---: | --- | ---: | ---: |"]
+    lines = section("Lookup", f"Exact search, {DIM}-dim clustered embeddings, k={K}, {args.queries} queries "
+                    f"in batches of {args.batch}; each answer includes the neighbours' {CLASSES}-class "
+                    "residual rows.", "", "| memory rows | setup | queries/s | vs plain |",
+                    "| ---: | --- | ---: | ---: |")
     lines += [f"| {r['rows']:,} | {r['setup']} | {r['qps']:,.0f} | {r['vs_plain']:.2f}x |" for r in tp]
     if rc:
         lines += ["", f"Approximate indices against Flat, recall@{K} (memory: train split, queries: "
@@ -133,9 +130,7 @@ def main() -> None:
                   "| --- | --- | --- | ---: | ---: | ---: |"]
         lines += [f"| {r['run']} | {r['rows']:,} x {r['dim']} | {r['factory']} | {r['recall']:.4f} | "
                   f"{r['build_s']:.2f} | {r['qps']:,.0f} |" for r in rc]
-    with open(args.out, "a") as f:
-        f.write("\n".join(lines) + "\n")
-    print(f"appended to {args.out}")
+    append(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def _build_and_write(embeddings, ids, labels, residual_rows, cfg: IndexConfig, d
     index = build_shard(embeddings, cfg.factory, distance, cfg.train_sample, seed=shard)
     name = f"shard-{shard:05d}"
     faiss.write_index(index, str(Path(folder) / f"{name}.faiss"))
-    np.savez(Path(folder) / f"{name}.npz", ids=ids, labels=labels, residuals=residual_rows)
+    np.savez(Path(folder) / f"{name}.npz", ids=ids, labels=labels,
+             residuals=residual_rows.astype(cfg.residual_dtype, copy=False))
     files = [Path(folder) / f"{name}.faiss", Path(folder) / f"{name}.npz"]
     return {"shard": shard, "rows": int(len(ids)), "files": {p.name: sha256(p) for p in files},
             "bytes": {p.name: p.stat().st_size for p in files}}
@@ -92,7 +93,7 @@ def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: 
             for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     return {"dim": int(dim), "rows": int(n), "num_classes": int(residual_rows.shape[1]),
             "factory": cfg.factory, "distance": distance, "normalize": normalize,
-            "temperature": temperature, "shards": ray.get(refs)}
+            "temperature": temperature, "residual_dtype": cfg.residual_dtype, "shards": ray.get(refs)}
 
 
 def build_index(cfg: Config) -> dict:

@@ -66,7 +66,7 @@ def memorize(cfg: Config, examples: str) -> dict:
     emb = prepare_queries(rows["embedding"], manifest["distance"], manifest["normalize"])
     res = residuals(rows["logits"], rows["label"], manifest["temperature"])
     # Added rows form one new exact shard: a few examples cannot train IVF / PQ clusters.
-    shard_cfg = IndexConfig(num_shards=1, factory="Flat")
+    shard_cfg = IndexConfig(num_shards=1, factory="Flat", residual_dtype=manifest["residual_dtype"])
     with tempfile.TemporaryDirectory(dir=run.index) as tmp:
         added = write_shards(Path(tmp), emb, rows["id"], rows["label"], res, shard_cfg, manifest["distance"],
                              manifest["normalize"], manifest["temperature"],

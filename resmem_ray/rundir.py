@@ -122,5 +122,9 @@ class RunDir:
         manifest = self.manifest()
         manifest["config"] = config
         manifest["versions"] = versions()
-        manifest.setdefault("stages", {})[stage] = {"status": "done", "finished_at": time.time(), **info}
+        stages = manifest.setdefault("stages", {})
+        started = stages.get(stage, {}).get("started_at")
+        now = time.time()
+        stages[stage] = {"status": "done", "started_at": started, "finished_at": now,
+                         "seconds": None if started is None else round(now - started, 2), **info}
         write_json(self.manifest_path, manifest)

@@ -199,3 +199,26 @@ def test_torch_backend_through_actors(ray_session, tmp_path):
     with ShardedMemory(folder, manifest, IndexConfig(backend="torch", cpus_per_shard=0.25)) as sharded:
         assert sharded.placement == ["torch-cpu", "torch-cpu"]
         np.testing.assert_array_equal(sharded.search(queries, 5).ids, whole[1])
+
+
+def test_float16_residuals_halve_storage_and_keep_predictions(ray_session, tmp_path):
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.index import load_shard, write_shards
+    from resmem_ray.resmem import resmem_probs, softmax
+
+    emb, rows, queries = memory(n=300, d=8, C=50)
+    rows["residuals"] = rows["residuals"] / 10  # residuals lie in [-1, 1]
+    probs = softmax(np.random.default_rng(3).normal(size=(len(queries), 50)))
+    answers = {}
+    for dtype in ("float32", "float16"):
+        folder = tmp_path / dtype
+        folder.mkdir()
+        manifest = write_shards(folder, emb, rows["ids"], rows["labels"], rows["residuals"],
+                                IndexConfig(num_shards=1, residual_dtype=dtype), "l2", False, 1.0)
+        index, shard = load_shard(folder, manifest["shards"][0])
+        assert shard["residuals"].dtype == np.dtype(dtype) and manifest["residual_dtype"] == dtype
+        d, i, _, res = search_shard(index, shard, queries, 10, "l2")
+        answers[dtype] = (resmem_probs(probs, res, d, 0.5), manifest["shards"][0]["bytes"]["shard-00000.npz"])
+    np.testing.assert_allclose(answers["float16"][0], answers["float32"][0], atol=2e-4)
+    assert answers["float16"][0].argmax(1).tolist() == answers["float32"][0].argmax(1).tolist()
+    assert answers["float16"][1] < 0.6 * answers["float32"][1]

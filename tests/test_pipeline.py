@@ -87,6 +87,12 @@ def test_bad_config_exits_with_one_line(tmp_path, override, message):
     assert not (tmp_path / "r").exists()
 
 
+def test_job_entry_point():
+    """`ray job submit -- python -m jobs.run ...` runs this module."""
+    out = subprocess.run([sys.executable, "-m", "jobs.run", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--config" in out.stdout and "dotted overrides" in out.stdout
+
+
 def one_error_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("resmem: error: ")
