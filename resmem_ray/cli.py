@@ -22,13 +22,15 @@ def _stages():
     from resmem_ray.evaluate import evaluate
     from resmem_ray.index import build_index
     from resmem_ray.train import train
+    from resmem_ray.tune import tune_resmem
 
-    return {"train": train, "embed": embed, "index": build_index, "evaluate": evaluate}
+    return {"train": train, "embed": embed, "index": build_index, "tune": tune_resmem, "evaluate": evaluate}
 
 
 STAGE_HELP = [("train", "train the base model (Ray Train)"),
               ("embed", "embeddings, logits and residuals of every split (Ray Data)"),
               ("index", "build the sharded FAISS memory (Ray tasks)"),
+              ("tune", "Ray Tune over k, sigma, T, gate on val; then evaluate the best once on test"),
               ("evaluate", "test-split report from sharded lookup actors"),
               ("run", "all stages in order"),
               ("memorize", "add labelled examples (--examples FILE.npz) to the memory, no retraining")]
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             memorize(cfg, args.examples)
         else:
             run_stage(args.command, cfg)
-        if args.command in ("run", "evaluate"):
+        if args.command in ("run", "evaluate") or (args.command == "tune" and cfg.tune.evaluate):
             from resmem_ray.rundir import RunDir
 
             print(RunDir(cfg.run_dir).report.joinpath("report.md").read_text())

@@ -84,6 +84,20 @@ class ResMemConfig:
 
 
 @dataclass
+class TuneConfig:
+    """The search space of `resmem tune` (scored on the validation split)."""
+
+    search: str = "grid"  # grid: every combination | random: num_samples draws from the ranges
+    num_samples: int = 100  # random search only
+    k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 30, 50])
+    sigma: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    temperature: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    gate: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    cpus_per_trial: float = 0.25
+    evaluate: bool = True  # then rebuild the index at the best T and evaluate once on test
+
+
+@dataclass
 class EvaluateConfig:
     knn_ks: list[int] = field(default_factory=lambda: [1, 10, 20, 30])
     batch_size: int = 1024  # queries per lookup round trip
@@ -99,6 +113,7 @@ class Config:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     resmem: ResMemConfig = field(default_factory=ResMemConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict:
@@ -111,6 +126,7 @@ CHOICES = {
     "resmem.distance": ("l2", "sqeuclidean", "cosine"),
     "index.backend": ("faiss", "torch"),
     "index.residual_dtype": ("float32", "float16"),
+    "tune.search": ("grid", "random"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "train.num_workers", "embed.batch_size",
             "embed.num_actors", "index.num_shards", "index.replicas", "index.nprobe",
@@ -205,6 +221,10 @@ def _check_values(cfg: Config) -> None:
     for frac in ("data.val_fraction", "data.test_fraction"):
         if not 0 <= _get(cfg, frac) < 1:
             raise ConfigError(f"config key {frac} must be in [0, 1), got {_get(cfg, frac)}")
+    for key in ("tune.k", "tune.sigma", "tune.temperature", "tune.gate"):
+        values = _get(cfg, key)
+        if not values or any(v <= 0 for v in values):
+            raise ConfigError(f"config key {key} must be a non-empty list of positive values, got {values}")
     if any(k <= 0 for k in cfg.evaluate.knn_ks):
         raise ConfigError(f"config key evaluate.knn_ks must hold positive ints, got {cfg.evaluate.knn_ks}")
     if cfg.data.name in ("imagefolder",) and not cfg.data.root:

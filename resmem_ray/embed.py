@@ -112,7 +112,8 @@ def embed(cfg: Config) -> dict:
         counts[name] = rows
     model_meta = json.loads((run.model / "meta.json").read_text())
     run.mark_done("embed", cfg.to_dict(), rows=counts, embedding_dim=model_meta["embedding_dim"],
-                  num_classes=model_meta["num_classes"], temperature=cfg.resmem.temperature)
+                  num_classes=model_meta["num_classes"], temperature=cfg.resmem.temperature,
+                  max_id=max(int(splits[s].ids.max()) for s in SPLITS))
     return counts
 
 

@@ -66,6 +66,15 @@ def method_name(key: str) -> str:
     return METHOD_NAMES.get(key) or f"{key.split('_')[1]}-NN"
 
 
+def tuning_lines(tuning: dict) -> list[str]:
+    lines = ["", f"## Chosen by `resmem tune` on the validation split ({tuning['trials']} "
+             f"{tuning['search']} trials; base model on val: {100 * tuning['base_val_accuracy']:.2f}%)", "",
+             "| k | sigma | T | gate | val accuracy (%) |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {t['k']} | {t['sigma']:.4g} | {t['temperature']:.4g} | {t['gate']:.4g} | "
+              f"{100 * t['val_accuracy']:.2f} |" for t in tuning["top"]]
+    return lines + ["", "The first row is the setting evaluated on test above; test chose nothing."]
+
+
 def write_report(folder, cfg: Config, metrics: dict) -> None:
     r = cfg.resmem
     acc = metrics["accuracy"]
@@ -77,8 +86,10 @@ def write_report(folder, cfg: Config, metrics: dict) -> None:
              "| method | test accuracy (%) |", "| --- | ---: |"]
     lines += [f"| {method_name(m)} | {100 * a:.2f} |" for m, a in acc.items()]
     lines += ["", "Oracle gate: per example, the base model's or the 1-NN prediction, whichever is "
-              "right; an upper bound for any gate between the two, not a usable method.", ""]
-    (folder / "report.md").write_text("\n".join(lines))
+              "right; an upper bound for any gate between the two, not a usable method."]
+    if metrics.get("tuning"):
+        lines += tuning_lines(metrics["tuning"])
+    (folder / "report.md").write_text("\n".join(lines) + "\n")
 
 
 def plot_accuracy_vs_k(path, cfg: Config, acc: dict) -> None:
@@ -101,7 +112,7 @@ def plot_accuracy_vs_k(path, cfg: Config, acc: dict) -> None:
     plt.close(fig)
 
 
-def evaluate(cfg: Config) -> dict:
+def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
     run = RunDir(cfg.run_dir)
     manifest = read_index_manifest(run, needed_by="evaluate")
     check_matches_index(cfg, manifest)
@@ -124,7 +135,7 @@ def evaluate(cfg: Config) -> dict:
     preds = predictions(cfg, test["logits"], labels, nb)
     metrics = {"accuracy": {m: float((p == labels).mean()) for m, p in preds.items()},
                "num_test": int(len(labels)), "memory_rows": manifest["rows"],
-               "num_shards": len(manifest["shards"]), "resmem": cfg.resmem.__dict__}
+               "num_shards": len(manifest["shards"]), "resmem": cfg.resmem.__dict__, "tuning": tuning}
     with atomic_dir(run.report) as tmp:
         write_json(tmp / "metrics.json", metrics)
         write_report(tmp, cfg, metrics)

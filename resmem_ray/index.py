@@ -111,8 +111,7 @@ def build_index(cfg: Config) -> dict:
         manifest = write_shards(tmp, emb, train["id"], train["label"], res, cfg.index, r.distance,
                                 r.normalize, r.temperature)
         # ids for examples memorized later: past every id of every split
-        manifest["next_id"] = 1 + max(int(read_split(run, s, "index", ("id",))["id"].max())
-                                      for s in ("train", "val", "test"))
+        manifest["next_id"] = 1 + run.stage_output("embed", needed_by="index")["max_id"]
         write_json(tmp / "manifest.json", manifest)
     run.mark_done("index", cfg.to_dict(), rows=int(n), num_shards=len(manifest["shards"]))
     return manifest

@@ -83,7 +83,7 @@ def verify_hashes(folder: Path, expected: dict[str, str], what: str) -> None:
 class RunDir:
     """Paths and the manifest of one run."""
 
-    STAGES = ("train", "embed", "index", "evaluate")
+    STAGES = ("train", "embed", "index", "tune", "evaluate")
 
     def __init__(self, path: str | Path):
         self.root = Path(path).resolve()
@@ -111,7 +111,7 @@ class RunDir:
         manifest = self.manifest()
         stages = manifest.setdefault("stages", {})
         for later in self.STAGES[self.STAGES.index(stage) + 1:]:
-            stages.pop(later, None)
+            stages.pop(later, None)  # their outputs no longer follow from this stage's
         stages[stage] = {"status": "running", "started_at": time.time(), "config": config}
         self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.manifest_path, manifest)

@@ -1,0 +1,62 @@
+"""`resmem tune`: Ray Tune over k, sigma, T, gate on val; test read only at the end."""
+
+import json
+
+import pytest
+
+import resmem_ray.embed
+import resmem_ray.evaluate
+import resmem_ray.index
+import resmem_ray.tune
+from resmem_ray.cli import main
+from resmem_ray.config import load_config
+from resmem_ray.rundir import RunDir
+
+from .conftest import DIGITS_ARGS
+
+SPACE = ["tune.k=[1,5,10]", "tune.sigma=[0.03,0.3]", "tune.temperature=[1.0,4.0]", "tune.gate=[1.0]",
+         "tune.cpus_per_trial=0.5"]
+
+
+def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy, monkeypatch):
+    reads = []
+    real = resmem_ray.embed.read_split
+
+    def spy(module):
+        def read_split(run, split, *args, **kwargs):
+            reads.append((module, split))
+            return real(run, split, *args, **kwargs)
+        return read_split
+
+    for module in (resmem_ray.tune, resmem_ray.evaluate, resmem_ray.index):
+        monkeypatch.setattr(module, "read_split", spy(module.__name__.split(".")[-1]))
+    args = [*DIGITS_ARGS, f"run_dir={run_copy}", *SPACE]
+    assert main(["tune", *args]) == 0
+
+    # test is read by the final evaluation only, after every read of val
+    test_reads = [i for i, (_, split) in enumerate(reads) if split == "test"]
+    assert test_reads and all(reads[i][0] == "evaluate" for i in test_reads)
+    assert max(i for i, (_, split) in enumerate(reads) if split == "val") < min(test_reads)
+
+    summary = json.loads((run_copy / "tune" / "best.json").read_text())
+    assert summary["trials"] == 12 and len(summary["top"]) == 10
+    best = summary["best"]
+    assert summary["best_val_accuracy"] == max(t["val_accuracy"] for t in summary["top"])
+    # the trial's score is the reweighting of one shared neighbour table: recompute it
+    cfg = load_config("jobs/configs/digits.yaml", (*DIGITS_ARGS[2:], f"run_dir={run_copy}", *SPACE))
+    table = resmem_ray.tune.neighbour_table(cfg, RunDir(run_copy))
+    assert resmem_ray.tune.reweighted_accuracy(table, **best) == pytest.approx(summary["best_val_accuracy"])
+
+    metrics = json.loads((run_copy / "report" / "metrics.json").read_text())
+    assert {k: metrics["resmem"][k] for k in best} == best
+    index = json.loads((run_copy / "index" / "manifest.json").read_text())
+    assert index["temperature"] == best["temperature"]
+    report = (run_copy / "report" / "report.md").read_text()
+    assert "Chosen by `resmem tune` on the validation split (12 grid trials" in report
+    stages = RunDir(run_copy).manifest()["stages"]
+    assert stages["tune"]["status"] == "done" and stages["evaluate"]["status"] == "done"
+
+
+def test_tune_k_larger_than_memory(run_copy, capsys):
+    assert main(["tune", *DIGITS_ARGS, f"run_dir={run_copy}", "tune.k=[5,99999]"]) == 2
+    assert "config key tune.k: 99999 is larger than the memory" in capsys.readouterr().err
