@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -103,9 +104,11 @@ def train_loop(loop_config: dict) -> None:
                    "val_acc": val_correct / max(val_count, 1), "epoch_s": time.time() - t0}
         history.append(metrics)
         if rank == 0:
-            print(f"[train] epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
-                  f"train acc {metrics['train_acc']:.4f}  val acc {metrics['val_acc']:.4f}  "
-                  f"({metrics['epoch_s']:.1f}s)", flush=True)
+            # not print(): Ray Train V2 patches it in workers and the line reaches the driver twice
+            sys.stdout.write(f"[train] epoch {epoch + 1}/{cfg.train.epochs}  loss {metrics['train_loss']:.4f}  "
+                             f"train acc {metrics['train_acc']:.4f}  val acc {metrics['val_acc']:.4f}  "
+                             f"({metrics['epoch_s']:.1f}s)\n")
+            sys.stdout.flush()
             with tempfile.TemporaryDirectory() as d:
                 net = model.module if hasattr(model, "module") else model
                 torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
