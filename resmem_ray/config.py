@@ -79,6 +79,7 @@ class ResMemConfig:
     sigma: float = 0.5  # kernel temperature: weights = softmax(-d / sigma)
     temperature: float = 1.0  # T in p = softmax(logits / T), used for residuals and prediction
     gate: float = 1.0  # lambda: weight of the memory's correction
+    gate_threshold: float = 1.0  # confidence gate: correct only where max p(x) < this (1.0: always)
     distance: str = "l2"  # l2 | sqeuclidean | cosine
     normalize: bool = True  # L2-normalise embeddings before indexing and search
 
@@ -93,6 +94,7 @@ class TuneConfig:
     sigma: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
     temperature: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     gate: list[float] = field(default_factory=lambda: [0.5, 1.0])
+    gate_threshold: list[float] = field(default_factory=lambda: [1.0])  # e.g. [0.8, 0.9, 1.0]
     cpus_per_trial: float = 0.25
     evaluate: bool = True  # then rebuild the index at the best T and evaluate once on test
 
@@ -221,7 +223,7 @@ def _check_values(cfg: Config) -> None:
     for frac in ("data.val_fraction", "data.test_fraction"):
         if not 0 <= _get(cfg, frac) < 1:
             raise ConfigError(f"config key {frac} must be in [0, 1), got {_get(cfg, frac)}")
-    for key in ("tune.k", "tune.sigma", "tune.temperature", "tune.gate"):
+    for key in ("tune.k", "tune.sigma", "tune.temperature", "tune.gate", "tune.gate_threshold"):
         values = _get(cfg, key)
         if not values or any(v <= 0 for v in values):
             raise ConfigError(f"config key {key} must be a non-empty list of positive values, got {values}")

@@ -21,7 +21,7 @@ from resmem_ray.embed import read_split
 from resmem_ray.errors import ResMemError
 from resmem_ray.index import prepare_queries, read_index_manifest
 from resmem_ray.lookup import Neighbours, ShardedMemory
-from resmem_ray.resmem import knn_vote, resmem_probs, softmax
+from resmem_ray.resmem import confidence_gate, knn_vote, resmem_probs, softmax
 from resmem_ray.rundir import RunDir, atomic_dir, write_json
 
 
@@ -53,7 +53,8 @@ def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbo
     for k in cfg.evaluate.knn_ks:
         preds[f"knn_{k}"] = knn_vote(nb.labels[:, :k], num_classes)
     near = nb.first(r.k)
-    preds["resmem"] = resmem_probs(probs, near.residuals, near.distances, r.sigma, r.gate).argmax(1)
+    gate = confidence_gate(probs, r.gate, r.gate_threshold)
+    preds["resmem"] = resmem_probs(probs, near.residuals, near.distances, r.sigma, gate).argmax(1)
     one_nn = nb.labels[:, 0]
     preds["oracle_gate"] = np.where(preds["base"] == labels, preds["base"], one_nn)
     return preds
@@ -69,9 +70,10 @@ def method_name(key: str) -> str:
 def tuning_lines(tuning: dict) -> list[str]:
     lines = ["", f"## Chosen by `resmem tune` on the validation split ({tuning['trials']} "
              f"{tuning['search']} trials; base model on val: {100 * tuning['base_val_accuracy']:.2f}%)", "",
-             "| k | sigma | T | gate | val accuracy (%) |", "| ---: | ---: | ---: | ---: | ---: |"]
+             "| k | sigma | T | gate | gate threshold | val accuracy (%) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {t['k']} | {t['sigma']:.4g} | {t['temperature']:.4g} | {t['gate']:.4g} | "
-              f"{100 * t['val_accuracy']:.2f} |" for t in tuning["top"]]
+              f"{t['gate_threshold']:.4g} | {100 * t['val_accuracy']:.2f} |" for t in tuning["top"]]
     return lines + ["", "The first row is the setting evaluated on test above; test chose nothing."]
 
 
@@ -81,7 +83,8 @@ def write_report(folder, cfg: Config, metrics: dict) -> None:
     lines = [f"# ResMem report: {cfg.data.name}, {cfg.model.name} (width {cfg.model.width})", "",
              f"Test split: {metrics['num_test']} examples; memory: {metrics['memory_rows']} training "
              f"examples in {metrics['num_shards']} shard(s).",
-             f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate}, "
+             f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate} "
+             f"(where max p < {r.gate_threshold}), "
              f"distance={r.distance}, normalize={r.normalize}.", "",
              "| method | test accuracy (%) |", "| --- | ---: |"]
     lines += [f"| {method_name(m)} | {100 * a:.2f} |" for m, a in acc.items()]

@@ -52,6 +52,14 @@ def resmem_probs(probs: np.ndarray, neighbour_residuals: np.ndarray, distances: 
     return probs + gate * correction
 
 
+def confidence_gate(probs: np.ndarray, gate: float, threshold: float) -> np.ndarray:
+    """Per-example gate: `gate` where the base model's top probability is below
+    `threshold`, 0 where it is confident; threshold >= 1 corrects everywhere."""
+    if threshold >= 1.0:
+        return np.full(len(probs), gate)
+    return np.where(probs.max(axis=1) < threshold, gate, 0.0)
+
+
 def knn_vote(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Majority vote over each row of neighbour labels; ties go to the class met earlier.
 

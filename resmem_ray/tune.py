@@ -19,10 +19,10 @@ from resmem_ray.embed import read_split
 from resmem_ray.errors import ResMemError
 from resmem_ray.index import prepare_queries, read_index_manifest
 from resmem_ray.lookup import ShardedMemory
-from resmem_ray.resmem import residuals, resmem_probs, softmax
+from resmem_ray.resmem import confidence_gate, residuals, resmem_probs, softmax
 from resmem_ray.rundir import RunDir, write_json
 
-TUNED = ("k", "sigma", "temperature", "gate")
+TUNED = ("k", "sigma", "temperature", "gate", "gate_threshold")
 
 
 def neighbour_table(cfg: Config, run: RunDir) -> dict[str, np.ndarray]:
@@ -48,12 +48,15 @@ def neighbour_table(cfg: Config, run: RunDir) -> dict[str, np.ndarray]:
             "logits": val["logits"], "labels": val["label"]}
 
 
-def reweighted_accuracy(table: dict, k: int, sigma: float, temperature: float, gate: float) -> float:
+def reweighted_accuracy(table: dict, k: int, sigma: float, temperature: float, gate: float,
+                        gate_threshold: float = 1.0) -> float:
     """Val accuracy of ResMem with these settings, from the neighbour table alone."""
     n, _, c = table["neighbour_logits"].shape
     res = residuals(table["neighbour_logits"][:, :k].reshape(-1, c),
                     table["neighbour_labels"][:, :k].ravel(), temperature).reshape(n, k, c)
-    probs = resmem_probs(softmax(table["logits"], temperature), res, table["distances"][:, :k], sigma, gate)
+    base = softmax(table["logits"], temperature)
+    gates = confidence_gate(base, gate, gate_threshold)
+    probs = resmem_probs(base, res, table["distances"][:, :k], sigma, gates)
     return float((probs.argmax(1) == table["labels"]).mean())
 
 
@@ -71,7 +74,8 @@ def search_space(cfg: Config) -> tuple[dict, int]:
     if t.search == "grid":
         return {p: tune.grid_search(getattr(t, p)) for p in TUNED}, 1
     space = {"k": tune.choice(t.k)}
-    for p, dist in (("sigma", tune.loguniform), ("temperature", tune.loguniform), ("gate", tune.uniform)):
+    for p, dist in (("sigma", tune.loguniform), ("temperature", tune.loguniform), ("gate", tune.uniform),
+                    ("gate_threshold", tune.uniform)):
         lo, hi = min(getattr(t, p)), max(getattr(t, p))
         space[p] = lo if lo == hi else dist(lo, hi)
     return space, t.num_samples
@@ -97,7 +101,7 @@ def tune_resmem(cfg: Config) -> dict:
     results = tuner.fit()
     frame = results.get_dataframe().sort_values("val_accuracy", ascending=False)
     frame = frame.rename(columns={f"config/{p}": p for p in TUNED})[[*TUNED, "val_accuracy"]]
-    frame = frame.astype({"k": int, "sigma": float, "temperature": float, "gate": float})
+    frame = frame.astype({"k": int, **{p: float for p in TUNED[1:]}})
     best = {p: frame[p].iloc[0].item() for p in TUNED}  # per column: a row would upcast k
     summary = {"best": best, "best_val_accuracy": frame["val_accuracy"].iloc[0].item(),
                "base_val_accuracy": base, "trials": len(frame), "search": cfg.tune.search,

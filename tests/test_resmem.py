@@ -65,6 +65,15 @@ def test_per_example_gate():
     np.testing.assert_allclose(out, [[0.5, 0.5], [1.5, 1.5]])
 
 
+def test_confidence_gate_corrects_only_unsure_examples():
+    from resmem_ray.resmem import confidence_gate
+
+    probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.5, 0.5]])
+    assert confidence_gate(probs, 0.7, 0.9).tolist() == [0.0, 0.7, 0.7]
+    assert confidence_gate(probs, 0.7, 1.0).tolist() == [0.7, 0.7, 0.7]
+    assert confidence_gate(np.array([[1.0, 0.0]]), 1.0, 1.0).tolist() == [1.0]  # 1.0: always
+
+
 def test_knn_vote_majority_and_ties():
     labels = np.array([[1, 2, 2], [3, 1, 1], [0, 1, 2], [2, 1, 1]])
     assert knn_vote(labels, 4).tolist() == [2, 1, 0, 1]

@@ -15,7 +15,7 @@ from resmem_ray.rundir import RunDir
 from .conftest import DIGITS_ARGS
 
 SPACE = ["tune.k=[1,5,10]", "tune.sigma=[0.03,0.3]", "tune.temperature=[1.0,4.0]", "tune.gate=[1.0]",
-         "tune.cpus_per_trial=0.5"]
+         "tune.gate_threshold=[0.9,1.0]", "tune.cpus_per_trial=0.5"]
 
 
 def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy, monkeypatch):
@@ -39,7 +39,7 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
     assert max(i for i, (_, split) in enumerate(reads) if split == "val") < min(test_reads)
 
     summary = json.loads((run_copy / "tune" / "best.json").read_text())
-    assert summary["trials"] == 12 and len(summary["top"]) == 10
+    assert summary["trials"] == 24 and len(summary["top"]) == 10
     best = summary["best"]
     assert summary["best_val_accuracy"] == max(t["val_accuracy"] for t in summary["top"])
     # the trial's score is the reweighting of one shared neighbour table: recompute it
@@ -52,7 +52,7 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
     index = json.loads((run_copy / "index" / "manifest.json").read_text())
     assert index["temperature"] == best["temperature"]
     report = (run_copy / "report" / "report.md").read_text()
-    assert "Chosen by `resmem tune` on the validation split (12 grid trials" in report
+    assert "Chosen by `resmem tune` on the validation split (24 grid trials" in report
     stages = RunDir(run_copy).manifest()["stages"]
     assert stages["tune"]["status"] == "done" and stages["evaluate"]["status"] == "done"
 
