@@ -87,10 +87,11 @@ def test_bad_config_exits_with_one_line(tmp_path, override, message):
     assert not (tmp_path / "r").exists()
 
 
-def test_job_entry_point():
-    """`ray job submit -- python -m jobs.run ...` runs this module."""
-    out = subprocess.run([sys.executable, "-m", "jobs.run", "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and "--config" in out.stdout and "dotted overrides" in out.stdout
+@pytest.mark.parametrize("stage", ["run", "train", "embed", "index", "tune", "evaluate", "memorize"])
+def test_job_entry_points(stage):
+    """`ray job submit -- python -m jobs.<stage> ...` runs these modules."""
+    out = subprocess.run([sys.executable, "-m", f"jobs.{stage}", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and f"usage: resmem {stage}" in out.stdout and "--config" in out.stdout
 
 
 def one_error_line(capsys) -> str:
