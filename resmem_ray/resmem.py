@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 
-DISTANCES = ("l2", "sqeuclidean", "cosine")
-
 
 def softmax(logits: np.ndarray, temperature: float = 1.0, axis: int = -1) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64) / temperature
