@@ -10,8 +10,6 @@ Writes RUN/report/metrics.json, report.md, predictions.parquet and accuracy_vs_k
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,17 +29,6 @@ def check_matches_index(cfg: Config, manifest: dict) -> None:
         if getattr(cfg.resmem, key) != manifest[key]:
             raise ResMemError(f"config key resmem.{key}={getattr(cfg.resmem, key)!r} differs from "
                               f"the index's {manifest[key]!r}: rerun `resmem index`")
-
-
-def lookup_all(memory: ShardedMemory, queries: np.ndarray, k: int, batch_size: int) -> Neighbours:
-    parts, t0 = [], time.time()
-    for start in range(0, len(queries), batch_size):
-        parts.append(memory.search(queries[start:start + batch_size], k))
-        done = min(start + batch_size, len(queries))
-        print(f"[evaluate] looked up {done}/{len(queries)} queries "
-              f"({done / max(time.time() - t0, 1e-9):.0f}/s)", flush=True)
-    return Neighbours(*(np.concatenate([getattr(p, f) for p in parts])
-                        for f in ("distances", "ids", "labels", "residuals")))
 
 
 def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbours) -> dict[str, np.ndarray]:
@@ -133,7 +120,7 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
           f"{len(manifest['shards'])} shard actor(s), k={k_max}", flush=True)
     with ShardedMemory(run.index, manifest, cfg.index) as memory:
         print(f"[evaluate] shard actors search on: {', '.join(sorted(set(memory.placement)))}", flush=True)
-        nb = lookup_all(memory, queries, k_max, cfg.evaluate.batch_size)
+        nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
     labels = test["label"]
     preds = predictions(cfg, test["logits"], labels, nb)
     metrics = {"accuracy": {m: float((p == labels).mean()) for m, p in preds.items()},

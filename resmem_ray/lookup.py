@@ -8,6 +8,7 @@ top-k. With exact (Flat) shards the answer equals one exact index over the memor
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,12 +219,23 @@ class ShardedMemory:
         parts = [self._get(shard, future, first, ref, k) for shard, future in enumerate(futures)]
         return merge_topk(parts, k)
 
+    def search_batches(self, queries: np.ndarray, k: int, batch_size: int) -> Neighbours:
+        """`search` over many queries, `batch_size` per round trip, with progress."""
+        parts, t0 = [], time.time()
+        for start in range(0, len(queries), batch_size):
+            parts.append(self.search(queries[start:start + batch_size], k))
+            done = min(start + batch_size, len(queries))
+            print(f"[lookup] {done}/{len(queries)} queries ({done / max(time.time() - t0, 1e-9):.0f}/s)",
+                  flush=True)
+        return Neighbours(*(np.concatenate([getattr(p, f) for p in parts])
+                            for f in ("distances", "ids", "labels", "residuals")))
+
     def _get(self, shard: int, future, replica: int, ref, k: int):
         """The answer of one shard, failing over to its other replicas."""
         import ray
         from ray.exceptions import RayActorError
 
-        for attempt in range(1, 4 * self.replicas):
+        for _ in range(1, 4 * self.replicas):
             try:
                 return ray.get(future)
             except RayActorError:

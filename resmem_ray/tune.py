@@ -39,12 +39,9 @@ def neighbour_table(cfg: Config, run: RunDir) -> dict[str, np.ndarray]:
     queries = prepare_queries(val["embedding"], manifest["distance"], manifest["normalize"])
     print(f"[tune] searching {len(queries)} val queries once at k={k_max}", flush=True)
     with ShardedMemory(run.index, manifest, cfg.index) as memory:
-        parts = [memory.search(queries[s:s + cfg.evaluate.batch_size], k_max)
-                 for s in range(0, len(queries), cfg.evaluate.batch_size)]
-    ids = np.concatenate([p.ids for p in parts])
-    return {"distances": np.concatenate([p.distances for p in parts]),
-            "neighbour_labels": np.concatenate([p.labels for p in parts]),
-            "neighbour_logits": train["logits"][np.searchsorted(train["id"], ids)],
+        nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
+    return {"distances": nb.distances, "neighbour_labels": nb.labels,
+            "neighbour_logits": train["logits"][np.searchsorted(train["id"], nb.ids)],
             "logits": val["logits"], "labels": val["label"]}
 
 
