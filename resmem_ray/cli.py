@@ -21,19 +21,24 @@ def _stages():
     from resmem_ray.embed import embed
     from resmem_ray.evaluate import evaluate
     from resmem_ray.index import build_index
+    from resmem_ray.neighbour_transformer import train_neighbour_transformer
+    from resmem_ray.sweep import sweep
     from resmem_ray.train import train
     from resmem_ray.tune import tune_resmem
 
-    return {"train": train, "embed": embed, "index": build_index, "tune": tune_resmem, "evaluate": evaluate}
+    return {"train": train, "embed": embed, "index": build_index, "transformer": train_neighbour_transformer,
+            "tune": tune_resmem, "evaluate": evaluate, "sweep": sweep}
 
 
 STAGE_HELP = [("train", "train the base model (Ray Train)"),
               ("embed", "embeddings, logits and residuals of every split (Ray Data)"),
               ("index", "build the sharded FAISS memory (Ray tasks)"),
+              ("transformer", "train the neighbour Transformer on the train split's neighbours (Ray Train)"),
               ("tune", "Ray Tune over k, sigma, T, gate on val; then evaluate the best once on test"),
               ("evaluate", "test-split report from sharded lookup actors"),
               ("run", "all stages in order"),
-              ("memorize", "add labelled examples (--examples FILE.npz) to the memory, no retraining")]
+              ("memorize", "add labelled examples (--examples FILE.npz) to the memory, no retraining"),
+              ("sweep", "Ray Tune + ASHA over the base model (sweep.width, sweep.lr): the pipeline per trial")]
 
 
 def init_ray() -> None:
@@ -52,7 +57,8 @@ def run_stage(name: str, cfg: Config):
 
 
 def run_pipeline(cfg: Config) -> dict:
-    for name in ("train", "embed", "index", "evaluate"):
+    stages = ("train", "embed", "index", "transformer", "evaluate")
+    for name in stages if cfg.neighbour_transformer.enabled else [s for s in stages if s != "transformer"]:
         metrics = run_stage(name, cfg)
     return metrics
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import yaml
 
 from resmem_ray.errors import ResMemError
@@ -31,6 +32,7 @@ class DataConfig:
     limit: Optional[int] = None  # cap on examples per split, for quick runs
     image_size: int = 224  # imagefolder only: images are resized and centre-cropped to this
     augment: bool = False  # random crop + flip during training (CIFAR / ImageNet recipes)
+    imbalance_ratio: float = 1.0  # long tail: >1 subsamples train classes exponentially (CIFAR-LT)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class ResMemConfig:
     temperature: float = 1.0  # T in p = softmax(logits / T), used for residuals and prediction
     gate: float = 1.0  # lambda: weight of the memory's correction
     gate_threshold: float = 1.0  # confidence gate: correct only where max p(x) < this (1.0: always)
+    gate_softness: float = 0.0  # 0: hard threshold; > 0: sigmoid((threshold - max p) / softness)
     distance: str = "l2"  # l2 | sqeuclidean | cosine
     normalize: bool = True  # L2-normalise embeddings before indexing and search
 
@@ -88,15 +91,47 @@ class ResMemConfig:
 class TuneConfig:
     """The search space of `resmem tune` (scored on the validation split)."""
 
-    search: str = "grid"  # grid: every combination | random: num_samples draws from the ranges
-    num_samples: int = 100  # random search only
+    search: str = "grid"  # grid: every combination | random, optuna: num_samples draws from the ranges
+    num_samples: int = 100  # random and optuna only
     k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 30, 50])
     sigma: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
     temperature: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
     gate: list[float] = field(default_factory=lambda: [0.5, 1.0])
     gate_threshold: list[float] = field(default_factory=lambda: [1.0])  # e.g. [0.8, 0.9, 1.0]
+    gate_softness: list[float] = field(default_factory=lambda: [0.0])  # e.g. [0.0, 0.05]
+    distance: list[str] = field(default_factory=lambda: ["l2"])  # each distance x normalize pair
+    normalize: list[bool] = field(default_factory=lambda: [True])  # is one index build + val search
+    learned_gate: bool = True  # fit a logistic gate on val at the best setting (a report row)
     cpus_per_trial: float = 0.25
-    evaluate: bool = True  # then rebuild the index at the best T and evaluate once on test
+    evaluate: bool = True  # then rebuild the index at the best setting and evaluate once on test
+
+
+@dataclass
+class NeighbourTransformerConfig:
+    """The memorization study's Transformer over a query and its k nearest neighbours."""
+
+    enabled: bool = False  # train it (after index) and report it beside k-NN and ResMem
+    k: int = 10
+    d_model: int = 64
+    layers: int = 2
+    heads: int = 4
+    epochs: int = 20
+    batch_size: int = 128  # per worker
+    lr: float = 1e-3
+    num_workers: int = 1  # Ray Train workers
+    cpus_per_worker: float = 1.0
+
+
+@dataclass
+class SweepConfig:
+    """`resmem sweep`: the whole pipeline per base-model setting, ASHA over epochs."""
+
+    width: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    lr: list[float] = field(default_factory=list)  # empty: train.lr
+    rungs: list[int] = field(default_factory=lambda: [3, 10])  # epochs at which ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent: int = 2  # trials at once; each trial's stages ask Ray for their own CPUs
+    cpus_per_trial: float = 0.1  # the trial process only drives the stages
 
 
 @dataclass
@@ -116,6 +151,8 @@ class Config:
     index: IndexConfig = field(default_factory=IndexConfig)
     resmem: ResMemConfig = field(default_factory=ResMemConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    neighbour_transformer: NeighbourTransformerConfig = field(default_factory=NeighbourTransformerConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict:
@@ -128,12 +165,16 @@ CHOICES = {
     "resmem.distance": ("l2", "sqeuclidean", "cosine"),
     "index.backend": ("faiss", "torch"),
     "index.residual_dtype": ("float32", "float16"),
-    "tune.search": ("grid", "random"),
+    "tune.search": ("grid", "random", "optuna"),
 }
 POSITIVE = ("train.epochs", "train.batch_size", "train.num_workers", "embed.batch_size",
             "embed.num_actors", "index.num_shards", "index.replicas", "index.nprobe",
             "index.ef_search", "index.train_sample", "index.cpus_per_shard", "resmem.k", "resmem.sigma",
-            "resmem.temperature", "evaluate.batch_size", "model.width")
+            "resmem.temperature", "evaluate.batch_size", "model.width", "data.imbalance_ratio",
+            "neighbour_transformer.k", "neighbour_transformer.d_model", "neighbour_transformer.layers",
+            "neighbour_transformer.heads", "neighbour_transformer.epochs", "neighbour_transformer.batch_size",
+            "neighbour_transformer.lr", "neighbour_transformer.num_workers",
+            "neighbour_transformer.cpus_per_worker", "sweep.reduction_factor", "sweep.max_concurrent", "sweep.cpus_per_trial")
 
 
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
@@ -227,6 +268,22 @@ def _check_values(cfg: Config) -> None:
         values = _get(cfg, key)
         if not values or any(v <= 0 for v in values):
             raise ConfigError(f"config key {key} must be a non-empty list of positive values, got {values}")
+    if cfg.data.imbalance_ratio < 1:
+        raise ConfigError(f"config key data.imbalance_ratio must be >= 1 (1: balanced), got {cfg.data.imbalance_ratio}")
+    for key in ("tune.gate_softness", "resmem.gate_softness"):
+        if any(v < 0 for v in np.atleast_1d(_get(cfg, key))):
+            raise ConfigError(f"config key {key} must be >= 0, got {_get(cfg, key)}")
+    for key, allowed in (("tune.distance", CHOICES["resmem.distance"]), ("tune.normalize", (True, False))):
+        if not _get(cfg, key) or any(v not in allowed for v in _get(cfg, key)):
+            raise ConfigError(f"config key {key} must be a non-empty list of {allowed}, got {_get(cfg, key)}")
+    if cfg.neighbour_transformer.d_model % cfg.neighbour_transformer.heads:
+        raise ConfigError("config key neighbour_transformer.d_model must be a multiple of "
+                          "neighbour_transformer.heads")
+    for key in ("sweep.width", "sweep.rungs", "sweep.lr"):
+        if any(v <= 0 for v in _get(cfg, key)) or (key != "sweep.lr" and not _get(cfg, key)):
+            raise ConfigError(f"config key {key} must be a non-empty list of positive values, got {_get(cfg, key)}")
+    if cfg.sweep.rungs != sorted(set(cfg.sweep.rungs)):
+        raise ConfigError(f"config key sweep.rungs must be increasing epochs, got {cfg.sweep.rungs}")
     if any(k <= 0 for k in cfg.evaluate.knn_ks):
         raise ConfigError(f"config key evaluate.knn_ks must hold positive ints, got {cfg.evaluate.knn_ks}")
     if cfg.data.name in ("imagefolder",) and not cfg.data.root:

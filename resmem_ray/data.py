@@ -175,6 +175,8 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], DatasetIn
     index = {"train": np.sort(train_idx[n_val:]), "val": np.sort(train_idx[:n_val]), "test": test_idx}
     if cfg.limit is not None:  # a random but fixed subset of each split
         index = {k: np.sort(rng.permutation(v)[: cfg.limit]) for k, v in index.items()}
+    if cfg.imbalance_ratio > 1:  # val and test stay balanced, as in CIFAR-LT
+        index["train"] = long_tail(index["train"], pool_y, cfg.imbalance_ratio, rng)
     splits = {}
     for name, idx in index.items():
         if isinstance(pool_x, np.ndarray):
@@ -188,6 +190,19 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], DatasetIn
     else:
         in_channels, size = 3, cfg.image_size
     return splits, DatasetInfo(cfg.name, num_classes, in_channels, size)
+
+
+def long_tail(idx: np.ndarray, labels: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    """Subsample classes exponentially (CIFAR-LT): class c keeps n_max * ratio^(-c / (C - 1))
+    of its examples, so class 0 keeps all and the last class 1 / ratio of them."""
+    classes = np.unique(labels[idx])
+    n_max = max(int((labels[idx] == c).sum()) for c in classes)
+    keep = []
+    for rank, c in enumerate(classes):
+        mine = idx[labels[idx] == c]
+        n_keep = max(1, int(n_max * ratio ** (-rank / max(len(classes) - 1, 1))))
+        keep.append(rng.permutation(mine)[:n_keep])
+    return np.sort(np.concatenate(keep))
 
 
 # --- turning uint8 images into model inputs --------------------------------------------

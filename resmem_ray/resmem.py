@@ -38,24 +38,35 @@ def kernel_weights(distances: np.ndarray, sigma: float) -> np.ndarray:
     return softmax(-np.asarray(distances, dtype=np.float64), temperature=sigma, axis=1)
 
 
+def memory_correction(neighbour_residuals: np.ndarray, distances: np.ndarray, sigma: float) -> np.ndarray:
+    """sum_i w_i r_i: neighbour_residuals (n, k, C), distances (n, k) -> (n, C)."""
+    w = kernel_weights(distances, sigma)
+    return np.einsum("nk,nkc->nc", w, neighbour_residuals.astype(np.float64))
+
+
 def resmem_probs(probs: np.ndarray, neighbour_residuals: np.ndarray, distances: np.ndarray,
                  sigma: float, gate: float | np.ndarray = 1.0) -> np.ndarray:
     """p(x) + gate * sum_i w_i r_i.
 
     probs (n, C); neighbour_residuals (n, k, C); distances (n, k); gate a scalar or (n,).
     """
-    w = kernel_weights(distances, sigma)
-    correction = np.einsum("nk,nkc->nc", w, neighbour_residuals.astype(np.float64))
+    correction = memory_correction(neighbour_residuals, distances, sigma)
     gate = np.asarray(gate, dtype=np.float64).reshape(-1, 1) if np.ndim(gate) else gate
     return probs + gate * correction
 
 
-def confidence_gate(probs: np.ndarray, gate: float, threshold: float) -> np.ndarray:
-    """Per-example gate: `gate` where the base model's top probability is below
-    `threshold`, 0 where it is confident; threshold >= 1 corrects everywhere."""
+def confidence_gate(probs: np.ndarray, gate: float, threshold: float, softness: float = 0.0) -> np.ndarray:
+    """Per-example gate from the base model's top probability max p(x).
+
+    softness 0: `gate` where max p < threshold, 0 where the model is confident (a threshold
+    >= 1 corrects everywhere); softness > 0: gate * sigmoid((threshold - max p) / softness).
+    """
+    top = probs.max(axis=1)
+    if softness > 0:
+        return gate * 0.5 * (1.0 + np.tanh((threshold - top) / (2.0 * softness)))  # a sigmoid, no overflow
     if threshold >= 1.0:
         return np.full(len(probs), gate)
-    return np.where(probs.max(axis=1) < threshold, gate, 0.0)
+    return np.where(top < threshold, gate, 0.0)
 
 
 def knn_vote(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -4,6 +4,8 @@
     RUN/model/             trained weights (model.pt) + meta.json, epoch metrics
     RUN/embeddings/<split>/*.parquet
     RUN/index/             FAISS shard files + manifest.json
+    RUN/transformer/       the neighbour Transformer's weights + meta.json (optional stage)
+    RUN/tune/              Ray Tune results, best.json, plots
     RUN/report/            metrics.json, report.md, predictions.parquet, plots
 
 Every artifact is written under a temporary name and renamed into place, so a failed
@@ -83,13 +85,14 @@ def verify_hashes(folder: Path, expected: dict[str, str], what: str) -> None:
 class RunDir:
     """Paths and the manifest of one run."""
 
-    STAGES = ("train", "embed", "index", "tune", "evaluate")
+    STAGES = ("train", "embed", "index", "transformer", "tune", "evaluate")
 
     def __init__(self, path: str | Path):
         self.root = Path(path).resolve()
         self.model = self.root / "model"
         self.embeddings = self.root / "embeddings"
         self.index = self.root / "index"
+        self.transformer = self.root / "transformer"
         self.report = self.root / "report"
         self.manifest_path = self.root / "manifest.json"
 

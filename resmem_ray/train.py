@@ -77,7 +77,7 @@ def train_loop(loop_config: dict) -> None:
             history = json.loads((Path(d) / "history.json").read_text())
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
-    for epoch in range(start_epoch, cfg.train.epochs):
+    for epoch in range(start_epoch, loop_config.get("until_epoch") or cfg.train.epochs):
         t0 = time.time()
         if ctx.get_world_size() > 1:
             train_loader.sampler.set_epoch(epoch)
@@ -119,20 +119,23 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics)
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, until_epoch: int | None = None) -> dict:
+    """Train (or resume) the base model; `until_epoch` stops early with the schedule of
+    train.epochs, and a later call with the same config continues from there (sweeps)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run = RunDir(cfg.run_dir)
     _, info = load_splits(cfg.data, cfg.seed)  # fail here, not in a worker, on bad data
     previous = run.manifest()["stages"].get("train", {})
-    # Resume only an interrupted run of the same config; anything else trains afresh.
-    if previous.get("status") != "running" or previous.get("config") != cfg.to_dict():
+    # Resume only an interrupted or stopped-early run of the same config; else train afresh.
+    unfinished = previous.get("status") == "running" or previous.get("epochs_done", cfg.train.epochs) < cfg.train.epochs
+    if not unfinished or previous.get("config") != cfg.to_dict():
         clear_checkpoints(run)
     run.mark_running("train", cfg.to_dict())
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg},
+        train_loop_config={"cfg": cfg, "until_epoch": until_epoch},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         # A stable name under the run directory: rerunning resumes from its last checkpoint.
@@ -154,7 +157,8 @@ def train(cfg: Config) -> dict:
                 "embedding_dim": probe.embedding_dim}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         (tmp / "history.json").write_text(json.dumps(history, indent=2))
-    run.mark_done("train", cfg.to_dict(), files=file_hashes(run.model), history=history)
+    run.mark_done("train", cfg.to_dict(), files=file_hashes(run.model), history=history,
+                  epochs_done=len(history))
     return history[-1]
 
 

@@ -19,7 +19,8 @@ def ray_session():
 
 
 # Tiny but real: 2 Ray Train workers, 2 Ray Data actors, 2 FAISS shard actors.
-DIGITS_ARGS = ["--config", "jobs/configs/digits.yaml", "train.epochs=3", "train.cpus_per_worker=0.5"]
+DIGITS_ARGS = ["--config", "jobs/configs/digits.yaml", "train.epochs=3", "train.cpus_per_worker=0.5",
+               "neighbour_transformer.enabled=false"]
 
 
 @pytest.fixture(scope="session")

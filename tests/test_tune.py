@@ -7,6 +7,7 @@ import pytest
 import resmem_ray.embed
 import resmem_ray.evaluate
 import resmem_ray.index
+import resmem_ray.neighbour_transformer
 import resmem_ray.tune
 from resmem_ray.cli import main
 from resmem_ray.config import load_config
@@ -15,7 +16,8 @@ from resmem_ray.rundir import RunDir
 from .conftest import DIGITS_ARGS
 
 SPACE = ["tune.k=[1,5,10]", "tune.sigma=[0.03,0.3]", "tune.temperature=[1.0,4.0]", "tune.gate=[1.0]",
-         "tune.gate_threshold=[0.9,1.0]", "tune.cpus_per_trial=0.5"]
+         "tune.gate_threshold=[0.9,1.0]", "tune.distance=[l2,cosine]", "tune.cpus_per_trial=0.5",
+         "neighbour_transformer.enabled=true", "neighbour_transformer.epochs=2"]
 
 
 def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy, monkeypatch):
@@ -28,7 +30,7 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
             return real(run, split, *args, **kwargs)
         return read_split
 
-    for module in (resmem_ray.tune, resmem_ray.evaluate, resmem_ray.index):
+    for module in (resmem_ray.tune, resmem_ray.evaluate, resmem_ray.index, resmem_ray.neighbour_transformer):
         monkeypatch.setattr(module, "read_split", spy(module.__name__.split(".")[-1]))
     args = [*DIGITS_ARGS, f"run_dir={run_copy}", *SPACE]
     assert main(["tune", *args]) == 0
@@ -39,22 +41,31 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
     assert max(i for i, (_, split) in enumerate(reads) if split == "val") < min(test_reads)
 
     summary = json.loads((run_copy / "tune" / "best.json").read_text())
-    assert summary["trials"] == 24 and len(summary["top"]) == 10
+    assert summary["trials"] == 48 and len(summary["top"]) == 10
+    assert {t["distance"] for t in summary["top"]} <= {"l2", "cosine"}
     best = summary["best"]
     assert summary["best_val_accuracy"] == max(t["val_accuracy"] for t in summary["top"])
     # the trial's score is the reweighting of one shared neighbour table: recompute it
     cfg = load_config("jobs/configs/digits.yaml", (*DIGITS_ARGS[2:], f"run_dir={run_copy}", *SPACE))
-    table = resmem_ray.tune.neighbour_table(cfg, RunDir(run_copy))
-    assert resmem_ray.tune.reweighted_accuracy(table, **best) == pytest.approx(summary["best_val_accuracy"])
+    table = resmem_ray.tune.neighbour_table(resmem_ray.tune.with_memory(cfg, best["distance"], best["normalize"]),
+                                            RunDir(run_copy))
+    score = resmem_ray.tune.reweighted_accuracy(table, **{p: best[p] for p in resmem_ray.tune.TUNED})
+    assert score == pytest.approx(summary["best_val_accuracy"])
+    assert 0 < summary["learned_gate"]["val_accuracy"] <= 1
 
     metrics = json.loads((run_copy / "report" / "metrics.json").read_text())
     assert {k: metrics["resmem"][k] for k in best} == best
     index = json.loads((run_copy / "index" / "manifest.json").read_text())
     assert index["temperature"] == best["temperature"]
     report = (run_copy / "report" / "report.md").read_text()
-    assert "Chosen by `resmem tune` on the validation split (24 grid trials" in report
+    assert "Chosen by `resmem tune` on the validation split (48 grid trials" in report
+    for row in ("| base model |", "| 1-NN |", "| 10-NN |", "| 20-NN |", "| 30-NN |", "| neighbour Transformer |",
+                "| ResMem |", "| ResMem, learned gate |", "| oracle gate (base or 1-NN) |"):
+        assert row in report
+    for plot in ("val_accuracy_vs_k.png", "sigma_T_heatmap.png"):
+        assert (run_copy / "tune" / plot).stat().st_size > 1000
     stages = RunDir(run_copy).manifest()["stages"]
-    assert stages["tune"]["status"] == "done" and stages["evaluate"]["status"] == "done"
+    assert all(stages[s]["status"] == "done" for s in ("transformer", "tune", "evaluate"))
 
 
 def test_tune_k_larger_than_memory(run_copy, capsys):
