@@ -87,7 +87,8 @@ def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: 
     n, dim = embeddings.shape
     check_index_config(cfg, n, dim, distance)
     bounds = np.linspace(0, n, cfg.num_shards + 1).astype(int)
-    build = ray.remote(num_cpus=0.5)(_build_and_write)
+    # "DEFAULT": not captured by an enclosing placement group (a `resmem sweep` trial's)
+    build = ray.remote(num_cpus=0.5, scheduling_strategy="DEFAULT")(_build_and_write)
     refs = [build.remote(embeddings[a:b], ids[a:b], labels[a:b], residual_rows[a:b], cfg, distance,
                          str(folder), first_shard + s)
             for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]

@@ -192,6 +192,7 @@ class ShardedMemory:
                       "run on CPU", flush=True)
         actor = ray.remote(ShardActor).options(
             num_cpus=settings.cpus_per_shard, num_gpus=gpus, max_restarts=-1,
+            scheduling_strategy="DEFAULT",  # not captured by an enclosing placement group (a sweep trial's)
             # with one replica Ray retries in-flight queries after the restart; with more,
             # search() sends them to another replica at once
             max_task_retries=-1 if settings.replicas == 1 else 0)

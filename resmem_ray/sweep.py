@@ -72,7 +72,7 @@ def sweep(cfg: Config) -> dict:
             max_concurrent_trials=s.max_concurrent,
             scheduler=ASHAScheduler(time_attr="epoch", metric="val_resmem", mode="max", max_t=s.rungs[-1],
                                     grace_period=s.rungs[0], reduction_factor=s.reduction_factor)),
-        run_config=tune.RunConfig(name="search", storage_path=str(root / "tune"), verbose=0))
+        run_config=tune.RunConfig(name="search", storage_path=str(root / "tune"), verbose=1))  # trial table
     results = tuner.fit()
     rows = []
     for result in results:

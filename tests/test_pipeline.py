@@ -87,7 +87,8 @@ def test_bad_config_exits_with_one_line(tmp_path, override, message):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("stage", ["run", "train", "embed", "index", "tune", "evaluate", "memorize"])
+@pytest.mark.parametrize("stage", ["run", "train", "embed", "index", "transformer", "tune", "evaluate", "memorize",
+                                   "sweep"])
 def test_job_entry_points(stage):
     """`ray job submit -- python -m jobs.<stage> ...` runs these modules."""
     out = subprocess.run([sys.executable, "-m", f"jobs.{stage}", "--help"], capture_output=True, text=True)
