@@ -183,8 +183,9 @@ def plot_search(folder, frame) -> None:
         im = ax.imshow(100 * grid.values, origin="lower", aspect="auto", cmap="viridis")
         ax.set_xticks(range(grid.shape[1]), [f"{t:g}" for t in grid.columns])
         ax.set_yticks(range(grid.shape[0]), [f"{s:g}" for s in grid.index])
+        mid = 100 * np.nanmean([np.nanmin(grid.values), np.nanmax(grid.values)])
         for (i, j), v in np.ndenumerate(100 * grid.values):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w")
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w" if v < mid else "k")
     else:  # sampled: one dot per trial
         im = ax.scatter(frame["temperature"], frame["sigma"], c=100 * frame["val_accuracy"], cmap="viridis")
         ax.set_xscale("log")
