@@ -130,6 +130,7 @@ class SweepConfig:
     lr: list[float] = field(default_factory=list)  # empty: train.lr
     rungs: list[int] = field(default_factory=lambda: [3, 10])  # epochs at which ASHA may stop a trial
     reduction_factor: int = 2
+    tune_resmem: bool = True  # per trial, ResMem's setting is the best of the tune.* grid on val
     max_concurrent: int = 2  # trials at once; each trial's stages ask Ray for their own CPUs
     cpus_per_trial: float = 0.1  # the trial process only drives the stages
 
@@ -174,7 +175,8 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.num_workers", "embed.batc
             "neighbour_transformer.k", "neighbour_transformer.d_model", "neighbour_transformer.layers",
             "neighbour_transformer.heads", "neighbour_transformer.epochs", "neighbour_transformer.batch_size",
             "neighbour_transformer.lr", "neighbour_transformer.num_workers",
-            "neighbour_transformer.cpus_per_worker", "sweep.reduction_factor", "sweep.max_concurrent", "sweep.cpus_per_trial")
+            "neighbour_transformer.cpus_per_worker", "sweep.reduction_factor", "sweep.max_concurrent",
+            "sweep.cpus_per_trial")
 
 
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:

@@ -4,8 +4,10 @@ ResMem's gains are largest for small models (Yang et al.); a width sweep shows i
 trial is one base model (sweep.width x sweep.lr) with its own run directory under
 RUN/sweep/. At every rung (sweep.rungs, in epochs) the trial trains up to that epoch
 (resuming from its Ray Train checkpoint), embeds, indexes and reports the val accuracy
-of the base model and of ResMem (cfg.resmem's setting); ASHA stops the weak trials on
-the ResMem val accuracy. A trial that reaches the last rung is evaluated once on test.
+of the base model and of ResMem; ASHA stops the weak trials on the ResMem val accuracy.
+ResMem's setting is, per trial and rung, the best of the tune.* grid on val (one lookup,
+then reweighting, as in `resmem tune`) with sweep.tune_resmem, else cfg.resmem's. A
+trial that reaches the last rung is evaluated once on test with its chosen setting.
 Writes RUN/sweep/results.json, report.md and width_sweep.png.
 """
 
@@ -24,7 +26,7 @@ def trial_config(cfg: Config, width: int, lr: float, root: str) -> Config:
         model=dataclasses.replace(cfg.model, width=width),
         train=dataclasses.replace(cfg.train, lr=lr, epochs=cfg.sweep.rungs[-1]),
         neighbour_transformer=dataclasses.replace(cfg.neighbour_transformer, enabled=False),
-        tune=dataclasses.replace(cfg.tune, k=[cfg.resmem.k]))
+        tune=cfg.tune if cfg.sweep.tune_resmem else dataclasses.replace(cfg.tune, k=[cfg.resmem.k]))
 
 
 def sweep_trial(config: dict, cfg: Config, root: str) -> None:
@@ -34,20 +36,27 @@ def sweep_trial(config: dict, cfg: Config, root: str) -> None:
     from resmem_ray.evaluate import evaluate
     from resmem_ray.index import build_index
     from resmem_ray.train import train
-    from resmem_ray.tune import neighbour_table, reweighted_accuracy
+    from resmem_ray.tune import TUNED, best_on_grid, ensure_index, neighbour_table, reweighted_accuracy
 
     r = cfg.resmem
     trial_cfg = trial_config(cfg, config["width"], config["lr"], root)
+    run = RunDir(trial_cfg.run_dir)
     for rung in cfg.sweep.rungs:
         train(trial_cfg, until_epoch=rung)
         embed(trial_cfg)
-        build_index(trial_cfg)
-        table = neighbour_table(trial_cfg, RunDir(trial_cfg.run_dir))
+        build_index(trial_cfg)  # new embeddings: a new memory
+        table = neighbour_table(trial_cfg, run)
+        if cfg.sweep.tune_resmem:
+            setting, val_resmem = best_on_grid(table, cfg.tune)
+        else:
+            setting = {p: getattr(r, p) for p in TUNED}
+            val_resmem = reweighted_accuracy(table, **setting)
         metrics = {"epoch": rung, "val_base": float((table["logits"].argmax(1) == table["labels"]).mean()),
-                   "val_resmem": reweighted_accuracy(table, r.k, r.sigma, r.temperature, r.gate,
-                                                     r.gate_threshold, r.gate_softness)}
+                   "val_resmem": val_resmem, **setting}
         if rung == cfg.sweep.rungs[-1]:  # survived every rung: the one look at test
-            acc = evaluate(trial_cfg)["accuracy"]
+            final = dataclasses.replace(trial_cfg, resmem=dataclasses.replace(trial_cfg.resmem, **setting))
+            ensure_index(final, run)
+            acc = evaluate(final)["accuracy"]
             metrics.update(test_base=acc["base"], test_resmem=acc["resmem"])
         tune.report(metrics)
 
@@ -81,7 +90,8 @@ def sweep(cfg: Config) -> dict:
         m = result.metrics
         rows.append({"width": result.config["width"], "lr": result.config["lr"], "epochs": m["epoch"],
                      "val_base": m["val_base"], "val_resmem": m["val_resmem"],
-                     "test_base": m.get("test_base"), "test_resmem": m.get("test_resmem")})
+                     "test_base": m.get("test_base"), "test_resmem": m.get("test_resmem"),
+                     "k": m["k"], "sigma": m["sigma"], "temperature": m["temperature"]})
     rows.sort(key=lambda row: (row["width"], row["lr"]))
     with atomic_dir(root / "summary") as tmp:
         write_json(tmp / "results.json", rows)
@@ -97,14 +107,19 @@ def _pct(x) -> str:
 
 def report(rows: list[dict], cfg: Config) -> str:
     r = cfg.resmem
+    chosen = (f"the best of the tune.* grid on val per trial ({len(cfg.tune.k)} k x {len(cfg.tune.sigma)} sigma x "
+              f"{len(cfg.tune.temperature)} T x {len(cfg.tune.gate)} gate)" if cfg.sweep.tune_resmem
+              else f"k={r.k}, sigma={r.sigma}, T={r.temperature}")
     lines = [f"# Base-model sweep: {cfg.data.name}, {cfg.model.name}", "",
-             f"ResMem at k={r.k}, sigma={r.sigma}, T={r.temperature}; ASHA on the val accuracy of ResMem, "
-             f"rungs at epochs {cfg.sweep.rungs}. Test accuracy only for trials that reached the last rung.", "",
-             "| width | lr | epochs | val base (%) | val ResMem (%) | test base (%) | test ResMem (%) | "
-             "test gain (points) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             f"ResMem setting: {chosen}; ASHA on the val accuracy of ResMem, rungs at epochs "
+             f"{cfg.sweep.rungs}. Test accuracy only for trials that reached the last rung.", "",
+             "| width | lr | epochs | ResMem k, sigma, T | val base (%) | val ResMem (%) | test base (%) | "
+             "test ResMem (%) | test gain (points) |",
+             "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for row in rows:
         gain = "" if row["test_base"] is None else f"{100 * (row['test_resmem'] - row['test_base']):+.2f}"
-        lines.append(f"| {row['width']} | {row['lr']:g} | {row['epochs']} | {_pct(row['val_base'])} | "
+        lines.append(f"| {row['width']} | {row['lr']:g} | {row['epochs']} | "
+                     f"{row['k']}, {row['sigma']:g}, {row['temperature']:g} | {_pct(row['val_base'])} | "
                      f"{_pct(row['val_resmem'])} | {_pct(row['test_base'])} | {_pct(row['test_resmem'])} | {gain} |")
     return "\n".join(lines) + "\n"
 

@@ -14,11 +14,12 @@ enabled, and `evaluate` runs once on test. The test split is read only there.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import uuid
 
 import numpy as np
 
-from resmem_ray.config import Config
+from resmem_ray.config import Config, TuneConfig
 from resmem_ray.embed import read_split
 from resmem_ray.errors import ResMemError
 from resmem_ray.gates import fit_learned_gate, gate_features, learned_gate
@@ -107,6 +108,21 @@ def reweighted_accuracy(table: dict, k: int, sigma: float, temperature: float, g
     base, correction = corrected(table, k, sigma, temperature)
     gates = confidence_gate(base, gate, gate_threshold, gate_softness)
     return float(((base + gates[:, None] * correction).argmax(1) == table["labels"]).mean())
+
+
+def best_on_grid(table: dict, t: TuneConfig) -> tuple[dict, float]:
+    """The best setting of tune.*'s grid on one neighbour table, in process: for callers that
+    are already a Ray Tune trial (`resmem sweep`). Ties keep the first setting met."""
+    best, best_acc = None, -1.0
+    for temperature in t.temperature:  # outermost: the residual cache holds one T
+        for k, sigma, gate, threshold, softness in itertools.product(t.k, t.sigma, t.gate, t.gate_threshold,
+                                                                     t.gate_softness):
+            acc = reweighted_accuracy(table, k, sigma, temperature, gate, threshold, softness)
+            if acc > best_acc:
+                best_acc = acc
+                best = {"k": k, "sigma": sigma, "temperature": temperature, "gate": gate,
+                        "gate_threshold": threshold, "gate_softness": softness}
+    return best, best_acc
 
 
 def trial(config: dict, tables: dict) -> None:

@@ -51,6 +51,8 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
                                             RunDir(run_copy))
     score = resmem_ray.tune.reweighted_accuracy(table, **{p: best[p] for p in resmem_ray.tune.TUNED})
     assert score == pytest.approx(summary["best_val_accuracy"])
+    # the in-process grid (what a sweep trial uses) finds the same best score on that table
+    assert resmem_ray.tune.best_on_grid(table, cfg.tune)[1] == pytest.approx(summary["best_val_accuracy"])
     assert 0 < summary["learned_gate"]["val_accuracy"] <= 1
 
     metrics = json.loads((run_copy / "report" / "metrics.json").read_text())
