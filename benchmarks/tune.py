@@ -83,6 +83,7 @@ def main() -> None:
         train_logits, val_logits = logits[:args.rows], logits[args.rows:]
         val_labels = labels[args.rows:]
         settings = IndexConfig(num_shards=args.shards, cpus_per_shard=2.0 / args.shards)
+        (tmp / "index").mkdir()
         t0 = time.time()
         manifest = write_shards(tmp / "index", prepare_queries(train_emb, "l2", True), np.arange(args.rows),
                                 labels[:args.rows], residuals(train_logits, labels[:args.rows], 1.0),
