@@ -82,7 +82,8 @@ def main() -> None:
         train_emb, val_emb = emb[:args.rows], emb[args.rows:]
         train_logits, val_logits = logits[:args.rows], logits[args.rows:]
         val_labels = labels[args.rows:]
-        settings = IndexConfig(num_shards=args.shards, cpus_per_shard=2.0 / args.shards)
+        # the shard actors stay up through both sweeps: leave CPUs for the trials (2 cores here)
+        settings = IndexConfig(num_shards=args.shards, cpus_per_shard=1.5 / args.shards)
         (tmp / "index").mkdir()
         t0 = time.time()
         manifest = write_shards(tmp / "index", prepare_queries(train_emb, "l2", True), np.arange(args.rows),
