@@ -120,12 +120,11 @@ def train_loop(loop_config: dict) -> None:
 
 
 def train(cfg: Config) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-
     if cfg.model.name in TEXT_MODELS:
         from resmem_ray.text import train_text
 
         return train_text(cfg)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     run = RunDir(cfg.run_dir)

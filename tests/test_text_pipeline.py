@@ -44,6 +44,8 @@ def test_text_classification_run(ray_session, tiny_bert, tmp_path, capsys):
     metrics = json.loads((run.report / "metrics.json").read_text())
     assert metrics["num_test"] == 24 and metrics["memory_rows"] == 24
     assert set(metrics["accuracy"]) == {"base", "knn_1", "knn_5", "resmem", "oracle_gate"}
+    assert main(["memorize", *args, "--examples", str(tmp_path / "x.npz")]) == 2
+    assert "resmem memorize takes images" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(400)
