@@ -141,6 +141,8 @@ def batch_stats(model, batch: dict, lm: bool) -> tuple[torch.Tensor, float, floa
     logits = logits[:, :-1]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
     real = target != -100
+    if not real.any():  # texts of one token: nothing to predict (cross_entropy would give nan)
+        return logits.sum() * 0.0, 0, 0
     return loss, (logits.argmax(-1)[real] == target[real]).sum().item(), real.sum().item()
 
 
@@ -251,7 +253,10 @@ def train_text(cfg: Config) -> dict:
         tokenizer = str(run.root / "tokenizer")
     load_tokenizer.cache_clear()
     vocab_size = len(load_tokenizer(tokenizer))
-    build_text_model(cfg, info.num_classes, tokenizer)  # a bad text.pretrained fails here, not in a worker
+    probe = build_text_model(cfg, info.num_classes, tokenizer)  # a bad text.pretrained fails here, not in a worker
+    positions = getattr(probe.config, "max_position_embeddings", None)
+    if positions is not None and cfg.text.max_length > positions:
+        raise ResMemError(f"text.max_length={cfg.text.max_length} is over the model's {positions} positions")
     blocks = 4 * max(1, cfg.train.num_workers)
     # tokenised once (Ray Data tasks) and kept in the object store, not redone every epoch
     datasets = {s: tokenized(splits[s], tokenizer, cfg.text.max_length, blocks).materialize() for s in ("train", "val")}
