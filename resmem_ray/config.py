@@ -24,7 +24,7 @@ class ConfigError(ResMemError):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # digits | fashion_mnist | cifar10 | cifar100 | imagefolder
+    name: str = "digits"  # digits | fashion_mnist | cifar10 | cifar100 | imagefolder | bbc_news | tweets | hf
     root: Optional[str] = None  # dataset folder (fashion_mnist, cifar*, imagefolder)
     download: bool = False  # torchvision datasets only; machines here have no network
     val_fraction: float = 0.1  # of the source train split, held out of training and memory
@@ -38,6 +38,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"  # small_cnn | resnet20 | resnet32 | resnet56 | resnet18 | resnet50
+    # text (see TextConfig): hf_classifier | gpt2_lm
     width: int = 16  # small_cnn: first conv channels; cifar resnets: multiplier of 16
 
 
@@ -51,6 +52,29 @@ class TrainConfig:
     num_workers: int = 2  # Ray Train workers (DDP ranks)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+
+
+@dataclass
+class TextConfig:
+    """Text data and models (data.name bbc_news | tweets | hf; model.name hf_classifier | gpt2_lm)."""
+
+    hf_path: Optional[str] = None  # data.name=hf: a hub name, or a local .parquet / .jsonl / .csv file or save_to_disk dir
+    hf_subset: Optional[str] = None  # hub dataset config, e.g. sst2 of glue
+    train_split: str = "train"
+    test_split: Optional[str] = "test"  # null: carve the test split out of train (data.test_fraction)
+    text_column: str = "text"
+    label_column: Optional[str] = "label"  # null: unlabelled text (language modelling only)
+    max_length: int = 128  # tokens per example; longer texts are truncated
+    pretrained: Optional[str] = None  # hf_classifier: model folder or hub name; null: the packaged MiniLM
+    freeze_encoder: bool = False  # hf_classifier: train the head (and pooler) only
+    tokenizer: str = "pretrained"  # gpt2_lm: pretrained (MiniLM's WordPiece, or text.pretrained's) | bpe (trained)
+    vocab_size: int = 2048  # gpt2_lm with tokenizer=bpe: size of the trained byte-level BPE vocabulary
+    lm_layers: int = 2  # gpt2_lm: a GPT-2 config trained from scratch
+    lm_dim: int = 128
+    lm_heads: int = 4
+    lm_embedding: str = "final"  # gpt2_lm token embedding: final (hidden state) | last_block_input
+    top_m: int = 32  # gpt2_lm sparse residual codec: base-model probabilities kept per memory token
+    prob_floor: float = 1e-3  # gpt2_lm: corrected probabilities are clipped below at prob_floor * p(v)
 
 
 @dataclass
@@ -154,6 +178,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     neighbour_transformer: NeighbourTransformerConfig = field(default_factory=NeighbourTransformerConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    text: TextConfig = field(default_factory=TextConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict:
@@ -161,8 +186,11 @@ class Config:
 
 
 CHOICES = {
-    "data.name": ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder"),
-    "model.name": ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50"),
+    "data.name": ("digits", "fashion_mnist", "cifar10", "cifar100", "imagefolder", "bbc_news", "tweets", "hf"),
+    "model.name": ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50",
+                   "hf_classifier", "gpt2_lm"),
+    "text.tokenizer": ("pretrained", "bpe"),
+    "text.lm_embedding": ("final", "last_block_input"),
     "resmem.distance": ("l2", "sqeuclidean", "cosine"),
     "index.backend": ("faiss", "torch"),
     "index.residual_dtype": ("float32", "float16"),
@@ -176,7 +204,10 @@ POSITIVE = ("train.epochs", "train.batch_size", "train.num_workers", "embed.batc
             "neighbour_transformer.heads", "neighbour_transformer.epochs", "neighbour_transformer.batch_size",
             "neighbour_transformer.lr", "neighbour_transformer.num_workers",
             "neighbour_transformer.cpus_per_worker", "sweep.reduction_factor", "sweep.max_concurrent",
-            "sweep.cpus_per_trial")
+            "sweep.cpus_per_trial", "text.max_length",
+            "text.vocab_size", "text.lm_layers", "text.lm_dim", "text.lm_heads", "text.top_m")
+TEXT_DATA = ("bbc_news", "tweets", "hf")
+TEXT_MODELS = ("hf_classifier", "gpt2_lm")
 
 
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
@@ -290,3 +321,12 @@ def _check_values(cfg: Config) -> None:
         raise ConfigError(f"config key evaluate.knn_ks must hold positive ints, got {cfg.evaluate.knn_ks}")
     if cfg.data.name in ("imagefolder",) and not cfg.data.root:
         raise ConfigError("config key data.root is required for data.name=imagefolder")
+    if (cfg.data.name in TEXT_DATA) != (cfg.model.name in TEXT_MODELS):
+        raise ConfigError(f"config key model.name={cfg.model.name!r} does not fit data.name={cfg.data.name!r}: "
+                          f"text data ({', '.join(TEXT_DATA)}) takes a text model ({', '.join(TEXT_MODELS)})")
+    if cfg.data.name == "hf" and not cfg.text.hf_path:
+        raise ConfigError("config key text.hf_path is required for data.name=hf")
+    if cfg.model.name == "hf_classifier" and not cfg.text.label_column:
+        raise ConfigError("config key text.label_column is required for model.name=hf_classifier")
+    if not 0 <= cfg.text.prob_floor < 1:
+        raise ConfigError(f"config key text.prob_floor must be in [0, 1), got {cfg.text.prob_floor}")

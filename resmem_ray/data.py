@@ -24,8 +24,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from resmem_ray.config import DataConfig
+from resmem_ray.config import DataConfig, TextConfig
 from resmem_ray.errors import ResMemError
+from resmem_ray.text_data import TEXT_SOURCES
 
 SPLITS = ("train", "val", "test")
 
@@ -45,6 +46,7 @@ class Split:
     labels: np.ndarray  # int64
     images: Optional[np.ndarray] = None  # uint8 (N, C, H, W) for in-memory sources
     paths: Optional[list[str]] = None  # image files for imagefolder
+    texts: Optional[list[str]] = None  # text sources (text_data.py)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -155,10 +157,14 @@ SOURCES = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar
            "cifar100": _cifar, "imagefolder": _imagefolder}
 
 
-def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], DatasetInfo]:
-    if cfg.name not in SOURCES:
-        raise ResMemError(f"unknown dataset data.name={cfg.name!r} (known: {', '.join(SOURCES)})")
-    xtr, ytr, xte, yte = SOURCES[cfg.name](cfg)
+def load_splits(cfg: DataConfig, seed: int, text: Optional[TextConfig] = None
+                ) -> tuple[dict[str, Split], DatasetInfo]:
+    if cfg.name in TEXT_SOURCES:
+        xtr, ytr, xte, yte = TEXT_SOURCES[cfg.name](text or TextConfig())
+    elif cfg.name in SOURCES:
+        xtr, ytr, xte, yte = SOURCES[cfg.name](cfg)
+    else:
+        raise ResMemError(f"unknown dataset data.name={cfg.name!r} (known: {', '.join([*SOURCES, *TEXT_SOURCES])})")
     rng = np.random.default_rng(seed)
     n_train = len(ytr)
     if yte is None:  # no official test split: carve one out, deterministically
@@ -181,11 +187,15 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], DatasetIn
     for name, idx in index.items():
         if isinstance(pool_x, np.ndarray):
             splits[name] = Split(ids=idx.astype(np.int64), labels=pool_y[idx], images=pool_x[idx])
+        elif cfg.name in TEXT_SOURCES:
+            splits[name] = Split(ids=idx.astype(np.int64), labels=pool_y[idx], texts=[pool_x[i] for i in idx])
         else:
             splits[name] = Split(ids=idx.astype(np.int64), labels=pool_y[idx],
                                  paths=[pool_x[i] for i in idx])
     num_classes = int(pool_y.max()) + 1
-    if isinstance(pool_x, np.ndarray):
+    if cfg.name in TEXT_SOURCES:
+        in_channels, size = 0, 0
+    elif isinstance(pool_x, np.ndarray):
         in_channels, size = pool_x.shape[1], pool_x.shape[2]
     else:
         in_channels, size = 3, cfg.image_size

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resmem_ray.config import Config
+from resmem_ray.config import TEXT_MODELS, Config
 from resmem_ray.data import SPLITS, Split, decode_images, load_splits, normalize
 from resmem_ray.errors import ResMemError
 from resmem_ray.resmem import residuals
@@ -92,6 +92,10 @@ def embedded_rows(split: Split, run: RunDir, cfg: Config, image_size: int):
 
 
 def embed(cfg: Config) -> dict:
+    if cfg.model.name in TEXT_MODELS:
+        from resmem_ray.text import embed_text
+
+        return embed_text(cfg)
     run = RunDir(cfg.run_dir)
     run.stage_output("train", needed_by="embed")
     splits, info = load_splits(cfg.data, cfg.seed)
@@ -131,7 +135,6 @@ def read_split(run: RunDir, split: str, needed_by: str, columns=COLUMNS) -> dict
     order = np.argsort(table.column("id").to_numpy())
     for c in columns:
         col = table.column(c)
-        arr = np.stack(col.to_numpy(zero_copy_only=False)) if c in ("embedding", "logits", "residual") \
-            else col.to_numpy()
+        arr = col.to_numpy() if c in ("id", "label") else np.stack(col.to_numpy(zero_copy_only=False))
         out[c] = np.ascontiguousarray(arr[order])
     return out

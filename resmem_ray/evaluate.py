@@ -189,6 +189,10 @@ def stored_tuning(run: RunDir, cfg: Config) -> dict | None:
 
 
 def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
+    if cfg.model.name == "gpt2_lm":  # next-token accuracy and perplexity
+        from resmem_ray.lm import evaluate_lm
+
+        return evaluate_lm(cfg)
     run = RunDir(cfg.run_dir)
     manifest = read_index_manifest(run, needed_by="evaluate")
     check_matches_index(cfg, manifest)

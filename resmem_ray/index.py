@@ -65,13 +65,15 @@ def build_shard(embeddings: np.ndarray, factory: str, distance: str, train_sampl
     return index
 
 
-def _build_and_write(embeddings, ids, labels, residual_rows, cfg: IndexConfig, distance, folder, shard) -> dict:
+def _build_and_write(embeddings, ids, labels, residual_rows, cfg: IndexConfig, distance, folder, shard,
+                     residual_ids=None) -> dict:
     faiss.omp_set_num_threads(1)  # one task per shard, several tasks per host
     index = build_shard(embeddings, cfg.factory, distance, cfg.train_sample, seed=shard)
     name = f"shard-{shard:05d}"
     faiss.write_index(index, str(Path(folder) / f"{name}.faiss"))
+    sparse = {} if residual_ids is None else {"residual_ids": residual_ids}  # sparse codec (sparse.py)
     np.savez(Path(folder) / f"{name}.npz", ids=ids, labels=labels,
-             residuals=residual_rows.astype(cfg.residual_dtype, copy=False))
+             residuals=residual_rows.astype(cfg.residual_dtype, copy=False), **sparse)
     files = [Path(folder) / f"{name}.faiss", Path(folder) / f"{name}.npz"]
     return {"shard": shard, "rows": int(len(ids)), "files": {p.name: sha256(p) for p in files},
             "bytes": {p.name: p.stat().st_size for p in files}}
@@ -79,9 +81,10 @@ def _build_and_write(embeddings, ids, labels, residual_rows, cfg: IndexConfig, d
 
 def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray,
                  residual_rows: np.ndarray, cfg: IndexConfig, distance: str, normalize: bool,
-                 temperature: float, first_shard: int = 0) -> dict:
+                 temperature: float, first_shard: int = 0, residual_ids: np.ndarray | None = None) -> dict:
     """Split rows into cfg.num_shards contiguous shards, build and write each in its own
-    Ray task; return the index manifest (not written: the caller places it atomically)."""
+    Ray task; return the index manifest (not written: the caller places it atomically).
+    With `residual_ids`, residual rows are sparse: the probabilities of those token ids."""
     import ray
 
     n, dim = embeddings.shape
@@ -90,7 +93,7 @@ def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: 
     # "DEFAULT": not captured by an enclosing placement group (a `resmem sweep` trial's)
     build = ray.remote(num_cpus=0.5, scheduling_strategy="DEFAULT")(_build_and_write)
     refs = [build.remote(embeddings[a:b], ids[a:b], labels[a:b], residual_rows[a:b], cfg, distance,
-                         str(folder), first_shard + s)
+                         str(folder), first_shard + s, None if residual_ids is None else residual_ids[a:b])
             for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     return {"dim": int(dim), "rows": int(n), "num_classes": int(residual_rows.shape[1]),
             "factory": cfg.factory, "distance": distance, "normalize": normalize,
@@ -98,6 +101,10 @@ def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: 
 
 
 def build_index(cfg: Config) -> dict:
+    if cfg.model.name == "gpt2_lm":  # token memory, sparse residuals
+        from resmem_ray.lm import build_lm_index
+
+        return build_lm_index(cfg)
     run = RunDir(cfg.run_dir)
     train = read_split(run, "train", needed_by="index", columns=("id", "label", "embedding", "logits"))
     n, dim = train["embedding"].shape
@@ -137,7 +144,7 @@ def load_shard(folder: Path, entry: dict) -> tuple[faiss.Index, dict[str, np.nda
     name = f"shard-{entry['shard']:05d}"
     index = faiss.read_index(str(folder / f"{name}.faiss"))
     with np.load(folder / f"{name}.npz", allow_pickle=False) as z:
-        rows = {k: z[k] for k in ("ids", "labels", "residuals")}
+        rows = {k: z[k] for k in ("ids", "labels", "residuals", "residual_ids") if k in z.files}
     if index.ntotal != entry["rows"] or len(rows["ids"]) != entry["rows"]:
         raise ResMemError(f"index shard {entry['shard']}: holds {index.ntotal} vectors, "
                           f"the manifest says {entry['rows']}")

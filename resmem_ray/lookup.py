@@ -25,11 +25,12 @@ class Neighbours:
     distances: np.ndarray  # (n, k) float32, in the configured distance
     ids: np.ndarray  # (n, k) int64 example ids
     labels: np.ndarray  # (n, k) int64
-    residuals: np.ndarray  # (n, k, C) float32
+    residuals: np.ndarray  # (n, k, C) float32; sparse codec: (n, k, m) probabilities of residual_ids
+    residual_ids: np.ndarray | None = None  # (n, k, m) token ids of the sparse codec (sparse.py)
 
     def first(self, k: int) -> "Neighbours":
         return Neighbours(self.distances[:, :k], self.ids[:, :k], self.labels[:, :k],
-                          self.residuals[:, :k])
+                          self.residuals[:, :k], None if self.residual_ids is None else self.residual_ids[:, :k])
 
 
 def to_distance(raw: np.ndarray, distance: str) -> np.ndarray:
@@ -42,13 +43,14 @@ def to_distance(raw: np.ndarray, distance: str) -> np.ndarray:
 
 
 def search_shard(index, rows: dict[str, np.ndarray], queries: np.ndarray, k: int, distance: str):
-    """Local top-k of one shard: (distances, ids, labels, residual rows)."""
+    """Local top-k of one shard: (distances, ids, labels, residual rows[, residual ids])."""
     k = min(k, index.ntotal)
     raw, local = index.search(queries, k)
     found = local >= 0  # approximate indices may return fewer than k hits (-1)
     safe = np.where(found, local, 0)
     dist = np.where(found, to_distance(raw, distance), np.inf).astype(np.float32)
-    return dist, np.where(found, rows["ids"][safe], -1), rows["labels"][safe], rows["residuals"][safe]
+    out = (dist, np.where(found, rows["ids"][safe], -1), rows["labels"][safe], rows["residuals"][safe])
+    return out + (rows["residual_ids"][safe],) if "residual_ids" in rows else out
 
 
 def merge_topk(parts: list[tuple], k: int) -> Neighbours:
@@ -59,8 +61,9 @@ def merge_topk(parts: list[tuple], k: int) -> Neighbours:
     order = np.lexsort((ids, dist), axis=-1)[:, :k]
     take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
     labels = np.concatenate([p[2] for p in parts], axis=1)
-    res = np.concatenate([p[3] for p in parts], axis=1)
-    return Neighbours(take(dist), take(ids), take(labels), np.take_along_axis(res, order[..., None], axis=1))
+    rows = [np.take_along_axis(np.concatenate([p[j] for p in parts], axis=1), order[..., None], axis=1)
+            for j in range(3, len(parts[0]))]  # residual rows, and residual ids when sparse
+    return Neighbours(take(dist), take(ids), take(labels), *rows)
 
 
 FAISS_GPU_MAX_K = 2048  # FAISS GPU's k and nprobe limit (without cuVS)
@@ -228,8 +231,9 @@ class ShardedMemory:
             done = min(start + batch_size, len(queries))
             print(f"[lookup] {done}/{len(queries)} queries ({done / max(time.time() - t0, 1e-9):.0f}/s)",
                   flush=True)
-        return Neighbours(*(np.concatenate([getattr(p, f) for p in parts])
-                            for f in ("distances", "ids", "labels", "residuals")))
+        fields = ("distances", "ids", "labels", "residuals") + (("residual_ids",) if parts[0].residual_ids is not None
+                                                               else ())
+        return Neighbours(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
     def _get(self, shard: int, future, replica: int, ref, k: int):
         """The answer of one shard, failing over to its other replicas."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resmem_ray.config import Config, IndexConfig
+from resmem_ray.config import TEXT_MODELS, Config, IndexConfig
 from resmem_ray.data import Split
 from resmem_ray.embed import embedded_rows
 from resmem_ray.errors import ResMemError
@@ -52,6 +52,8 @@ def read_examples(path: str, meta: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def memorize(cfg: Config, examples: str) -> dict:
+    if cfg.model.name in TEXT_MODELS:
+        raise ResMemError(f"resmem memorize takes images; model.name={cfg.model.name} runs cannot add examples yet")
     run = RunDir(cfg.run_dir)
     manifest = read_index_manifest(run, needed_by="memorize")
     meta = json.loads((run.model / "meta.json").read_text())

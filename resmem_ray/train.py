@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from resmem_ray.config import Config
+from resmem_ray.config import TEXT_MODELS, Config
 from resmem_ray.data import SplitDataset, augment_batch, load_splits, normalize
 from resmem_ray.errors import ResMemError
 from resmem_ray.models import EmbedHead, build_model
@@ -121,7 +121,12 @@ def train_loop(loop_config: dict) -> None:
 
 def train(cfg: Config, until_epoch: int | None = None) -> dict:
     """Train (or resume) the base model; `until_epoch` stops early with the schedule of
-    train.epochs, and a later call with the same config continues from there (sweeps)."""
+    train.epochs, and a later call with the same config continues from there (sweeps:
+    vision models only)."""
+    if cfg.model.name in TEXT_MODELS:
+        from resmem_ray.text import train_text
+
+        return train_text(cfg)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

@@ -43,6 +43,9 @@ def neighbour_table(cfg: Config, run: RunDir) -> dict:
     if manifest.get("memorized"):
         raise ResMemError("the memory holds memorized examples without stored logits, so T cannot "
                           "be searched: run `resmem index` (train split only) before `resmem tune`")
+    if manifest.get("codec") == "sparse":
+        raise ResMemError("resmem tune reweights dense residual rows; this is a token memory with sparse "
+                          "residuals (model.name=gpt2_lm): set resmem.k / sigma / gate and run `resmem evaluate`")
     val = read_split(run, "val", "tune", ("id", "label", "embedding", "logits"))
     train = read_split(run, "train", "tune", ("id", "logits"))
     k_max = max(cfg.tune.k)

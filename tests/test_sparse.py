@@ -1,0 +1,115 @@
+"""The sparse residual codec against the dense computation, and the corrected
+distribution that perplexity is measured on."""
+
+import numpy as np
+import pytest
+
+from resmem_ray.config import load_config
+from resmem_ray.lm import lm_metrics
+from resmem_ray.lookup import Neighbours
+from resmem_ray.resmem import kernel_weights, residuals, softmax
+from resmem_ray.sparse import (clip_renormalise, corrected_probs, dense_residuals, encode, sparse_correction,
+                               token_metrics)
+
+
+def random_memory(n=6, k=4, vocab=11, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n * k, vocab)) * 2
+    labels = rng.integers(0, vocab, n * k)
+    p = softmax(rng.normal(size=(n, vocab)) * 2)
+    w = kernel_weights(rng.random((n, k)), 0.3)
+    return logits, labels, p, w
+
+
+def test_encode_keeps_the_top_m_in_order():
+    logits, _, _, _ = random_memory()
+    ids, probs = encode(logits, 3, temperature=2.0)
+    full = softmax(logits, 2.0)
+    assert ids.shape == probs.shape == (len(logits), 3) and ids.dtype == np.int32
+    np.testing.assert_array_equal(ids, np.argsort(-full, axis=1)[:, :3])
+    np.testing.assert_allclose(probs, np.take_along_axis(full, ids, 1), rtol=1e-6)
+    assert encode(logits, 1000)[0].shape[1] == logits.shape[1]  # m is capped at the vocabulary
+
+
+@pytest.mark.parametrize("gate", [0.3, 1.0])
+def test_sparse_equals_dense_when_m_covers_the_vocabulary(gate):
+    logits, labels, p, w = random_memory()
+    n, k = w.shape
+    vocab = logits.shape[1]
+    ids, probs = encode(logits, vocab, temperature=1.5)
+    dense_r = residuals(logits, labels, 1.5).astype(np.float64)
+    np.testing.assert_allclose(dense_residuals(labels, ids, probs, vocab), dense_r, atol=1e-6)
+    # the dense ResMem correction, summed over a (n, k, V) tensor, then clipped at 0
+    expected = p + gate * np.einsum("nk,nkv->nv", w, dense_r.reshape(n, k, vocab))
+    expected = np.maximum(expected, 0)
+    expected /= expected.sum(1, keepdims=True)
+    got = corrected_probs(p, w, labels.reshape(n, k), ids.reshape(n, k, -1), probs.reshape(n, k, -1), gate, 0.0)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_sparse_rows_stand_for_their_truncated_dense_rows():
+    """With m < V the correction is the dense one over residual rows whose probabilities
+    beyond the top m are zero; only the neighbours' candidate tokens change."""
+    logits, labels, p, w = random_memory(vocab=50)
+    n, k = w.shape
+    ids, probs = encode(logits, 4)
+    rows, cols, vals = sparse_correction(w, labels.reshape(n, k), ids.reshape(n, k, 4), probs.reshape(n, k, 4))
+    assert len(vals) == n * k * 5  # label + top-4 per neighbour, never n x V per memory row
+    correction = np.zeros_like(p)
+    np.add.at(correction, (rows, cols), vals)
+    truncated = dense_residuals(labels, ids, probs, 50).reshape(n, k, 50)
+    np.testing.assert_allclose(correction, np.einsum("nk,nkv->nv", w, truncated), atol=1e-12)
+    untouched = np.ones_like(p, dtype=bool)
+    untouched[rows, cols] = False
+    q = corrected_probs(p, w, labels.reshape(n, k), ids.reshape(n, k, 4), probs.reshape(n, k, 4), 1.0, 1e-3)
+    for i in range(n):  # outside the candidates: p, only renormalised
+        ratio = q[i][untouched[i]] / p[i][untouched[i]]
+        np.testing.assert_allclose(ratio, ratio[0])
+
+
+@pytest.mark.parametrize("floor", [0.0, 1e-3, 0.1])
+def test_corrected_distribution_is_valid(floor):
+    logits, labels, p, w = random_memory(n=20, k=5, vocab=30, seed=3)
+    ids, probs = encode(logits[:100], 3)
+    q = corrected_probs(p, w, labels[:100].reshape(20, 5), ids.reshape(20, 5, 3), probs.reshape(20, 5, 3),
+                        gate=2.0, floor=floor)
+    assert (q >= 0).all()
+    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-12)
+    if floor > 0:
+        assert (q > 0).all()  # every token the base model allows keeps some probability
+
+
+def test_corrected_distribution_and_perplexity_by_hand():
+    p = np.array([[0.5, 0.3, 0.2]])
+    # one neighbour (weight 1): label 2, base model's top-1 there: token 0 with 0.6
+    # q = p + (onehot(2) - 0.6 onehot(0)) = [-0.1, 0.3, 1.2]
+    w, labels, ids, probs = np.ones((1, 1)), np.array([[2]]), np.array([[[0]]]), np.array([[[0.6]]])
+    np.testing.assert_allclose(corrected_probs(p, w, labels, ids, probs, 1.0, 0.0), [[0.0, 0.2, 0.8]])
+    # floor 0.1: token 0 keeps 0.1 * 0.5 = 0.05 -> [0.05, 0.3, 1.2] / 1.55
+    q = corrected_probs(p, w, labels, ids, probs, 1.0, 0.1)
+    np.testing.assert_allclose(q, [[0.05 / 1.55, 0.3 / 1.55, 1.2 / 1.55]])
+    np.testing.assert_allclose(clip_renormalise(np.array([[-0.1, 0.3, 1.2]]), p, 0.1), q)
+    correct, nll, count = token_metrics(np.vstack([q, q]), np.array([2, 1]))
+    assert (correct, count) == (1.0, 2)
+    assert np.exp(nll / count) == pytest.approx(np.sqrt(1.55 / 1.2 * 1.55 / 0.3))
+
+
+def test_lm_metrics_base_and_resmem():
+    rng = np.random.default_rng(1)
+    n, k, m, vocab = 40, 3, 5, 9
+    logits = rng.normal(size=(n, vocab))
+    labels = rng.integers(0, vocab, n)
+    mem_logits = rng.normal(size=(n * k, vocab))
+    ids, probs = encode(mem_logits, m)
+    nb = Neighbours(distances=np.sort(rng.random((n, k)), 1).astype(np.float32), ids=np.arange(n * k).reshape(n, k),
+                    labels=rng.integers(0, vocab, (n, k)), residuals=probs.reshape(n, k, m),
+                    residual_ids=ids.reshape(n, k, m))
+    cfg = load_config("jobs/configs/bbc_lm.yaml", ("resmem.k=3", "resmem.sigma=0.2", "resmem.gate=0.5",
+                                                   "text.prob_floor=0.01"))
+    got = lm_metrics(logits, labels, nb, cfg, batch=7)  # several query batches
+    p = softmax(logits)
+    assert got["base"]["perplexity"] == pytest.approx(np.exp(-np.log(p[np.arange(n), labels]).mean()))
+    assert got["base"]["accuracy"] == pytest.approx((p.argmax(1) == labels).mean())
+    q = corrected_probs(p, kernel_weights(nb.distances, 0.2), nb.labels, nb.residual_ids, nb.residuals, 0.5, 0.01)
+    assert got["resmem"]["perplexity"] == pytest.approx(np.exp(-np.log(q[np.arange(n), labels]).mean()))
+    assert got["resmem"]["accuracy"] == pytest.approx((q.argmax(1) == labels).mean())
