@@ -33,7 +33,7 @@ def free_ports(n: int) -> list[int]:
 
 
 class RayHead:
-    def __init__(self, num_cpus: float = 2):
+    def __init__(self, num_cpus: float = 2, env: dict | None = None):
         # short path: Ray's unix sockets live under the temp dir (108-byte limit)
         self.temp_dir = tempfile.mkdtemp(prefix="rmh-", dir="/tmp")
         ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
@@ -44,6 +44,7 @@ class RayHead:
                     "RAY_USAGE_STATS_ENABLED": "0",
                     # a job's `python` is the cluster's: here, this venv's
                     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        self.env.update(env or {})
         self.env.pop("RAY_ADDRESS", None)
         self.env.pop("RAY_AUTH_TOKEN_PATH", None)
         cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
@@ -102,3 +103,63 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+class MotoS3:
+    """moto's S3 server on loopback (a subprocess in its own process group) with one bucket.
+    `uri(path)` is an s3:// run directory on it, in pyarrow's URI syntax."""
+
+    CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+    def __init__(self, bucket: str = "resmem"):
+        (port,) = free_ports(1)
+        self.endpoint = f"127.0.0.1:{port}"
+        self.bucket = bucket
+        self.proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                                      "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        try:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://{self.endpoint}/", timeout=2).close()
+                    break
+                except OSError:
+                    if time.time() > deadline or self.proc.poll() is not None:
+                        raise RuntimeError("moto_server did not start")
+                    time.sleep(0.3)
+            self.fs.create_dir(bucket)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def fs(self):
+        import pyarrow.fs
+
+        return pyarrow.fs.S3FileSystem(access_key="testing", secret_key="testing", endpoint_override=self.endpoint,
+                                       scheme="http", region="us-east-1", allow_bucket_creation=True)
+
+    def uri(self, path: str) -> str:
+        return f"s3://{self.bucket}/{path}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+
+    def read(self, path: str) -> bytes:
+        with self.fs.open_input_stream(f"{self.bucket}/{path}") as f:
+            return f.read()
+
+    def list(self, path: str) -> list[str]:
+        import pyarrow.fs
+
+        infos = self.fs.get_file_info(pyarrow.fs.FileSelector(f"{self.bucket}/{path}", recursive=True,
+                                                              allow_not_found=True))
+        return sorted(i.path.split(f"{self.bucket}/{path}/", 1)[1] for i in infos if i.type == pyarrow.fs.FileType.File)
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
