@@ -36,6 +36,7 @@ def test_node_removed_mid_evaluation_gives_no_fault_answers():
         except ProcessLookupError:
             pass
         subprocess.run(["rm", "-rf", tmp])
+    print(out[-2000:])
     assert proc.returncode == 0, out[-4000:]
     assert "same answers as without the fault" in out
 
