@@ -34,7 +34,8 @@ STAGE_HELP = [("train", "train the base model (Ray Train)"),
               ("evaluate", "test-split report from sharded lookup actors"),
               ("run", "all stages in order"),
               ("memorize", "add labelled examples (--examples FILE.npz) to the memory, no retraining")]
-SUBMIT_USAGE = "resmem submit [--address URL] [--runtime-env FILE] [--working-dir DIR] [--no-wait] STAGE [--config FILE] [key=value ...]"
+SUBMIT_USAGE = ("resmem submit [--address URL] [--runtime-env FILE] [--working-dir DIR] [--no-wait] "
+                "STAGE [--config FILE] [key=value ...]")
 
 
 def init_ray() -> None:

@@ -110,7 +110,8 @@ class RunDir:
 
     STAGES = ("train", "embed", "index", "tune", "evaluate")
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, pull: tuple[str, ...] | None = None):
+        """`pull`: for a URI run, the output folders to fetch (default: all)."""
         from resmem_ray.storage import RemoteRun, is_uri, mirror_dir
 
         self.remote = None
@@ -118,7 +119,7 @@ class RunDir:
             self.remote = RemoteRun(str(path), mirror_dir(str(path)))
             self.root = self.remote.mirror
             self.root.mkdir(parents=True, exist_ok=True)
-            self.remote.pull()
+            self.remote.pull(pull)
         else:
             self.root = Path(path).resolve()
         self.location = str(path) if self.remote else str(self.root)  # what another process opens

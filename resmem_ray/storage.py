@@ -27,6 +27,17 @@ from resmem_ray.errors import ResMemError
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 SYNCED = ".synced.json"  # in the mirror: relative path -> sha256 of the copy held there
+_MIRRORS: dict[str, str] = {}  # this process's mirrors: local root -> URI
+
+
+def uri_of(path) -> tuple[str, str] | None:
+    """(run URI, folder) when `path` is a folder of a URI run's local mirror opened in this
+    process: actors on other nodes open the URI, where this path does not exist."""
+    path = Path(path)
+    for root, uri in _MIRRORS.items():
+        if path.parent == Path(root):
+            return uri, path.name
+    return None
 
 
 def is_uri(path: str) -> bool:
@@ -56,6 +67,7 @@ class RemoteRun:
     def __init__(self, uri: str, mirror: Path):
         self.uri, self.mirror = uri, mirror
         self.fs, self.base = open_uri(uri)
+        _MIRRORS[str(mirror)] = uri
 
     def _remote(self, rel: str) -> str:
         return f"{self.base.rstrip('/')}/{rel}"
@@ -96,8 +108,9 @@ class RemoteRun:
             while block := src.read(1 << 22):
                 out.write(block)
 
-    def pull(self) -> None:
-        """The manifest, then each vouched-for output the mirror lacks."""
+    def pull(self, folders: tuple[str, ...] | None = None) -> None:
+        """The manifest, then each vouched-for output (of `folders`, default all) that the
+        mirror lacks."""
         from resmem_ray.rundir import OUTPUTS, read_json
 
         if not self.exists("manifest.json"):
@@ -109,6 +122,8 @@ class RemoteRun:
             if entry.get("status") != "done":
                 continue
             folder = OUTPUTS[stage]
+            if folders is not None and folder not in folders:
+                continue
             for name, digest in entry.get("outputs", {}).items():
                 rel = f"{folder}/{name}"
                 if synced.get(rel) != digest or not (self.mirror / rel).is_file():

@@ -1,6 +1,8 @@
-"""A head and two worker nodes (ray.cluster_utils.Cluster): the node holding a shard
-actor is removed while a stream of lookups is in flight, and every answer still equals
-the no-fault exact answer.
+"""A head and two worker nodes (ray.cluster_utils.Cluster), the memory in an s3:// run
+directory (moto's S3 server): index tasks build the shards on the worker nodes, shard
+actors there fetch them from S3 into their own node's cache, and when the node holding a
+shard actor is removed while a stream of lookups is in flight, every answer still
+equals the no-fault exact answer.
 
 The cluster runs in a child process with its own RAY_TMPDIR: it cannot share a process
 with the test session's Ray instance, and Cluster records its address in the default
@@ -48,14 +50,23 @@ def main(tmp: str) -> None:
     from resmem_ray.config import IndexConfig
     from resmem_ray.index import write_shards
     from resmem_ray.lookup import ShardedMemory, merge_topk, search_shard
+    from resmem_ray.rundir import RunDir, atomic_dir, write_json
 
+    from .ray_head import MotoS3
+
+    s3 = MotoS3()
+    os.environ.update(MotoS3.CREDENTIALS)  # every node inherits them (an instance role on a cloud)
+    os.environ["RESMEM_CACHE"] = f"{tmp}/cache-driver"
     # Quick failure detection: a dead raylet is noticed within ~2 s instead of ~30 s.
     system_config = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
                      "health_check_failure_threshold": 4}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
                                                             "_system_config": system_config})
     try:
-        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        # each worker node has its own local cache: as on separate machines, the run's
+        # files reach it only through S3
+        workers = [cluster.add_node(num_cpus=1, env_vars={"RESMEM_CACHE": f"{tmp}/cache-node{i}"})
+                   for i in range(2)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address)
         rng = np.random.default_rng(0)
@@ -65,9 +76,14 @@ def main(tmp: str) -> None:
         res = rng.standard_normal((n, classes)).astype(np.float32)
         queries = rng.standard_normal((1200, dim)).astype(np.float32)
         settings = IndexConfig(num_shards=2, cpus_per_shard=0.5)
-        folder = Path(tmp) / "index"
-        folder.mkdir()
-        manifest = write_shards(folder, emb, ids, labels, res, settings, "l2", False, 1.0)
+
+        run = RunDir(s3.uri("multinode/run"))
+        run.mark_running("index", {})
+        with atomic_dir(run.index) as folder:  # the build tasks run on the worker nodes (head: 0 CPUs)
+            manifest = write_shards(folder, emb, ids, labels, res, settings, "l2", False, 1.0)
+            write_json(folder / "manifest.json", manifest)
+        run.mark_done("index", {})  # pushes the shards, then the manifest
+        assert "index/shard-00001.faiss" in s3.list("multinode/run")
 
         import faiss
 
@@ -76,12 +92,15 @@ def main(tmp: str) -> None:
         expected = merge_topk([search_shard(exact, {"ids": ids, "labels": labels, "residuals": res},
                                             queries, k, "l2")], k)
 
-        memory = ShardedMemory(folder, manifest, settings)
+        memory = ShardedMemory(run.index, manifest, settings)
+        fetched = [p.relative_to(tmp).parts[0] for p in Path(tmp).glob("cache-node*/runs/*/index/*.faiss")]
+        assert fetched, "shard actors did not fetch their shards from S3 into their node's cache"
         node_of = lambda actor: ray.get(actor.__ray_call__.remote(  # noqa: E731
             lambda self: ray.get_runtime_context().get_node_id()))
         before = [node_of(reps[0]) for reps in memory.actors]
         victim = next(w for w in workers if w.node_id == before[0])
-        print(f"shard actors on nodes {[b[:8] for b in before]}; removing {victim.node_id[:8]}", flush=True)
+        print(f"shards fetched from S3 by {sorted(set(fetched))}; shard actors on nodes "
+              f"{[b[:8] for b in before]}; removing {victim.node_id[:8]}", flush=True)
 
         answer = {}
         stream = threading.Thread(target=lambda: answer.update(nb=memory.search_batches(queries, k, batch_size=50)))
@@ -103,6 +122,7 @@ def main(tmp: str) -> None:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        s3.stop()
 
 
 if __name__ == "__main__":
