@@ -62,7 +62,10 @@ def check_run_dir(stage_args: list[str]) -> None:
             config = next(args, None)
         elif a.startswith("--config="):
             config = a.split("=", 1)[1]
-        elif not a.startswith("--"):
+        elif a.startswith("--"):
+            if "=" not in a:
+                next(args, None)  # the option's value (memorize --examples FILE)
+        else:
             overrides.append(a)
     run_dir = load_config(config, tuple(overrides)).run_dir  # also fails early on a bad config
     if not is_uri(run_dir) and not os.path.isabs(run_dir):
