@@ -85,7 +85,7 @@ class RayHead:
         pgid = self.proc.pid
         try:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             pass
         deadline = time.time() + 10
