@@ -39,6 +39,8 @@ STAGE_HELP = [("train", "train the base model (Ray Train)"),
               ("run", "all stages in order"),
               ("memorize", "add labelled examples (--examples FILE.npz) to the memory, no retraining"),
               ("sweep", "Ray Tune + ASHA over the base model (sweep.width, sweep.lr): the pipeline per trial")]
+SUBMIT_USAGE = ("resmem submit [--address URL] [--runtime-env FILE] [--working-dir DIR] [--no-wait] "
+                "STAGE [--config FILE] [key=value ...]")
 
 
 def init_ray() -> None:
@@ -56,11 +58,19 @@ def run_stage(name: str, cfg: Config):
     return out
 
 
-def run_pipeline(cfg: Config) -> dict:
+def run_pipeline(cfg: Config) -> None:
+    """The stages in order (transformer when neighbour_transformer.enabled); a stage whose
+    outputs still match the manifest (same config keys, same file hashes) is skipped, so a
+    rerun continues where a run stopped."""
+    from resmem_ray.rundir import RunDir
+
+    run = RunDir(cfg.run_dir)
     stages = ("train", "embed", "index", "transformer", "evaluate")
     for name in stages if cfg.neighbour_transformer.enabled else [s for s in stages if s != "transformer"]:
-        metrics = run_stage(name, cfg)
-    return metrics
+        if run.stale_reason(name, cfg.to_dict()) is None:
+            print(f"== {name}: finished, outputs match the manifest: skipped ==", flush=True)
+        else:
+            run_stage(name, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         if name == "memorize":
             p.add_argument("--examples", required=True,
                            help=".npz with images (N, C, H, W) uint8 and labels (N,)")
+    p = sub.add_parser("submit", usage=SUBMIT_USAGE,
+                       help="run a stage (or `run`) as a Ray job on a cluster, stream its logs, return its status")
+    p.add_argument("--address", help="Ray dashboard / jobs address, e.g. http://127.0.0.1:8265 "
+                   "(default: RAY_ADDRESS)")
+    p.add_argument("--runtime-env", help="runtime-env YAML (pip, image_uri, env_vars), e.g. cluster/runtime_env.yaml")
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir (default: .)")
+    p.add_argument("--no-wait", action="store_true", help="return once submitted")
+    p.add_argument("stage", help="train | embed | index | tune | evaluate | run | memorize")
+    p.add_argument("stage_args", nargs=argparse.REMAINDER, help="the stage's --config and overrides")
     args = parser.parse_args(argv)
+    if args.command == "submit":
+        return _submit(args)
     try:
         cfg = load_config(args.config, tuple(args.overrides))
         init_ray()
@@ -94,6 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resmem: error: {cause}", file=sys.stderr)
         return 2
     return 0
+
+
+def _submit(args) -> int:
+    from resmem_ray.submit import submit
+
+    try:
+        status = submit(args.address, args.stage, args.stage_args, working_dir=args.working_dir,
+                        env_file=args.runtime_env, wait=not args.no_wait)
+    except ResMemError as e:
+        print(f"resmem: error: {e}", file=sys.stderr)
+        return 2
+    return 0 if args.no_wait or status == "SUCCEEDED" else 1
 
 
 if __name__ == "__main__":

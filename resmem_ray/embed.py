@@ -84,7 +84,7 @@ def embedded_rows(split: Split, run: RunDir, cfg: Config, image_size: int):
                             batch_size=e.batch_size, num_cpus=min(1.0, e.cpus_per_actor))
     return ds.map_batches(
         Embedder,
-        fn_constructor_kwargs={"run_dir": str(run.root), "temperature": cfg.resmem.temperature,
+        fn_constructor_kwargs={"run_dir": run.location, "temperature": cfg.resmem.temperature,
                                "num_threads": max(1, int(e.cpus_per_actor))},
         compute=ray.data.ActorPoolStrategy(size=e.num_actors),
         batch_size=e.batch_size, num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None,

@@ -10,6 +10,7 @@ always matches the T it is queried with.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import faiss
@@ -65,25 +66,26 @@ def build_shard(embeddings: np.ndarray, factory: str, distance: str, train_sampl
     return index
 
 
-def _build_and_write(embeddings, ids, labels, residual_rows, cfg: IndexConfig, distance, folder, shard,
-                     residual_ids=None) -> dict:
+def _build_shard_files(embeddings, ids, labels, residual_rows, cfg: IndexConfig, distance, shard,
+                       residual_ids=None) -> dict:
+    """A shard's files as bytes: the task needs no storage, so it runs on any node and
+    the caller writes the files wherever the run directory is."""
     faiss.omp_set_num_threads(1)  # one task per shard, several tasks per host
     index = build_shard(embeddings, cfg.factory, distance, cfg.train_sample, seed=shard)
-    name = f"shard-{shard:05d}"
-    faiss.write_index(index, str(Path(folder) / f"{name}.faiss"))
+    rows = io.BytesIO()
     sparse = {} if residual_ids is None else {"residual_ids": residual_ids}  # sparse codec (sparse.py)
-    np.savez(Path(folder) / f"{name}.npz", ids=ids, labels=labels,
-             residuals=residual_rows.astype(cfg.residual_dtype, copy=False), **sparse)
-    files = [Path(folder) / f"{name}.faiss", Path(folder) / f"{name}.npz"]
-    return {"shard": shard, "rows": int(len(ids)), "files": {p.name: sha256(p) for p in files},
-            "bytes": {p.name: p.stat().st_size for p in files}}
+    np.savez(rows, ids=ids, labels=labels, residuals=residual_rows.astype(cfg.residual_dtype, copy=False), **sparse)
+    name = f"shard-{shard:05d}"
+    return {"shard": shard, "rows": int(len(ids)),
+            "data": {f"{name}.faiss": faiss.serialize_index(index).tobytes(), f"{name}.npz": rows.getvalue()}}
 
 
 def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray,
                  residual_rows: np.ndarray, cfg: IndexConfig, distance: str, normalize: bool,
                  temperature: float, first_shard: int = 0, residual_ids: np.ndarray | None = None) -> dict:
-    """Split rows into cfg.num_shards contiguous shards, build and write each in its own
-    Ray task; return the index manifest (not written: the caller places it atomically).
+    """Split rows into cfg.num_shards contiguous shards, build each in its own Ray task (on
+    any node: it returns the files' bytes) and write them to `folder`; return the index
+    manifest (not written: the caller places it atomically).
     With `residual_ids`, residual rows are sparse: the probabilities of those token ids."""
     import ray
 
@@ -91,13 +93,21 @@ def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: 
     check_index_config(cfg, n, dim, distance)
     bounds = np.linspace(0, n, cfg.num_shards + 1).astype(int)
     # "DEFAULT": not captured by an enclosing placement group (a `resmem sweep` trial's)
-    build = ray.remote(num_cpus=0.5, scheduling_strategy="DEFAULT")(_build_and_write)
+    build = ray.remote(num_cpus=0.5, scheduling_strategy="DEFAULT")(_build_shard_files)
     refs = [build.remote(embeddings[a:b], ids[a:b], labels[a:b], residual_rows[a:b], cfg, distance,
-                         str(folder), first_shard + s, None if residual_ids is None else residual_ids[a:b])
+                         first_shard + s, None if residual_ids is None else residual_ids[a:b])
             for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    shards = []
+    for i in range(len(refs)):  # in shard order, one shard's bytes held at a time
+        built, refs[i] = ray.get(refs[i]), None
+        files = [Path(folder) / name for name in built["data"]]
+        for p in files:
+            p.write_bytes(built["data"][p.name])
+        shards.append({"shard": built["shard"], "rows": built["rows"], "files": {p.name: sha256(p) for p in files},
+                       "bytes": {p.name: p.stat().st_size for p in files}})
     return {"dim": int(dim), "rows": int(n), "num_classes": int(residual_rows.shape[1]),
             "factory": cfg.factory, "distance": distance, "normalize": normalize,
-            "temperature": temperature, "residual_dtype": cfg.residual_dtype, "shards": ray.get(refs)}
+            "temperature": temperature, "residual_dtype": cfg.residual_dtype, "shards": shards}
 
 
 def build_index(cfg: Config) -> dict:

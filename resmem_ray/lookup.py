@@ -143,7 +143,8 @@ class ShardActor:
     """Holds one shard: reads it from the run directory (checked against the manifest).
     Ray restarts a dead actor, which runs __init__ again and so reloads its shard."""
 
-    def __init__(self, index_dir: str, entry: dict, distance: str, settings: IndexConfig):
+    def __init__(self, index_dir: str, entry: dict, distance: str, settings: IndexConfig,
+                 run_uri: str | None = None):
         import faiss
 
         from resmem_ray.index import load_shard
@@ -152,6 +153,10 @@ class ShardActor:
         faiss.omp_set_num_threads(threads)  # the actor's CPU share, not the whole host
         self.distance, self.error, self.where = distance, None, None
         try:
+            if run_uri:  # a URI run: this node's mirror of its index (fetched if missing)
+                from resmem_ray.rundir import RunDir
+
+                index_dir = str(RunDir(run_uri, pull=("index",)).index)
             index, self.rows = load_shard(Path(index_dir), entry)
             set_search_params(index, settings.nprobe, settings.ef_search)
             self.index, self.where = place_index(index, settings.backend, settings.use_gpu)
@@ -199,7 +204,11 @@ class ShardedMemory:
             # with one replica Ray retries in-flight queries after the restart; with more,
             # search() sends them to another replica at once
             max_task_retries=-1 if settings.replicas == 1 else 0)
-        self.actors = [[actor.remote(str(index_dir), entry, manifest["distance"], settings)
+        from resmem_ray.storage import uri_of
+
+        source = uri_of(index_dir)
+        self.actors = [[actor.remote(str(index_dir), entry, manifest["distance"], settings,
+                                     source[0] if source else None)
                         for _ in range(settings.replicas)] for entry in manifest["shards"]]
         try:
             self.placement = ray.get([a.ready.remote() for reps in self.actors for a in reps])

@@ -83,6 +83,7 @@ def memorize(cfg: Config, examples: str) -> dict:
         {"source": str(examples), "sha256": sha256(Path(examples)), "rows": added["rows"],
          "first_id": int(ids[0]), "shard": added["shards"][0]["shard"]})
     write_json(run.index / "manifest.json", manifest)  # atomic: the shards are in place first
+    run.update_outputs("index")  # the run's manifest vouches for the added shards (and a URI gets them)
     print(f"[memorize] added {added['rows']} rows as shard {added['shards'][0]['shard']} "
           f"(ids {ids[0]}..{ids[-1]}); the memory now holds {manifest['rows']} rows", flush=True)
     return manifest

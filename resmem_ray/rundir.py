@@ -82,13 +82,51 @@ def verify_hashes(folder: Path, expected: dict[str, str], what: str) -> None:
             raise ResMemError(f"{what}: {p} does not match its manifest hash (changed or corrupt)")
 
 
+# What each stage writes, and the config keys its outputs follow from (each stage also
+# follows from every earlier one): `resmem run` skips a stage whose recorded keys and
+# output hashes still match.
+OUTPUTS = {"train": "model", "embed": "embeddings", "index": "index", "transformer": "transformer", "tune": "tune",
+           "evaluate": "report"}
+DEPENDS_ON = {"train": ("seed", "data", "model", "train"),
+              "embed": ("embed", "resmem.temperature"),
+              "index": ("index", "resmem.distance", "resmem.normalize"),
+              "transformer": ("neighbour_transformer",),
+              "tune": ("tune", "resmem", "evaluate"),
+              "evaluate": ("resmem", "evaluate")}
+
+
+def stage_config(stage: str, config: dict) -> dict:
+    """The part of a run's config that `stage`'s outputs depend on."""
+    out = {}
+    for s in RunDir.STAGES[:RunDir.STAGES.index(stage) + 1]:
+        if s == "tune" and stage != "tune":
+            continue  # tune is a side branch: train -> embed -> index -> evaluate
+        for key in DEPENDS_ON[s]:
+            node = config
+            for part in key.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            out[key] = node
+    return out
+
+
 class RunDir:
     """Paths and the manifest of one run."""
 
     STAGES = ("train", "embed", "index", "transformer", "tune", "evaluate")
 
-    def __init__(self, path: str | Path):
-        self.root = Path(path).resolve()
+    def __init__(self, path: str | Path, pull: tuple[str, ...] | None = None):
+        """`pull`: for a URI run, the output folders to fetch (default: all)."""
+        from resmem_ray.storage import RemoteRun, is_uri, mirror_dir
+
+        self.remote = None
+        if is_uri(str(path)):  # stages work on a local mirror, synced with the URI
+            self.remote = RemoteRun(str(path), mirror_dir(str(path)))
+            self.root = self.remote.mirror
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.remote.pull(pull)
+        else:
+            self.root = Path(path).resolve()
+        self.location = str(path) if self.remote else str(self.root)  # what another process opens
         self.model = self.root / "model"
         self.embeddings = self.root / "embeddings"
         self.index = self.root / "index"
@@ -118,6 +156,33 @@ class RunDir:
         stages[stage] = {"status": "running", "started_at": time.time(), "config": config}
         self.root.mkdir(parents=True, exist_ok=True)
         write_json(self.manifest_path, manifest)
+        if self.remote:
+            self.remote.push_manifest()
+
+    def train_storage(self) -> tuple[str, object]:
+        """(storage_path, storage_filesystem) for Ray Train's RunConfig: the URI itself."""
+        if self.remote:
+            return self.remote.base, self.remote.fs
+        return str(self.root), None
+
+    def delete(self, folder: str) -> None:
+        """Remove a folder of the run (and of its URI)."""
+        shutil.rmtree(self.root / folder, ignore_errors=True)
+        if self.remote:
+            self.remote.delete(folder)
+
+    def update_outputs(self, stage: str) -> None:
+        """Record (and push) a finished stage's outputs after a legitimate change (memorize)."""
+        manifest = self.manifest()
+        entry = manifest["stages"][stage]
+        entry["outputs"] = file_hashes(self.root / OUTPUTS[stage])
+        write_json(self.manifest_path, manifest)
+        self._push(stage, entry["outputs"])
+
+    def _push(self, stage: str, outputs: dict) -> None:
+        if self.remote:  # outputs first, the manifest (the commit) last
+            self.remote.push_folder(OUTPUTS[stage], outputs)
+            self.remote.push_manifest()
 
     def mark_done(self, stage: str, config: dict, **info) -> None:
         from resmem_ray import versions
@@ -128,6 +193,23 @@ class RunDir:
         stages = manifest.setdefault("stages", {})
         started = stages.get(stage, {}).get("started_at")
         now = time.time()
+        outputs = self.root / OUTPUTS[stage]
         stages[stage] = {"status": "done", "started_at": started, "finished_at": now,
-                         "seconds": None if started is None else round(now - started, 2), **info}
+                         "seconds": None if started is None else round(now - started, 2), "config": config,
+                         "outputs": file_hashes(outputs) if outputs.is_dir() else {}, **info}
         write_json(self.manifest_path, manifest)
+        self._push(stage, stages[stage]["outputs"])
+
+    def stale_reason(self, stage: str, config: dict) -> str | None:
+        """Why `stage` must run again with `config`, or None when its recorded config keys
+        and output hashes still match (the stage can be skipped)."""
+        entry = self.manifest().get("stages", {}).get(stage)
+        if not entry or entry.get("status") != "done" or "outputs" not in entry:
+            return "not finished"
+        if stage_config(stage, entry.get("config", {})) != stage_config(stage, config):
+            return "config changed"
+        folder = self.root / OUTPUTS[stage]
+        actual = file_hashes(folder) if folder.is_dir() else {}
+        if actual != entry["outputs"]:
+            return f"{folder} does not match the manifest"
+        return None

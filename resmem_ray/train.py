@@ -9,7 +9,6 @@ The final weights are copied to RUN/model/ with their metadata and hash.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 import time
@@ -75,6 +74,9 @@ def train_loop(loop_config: dict) -> None:
             scheduler.load_state_dict(state["scheduler"])
             start_epoch = state["epoch"] + 1
             history = json.loads((Path(d) / "history.json").read_text())
+        if rank == 0:
+            sys.stdout.write(f"[train] resuming after epoch {start_epoch} from the last checkpoint\n")
+            sys.stdout.flush()
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     for epoch in range(start_epoch, loop_config.get("until_epoch") or cfg.train.epochs):
@@ -138,13 +140,14 @@ def train(cfg: Config, until_epoch: int | None = None) -> dict:
     if not unfinished or previous.get("config") != cfg.to_dict():
         clear_checkpoints(run)
     run.mark_running("train", cfg.to_dict())
+    storage_path, filesystem = run.train_storage()  # a URI run keeps its checkpoints there
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "until_epoch": until_epoch},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         # A stable name under the run directory: rerunning resumes from its last checkpoint.
-        run_config=RunConfig(name="ray_train", storage_path=str(run.root),
+        run_config=RunConfig(name="ray_train", storage_path=storage_path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),
     )
@@ -181,4 +184,4 @@ def load_model(run: RunDir) -> tuple[EmbedHead, dict]:
 
 def clear_checkpoints(run: RunDir) -> None:
     """Forget Ray Train's checkpoints so the next `train` starts from scratch."""
-    shutil.rmtree(run.root / "ray_train", ignore_errors=True)
+    run.delete("ray_train")
