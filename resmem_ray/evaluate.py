@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resmem_ray.config import Config
+from resmem_ray.config import TEXT_MODELS, Config
 from resmem_ray.embed import read_split
 from resmem_ray.errors import ResMemError
 from resmem_ray.index import prepare_queries, read_index_manifest
@@ -105,7 +105,8 @@ def tuning_lines(tuning: dict) -> list[str]:
 def write_report(folder, cfg: Config, metrics: dict) -> None:
     r = cfg.resmem
     acc = metrics["accuracy"]
-    lines = [f"# ResMem report: {cfg.data.name}, {cfg.model.name} (width {cfg.model.width})", "",
+    model = cfg.model.name if cfg.model.name in TEXT_MODELS else f"{cfg.model.name} (width {cfg.model.width})"
+    lines = [f"# ResMem report: {cfg.data.name}, {model}", "",
              f"Test split: {metrics['num_test']} examples; memory: {metrics['memory_rows']} training "
              f"examples in {metrics['num_shards']} shard(s).",
              f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate} "
