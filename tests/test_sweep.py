@@ -15,7 +15,7 @@ from .conftest import DIGITS_ARGS
 def test_width_sweep_runs_the_pipeline_per_width_and_draws_its_plot(ray_session, tmp_path):
     run_dir = tmp_path / "sweep"
     assert main(["sweep", "--config", "jobs/configs/digits_sweep.yaml", f"run_dir={run_dir}",
-                 "sweep.width=[2,4]", "sweep.rungs=[1,2]"]) == 0
+                 "sweep.width=[2,4]", "sweep.rungs=[1,2]", "tune.k=[5,10]"]) == 0
     summary = run_dir / "sweep" / "summary"
     rows = json.loads((summary / "results.json").read_text())
     assert [row["width"] for row in rows] == [2, 4]
