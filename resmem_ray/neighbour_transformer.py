@@ -166,11 +166,12 @@ def train_neighbour_transformer(cfg: Config) -> dict:
     s = cfg.neighbour_transformer
     print(f"[transformer] {len(data['train']['query'])} train queries x {s.k} neighbours, "
           f"{s.epochs} epochs on {s.num_workers} Ray Train worker(s)", flush=True)
+    storage_path, filesystem = run.train_storage()  # shared storage on a cluster (a URI run dir)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"settings": s, "meta": meta, "seed": cfg.seed, "data": ray.put(data)},
         scaling_config=ScalingConfig(num_workers=s.num_workers, resources_per_worker={"CPU": s.cpus_per_worker}),
-        run_config=RunConfig(name="ray_train_transformer", storage_path=str(run.root)))
+        run_config=RunConfig(name="ray_train_transformer", storage_path=storage_path, storage_filesystem=filesystem))
     result = trainer.fit()
     with result.checkpoint.as_directory() as d, atomic_dir(run.transformer) as tmp:
         (tmp / "model.pt").write_bytes((Path(d) / "model.pt").read_bytes())

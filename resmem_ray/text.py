@@ -266,7 +266,9 @@ def train_text(cfg: Config) -> dict:
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        run_config=RunConfig(name="ray_train", storage_path=str(run.root),
+        # a URI run dir keeps the checkpoints there (shared storage on a cluster)
+        run_config=RunConfig(name="ray_train", storage_path=run.train_storage()[0],
+                             storage_filesystem=run.train_storage()[1],
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=2)),
     )
