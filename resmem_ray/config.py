@@ -58,7 +58,8 @@ class TrainConfig:
 class TextConfig:
     """Text data and models (data.name bbc_news | tweets | hf; model.name hf_classifier | gpt2_lm)."""
 
-    hf_path: Optional[str] = None  # data.name=hf: a hub name, or a local .parquet / .jsonl / .csv file or save_to_disk dir
+    # data.name=hf: a hub name, or a local .parquet / .jsonl / .csv file or save_to_disk dir
+    hf_path: Optional[str] = None
     hf_subset: Optional[str] = None  # hub dataset config, e.g. sst2 of glue
     train_split: str = "train"
     test_split: Optional[str] = "test"  # null: carve the test split out of train (data.test_fraction)
@@ -210,19 +211,23 @@ TEXT_DATA = ("bbc_news", "tweets", "hf")
 TEXT_MODELS = ("hf_classifier", "gpt2_lm")
 
 
+def read_yaml_mapping(path: str, what: str, error: type[ResMemError] = ResMemError) -> dict:
+    """A YAML file holding a mapping, or `error` naming `what` and the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{what} {path} must hold a mapping at the top level")
+    return raw
+
+
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or the defaults), apply `a.b=value` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    raw = read_yaml_mapping(path, "config file", ConfigError) if path is not None else {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:

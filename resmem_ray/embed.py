@@ -91,6 +91,14 @@ def embedded_rows(split: Split, run: RunDir, cfg: Config, image_size: int):
         batch_format="numpy")
 
 
+def write_split(ds, run: RunDir, name: str, batch_size: int) -> int:
+    """Write a split's embedding rows (a Ray dataset) as parquet under RUN/embeddings/<name>,
+    atomically; the number of rows written."""
+    with atomic_dir(run.embeddings / name) as tmp:
+        ds.write_parquet(str(tmp), min_rows_per_file=max(batch_size, 4096))
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))
+
+
 def embed(cfg: Config) -> dict:
     if cfg.model.name in TEXT_MODELS:
         from resmem_ray.text import embed_text
@@ -107,10 +115,7 @@ def embed(cfg: Config) -> dict:
         if len(split) == 0:
             raise ResMemError(f"split '{name}' is empty: check data.limit / data.val_fraction")
         print(f"[embed] {name}: {len(split)} examples on {e.num_actors} actor(s)", flush=True)
-        ds = embedded_rows(split, run, cfg, info.image_size)
-        with atomic_dir(run.embeddings / name) as tmp:
-            ds.write_parquet(str(tmp), min_rows_per_file=max(e.batch_size, 4096))
-            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))
+        rows = write_split(embedded_rows(split, run, cfg, info.image_size), run, name, e.batch_size)
         if rows != len(split):
             raise ResMemError(f"embed wrote {rows} rows for split '{name}', expected {len(split)}")
         counts[name] = rows

@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
-from resmem_ray.config import load_config
+from resmem_ray.config import load_config, read_yaml_mapping
 from resmem_ray.errors import ResMemError
 from resmem_ray.storage import is_uri
 
@@ -34,15 +33,7 @@ def runtime_env(working_dir: str, env_file: str | None) -> dict:
     """working_dir + excludes, merged with the runtime-env YAML (its keys win)."""
     env: dict = {}
     if env_file:
-        p = Path(env_file)
-        if not p.is_file():
-            raise ResMemError(f"runtime env file not found: {env_file}")
-        try:
-            env = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ResMemError(f"runtime env file {env_file} is not valid YAML: {e}") from None
-        if not isinstance(env, dict):
-            raise ResMemError(f"runtime env file {env_file} must hold a mapping")
+        env = read_yaml_mapping(env_file, "runtime env file")
         if sum(k in env for k in ("pip", "uv", "conda")) > 1:
             raise ResMemError(f"runtime env file {env_file}: pip, uv and conda cannot be combined")
     if not (Path(working_dir) / "jobs").is_dir():

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from resmem_ray.config import Config
@@ -231,18 +230,12 @@ def check_cpus(cfg: Config) -> None:
 
 
 def train_text(cfg: Config) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from resmem_ray.train import clear_checkpoints
+    from resmem_ray.train import fit_base_model, start_training
 
     run = RunDir(cfg.run_dir)
     splits, info = load_splits(cfg.data, cfg.seed, cfg.text)  # fail here, not in a worker, on bad data
     check_cpus(cfg)
-    previous = run.manifest()["stages"].get("train", {})
-    if previous.get("status") != "running" or previous.get("config") != cfg.to_dict():
-        clear_checkpoints(run)
-    run.mark_running("train", cfg.to_dict())
+    start_training(run, cfg)
     lm = cfg.model.name == "gpt2_lm"
     tokenizer = pretrained_path(cfg)
     if lm and cfg.text.tokenizer == "bpe":
@@ -260,24 +253,8 @@ def train_text(cfg: Config) -> dict:
     blocks = 4 * max(1, cfg.train.num_workers)
     # tokenised once (Ray Data tasks) and kept in the object store, not redone every epoch
     datasets = {s: tokenized(splits[s], tokenizer, cfg.text.max_length, blocks).materialize() for s in ("train", "val")}
-    trainer = TorchTrainer(
-        text_train_loop,
-        train_loop_config={"cfg": cfg, "num_classes": info.num_classes, "tokenizer": tokenizer},
-        datasets=datasets,
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
-        # a URI run dir keeps the checkpoints there (shared storage on a cluster)
-        run_config=RunConfig(name="ray_train", storage_path=run.train_storage()[0],
-                             storage_filesystem=run.train_storage()[1],
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=2)),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise ResMemError(f"training produced no checkpoint (train.epochs={cfg.train.epochs})")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", weights_only=True)
-        history = json.loads((Path(d) / "history.json").read_text())
+    state, history = fit_base_model(run, cfg, text_train_loop,
+                                    {"cfg": cfg, "num_classes": info.num_classes, "tokenizer": tokenizer}, datasets)
     model = build_text_model(cfg, info.num_classes, tokenizer)
     model.load_state_dict(state["model"])
     with atomic_dir(run.model) as tmp:
@@ -331,6 +308,8 @@ def embed_text(cfg: Config) -> dict:
     """The embed stage for text models: Ray Data tokenises, an actor pool embeds."""
     import ray.data
 
+    from resmem_ray.embed import write_split
+
     run = RunDir(cfg.run_dir)
     run.stage_output("train", needed_by="embed")
     splits, _ = load_splits(cfg.data, cfg.seed, cfg.text)
@@ -357,9 +336,7 @@ def embed_text(cfg: Config) -> dict:
             "num_threads": max(1, int(e.cpus_per_actor)), **kwargs},
             compute=ray.data.ActorPoolStrategy(size=e.num_actors), batch_size=e.batch_size,
             num_cpus=e.cpus_per_actor, num_gpus=e.gpus_per_actor or None, batch_format="numpy")
-        with atomic_dir(run.embeddings / name) as tmp:
-            ds.write_parquet(str(tmp), min_rows_per_file=max(e.batch_size, 4096))
-            rows = sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))
+        rows = write_split(ds, run, name, e.batch_size)
         if not lm and rows != len(split):
             raise ResMemError(f"embed wrote {rows} rows for split '{name}', expected {len(split)}")
         counts[name] = rows

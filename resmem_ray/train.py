@@ -121,29 +121,28 @@ def train_loop(loop_config: dict) -> None:
             ray.train.report(metrics)
 
 
-def train(cfg: Config, until_epoch: int | None = None) -> dict:
-    """Train (or resume) the base model; `until_epoch` stops early with the schedule of
-    train.epochs, and a later call with the same config continues from there (sweeps:
-    vision models only)."""
-    if cfg.model.name in TEXT_MODELS:
-        from resmem_ray.text import train_text
-
-        return train_text(cfg)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    run = RunDir(cfg.run_dir)
-    _, info = load_splits(cfg.data, cfg.seed)  # fail here, not in a worker, on bad data
+def start_training(run: RunDir, cfg: Config) -> None:
+    """Mark the train stage running. Resume only an interrupted or stopped-early run of
+    the same config (Ray Train finds its checkpoints); anything else trains afresh."""
     previous = run.manifest()["stages"].get("train", {})
-    # Resume only an interrupted or stopped-early run of the same config; else train afresh.
     unfinished = previous.get("status") == "running" or previous.get("epochs_done", cfg.train.epochs) < cfg.train.epochs
     if not unfinished or previous.get("config") != cfg.to_dict():
         clear_checkpoints(run)
     run.mark_running("train", cfg.to_dict())
+
+
+def fit_base_model(run: RunDir, cfg: Config, loop, loop_config: dict, datasets: dict | None = None
+                   ) -> tuple[dict, list[dict]]:
+    """Fit a TorchTrainer over train.num_workers; (final state, per-epoch history) from its
+    last checkpoint (state.pt + history.json, written by the loop's rank 0)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     storage_path, filesystem = run.train_storage()  # a URI run keeps its checkpoints there
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg, "until_epoch": until_epoch},
+        loop,
+        train_loop_config=loop_config,
+        datasets=datasets,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         # A stable name under the run directory: rerunning resumes from its last checkpoint.
@@ -157,6 +156,21 @@ def train(cfg: Config, until_epoch: int | None = None) -> dict:
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / "state.pt", weights_only=True)
         history = json.loads((Path(d) / "history.json").read_text())
+    return state, history
+
+
+def train(cfg: Config, until_epoch: int | None = None) -> dict:
+    """Train (or resume) the base model; `until_epoch` stops early with the schedule of
+    train.epochs, and a later call with the same config continues from there (sweeps:
+    vision models only)."""
+    if cfg.model.name in TEXT_MODELS:
+        from resmem_ray.text import train_text
+
+        return train_text(cfg)
+    run = RunDir(cfg.run_dir)
+    _, info = load_splits(cfg.data, cfg.seed)  # fail here, not in a worker, on bad data
+    start_training(run, cfg)
+    state, history = fit_base_model(run, cfg, train_loop, {"cfg": cfg, "until_epoch": until_epoch})
     with atomic_dir(run.model) as tmp:
         torch.save(state["model"], tmp / "model.pt")
         probe = build_model(cfg.model, info.in_channels, info.num_classes)

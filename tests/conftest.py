@@ -38,3 +38,15 @@ def run_copy(digits_run, tmp_path):
     dst = tmp_path / "run"
     shutil.copytree(digits_run, dst)
     return dst
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on loopback (tests/ray_head.py), one per test module."""
+    from .ray_head import MotoS3
+
+    server = MotoS3()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -23,15 +23,6 @@ STAGES = ("train", "embed", "index", "evaluate")
 
 
 @pytest.fixture(scope="module")
-def s3():
-    server = MotoS3()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def ray_head(s3, tmp_path_factory):
     # the cluster's nodes hold the object store's credentials (an instance role on AWS)
     env = {**MotoS3.CREDENTIALS, "RESMEM_CACHE": str(tmp_path_factory.mktemp("cluster-cache"))}

@@ -11,15 +11,6 @@ from resmem_ray.storage import is_uri
 from .ray_head import MotoS3
 
 
-@pytest.fixture(scope="module")
-def s3():
-    server = MotoS3()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture
 def creds(monkeypatch, tmp_path):
     for k, v in MotoS3.CREDENTIALS.items():
