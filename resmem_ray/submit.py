@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 
+from resmem_ray.cli import STAGE_HELP
 from resmem_ray.config import load_config, read_yaml_mapping
 from resmem_ray.errors import ResMemError
 from resmem_ray.storage import is_uri
 
-JOB_STAGES = ("train", "embed", "index", "tune", "evaluate", "run", "memorize")
+JOB_STAGES = tuple(name for name, _ in STAGE_HELP)  # each has an entry point jobs/<stage>.py
 # Never uploaded with the working_dir (Ray also honours .gitignore).
 EXCLUDES = [".venv", ".git", "runs", "*.egg-info", ".pytest_cache", "__pycache__"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -8,6 +8,8 @@ from resmem_ray.cli import main
 
 @pytest.mark.parametrize("args, message", [
     (["run", "--config", "jobs/configs/digits.yaml", "run_dir=/abs/run"], "no cluster address"),
+    (["transformer", "run_dir=/abs/run"], "no cluster address"),  # every stage can be submitted
+    (["sweep", "run_dir=/abs/run"], "no cluster address"),
     (["--address", "http://127.0.0.1:1", "run", "--config", "jobs/configs/digits.yaml"], "is relative"),
     (["--address", "http://127.0.0.1:1", "memorize", "--config", "jobs/configs/digits.yaml",
       "--examples", "new.npz"], "is relative"),
