@@ -24,11 +24,11 @@ import torch
 from results import append, section
 
 from resmem_ray.config import Config, DataConfig, ModelConfig
-from resmem_ray.data import load_splits, normalize
-from resmem_ray.embed import embedded_rows
-from resmem_ray.models import build_model
-from resmem_ray.resmem import residuals
-from resmem_ray.rundir import RunDir, file_hashes
+from resmem_ray.tasks.image import ImageClassification
+from resmem_ray.tasks.image_data import load_splits, normalize
+from resmem_ray.tasks.vision_models import build_model
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.files import file_hashes
 
 
 def make_run(root: Path, cfg: Config, in_channels: int, num_classes: int, size: int) -> RunDir:
@@ -44,7 +44,7 @@ def make_run(root: Path, cfg: Config, in_channels: int, num_classes: int, size: 
 
 
 def plain_loop(run: RunDir, images: np.ndarray, labels: np.ndarray, batch: int, dataset: str) -> float:
-    from resmem_ray.train import load_model
+    from resmem_ray.tasks.image import load_model
 
     torch.set_num_threads(os.cpu_count())
     t0 = time.perf_counter()
@@ -52,8 +52,7 @@ def plain_loop(run: RunDir, images: np.ndarray, labels: np.ndarray, batch: int, 
     with torch.inference_mode():
         for s in range(0, len(images), batch):
             z = model.embed(normalize(images[s:s + batch], dataset))
-            logits = model.head(z).numpy()
-            residuals(logits, labels[s:s + batch])
+            model.head(z).numpy()
     return len(images) / (time.perf_counter() - t0)
 
 
@@ -61,8 +60,8 @@ def ray_data(run: RunDir, cfg: Config, split, actors: int, size: int) -> float:
     cfg.embed.num_actors = actors
     cfg.embed.cpus_per_actor = os.cpu_count() / actors
     t0 = time.perf_counter()
-    rows = sum(len(b["id"]) for b in embedded_rows(split, run, cfg, size).iter_batches(
-        batch_size=None, batch_format="numpy"))
+    rows_ds = ImageClassification().embed_rows(cfg, run, split, "train", {"image_size": size})
+    rows = sum(len(b["id"]) for b in rows_ds.iter_batches(batch_size=None, batch_format="numpy"))
     assert rows == len(split)
     return rows / (time.perf_counter() - t0)
 

@@ -17,8 +17,8 @@ import faiss
 import numpy as np
 import torch
 
-from resmem_ray.index import build_shard, prepare_queries
-from resmem_ray.lookup import TorchFlatIndex
+from resmem_ray.core.knn import build_shard, prepare_queries
+from resmem_ray.core.knn import TorchFlatIndex
 
 K = 30
 

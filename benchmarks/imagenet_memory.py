@@ -23,9 +23,10 @@ import numpy as np
 from results import append, section
 
 from resmem_ray.config import IndexConfig
-from resmem_ray.index import prepare_queries, write_shards
-from resmem_ray.lookup import ShardedMemory
-from resmem_ray.resmem import residuals, resmem_probs, softmax
+from resmem_ray.core.knn import prepare_queries
+from resmem_ray.runtime.shards import write_shards
+from resmem_ray.runtime.shards import ShardedMemory
+from resmem_ray.core.resmem import residuals, resmem_probs, softmax
 
 
 def meminfo() -> dict[str, int]:

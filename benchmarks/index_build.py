@@ -27,7 +27,7 @@ def build_once(rows: int, factory: str) -> dict:
     import faiss
     import numpy as np
 
-    from resmem_ray.index import build_shard
+    from resmem_ray.core.knn import build_shard
 
     faiss.omp_set_num_threads(os.cpu_count())
     rng = np.random.default_rng(0)

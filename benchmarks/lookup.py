@@ -25,8 +25,10 @@ import numpy as np
 from results import append, section
 
 from resmem_ray.config import IndexConfig
-from resmem_ray.index import build_shard, prepare_queries, write_shards
-from resmem_ray.lookup import ShardedMemory, search_shard, set_search_params
+from resmem_ray.core.knn import build_shard, prepare_queries
+from resmem_ray.runtime.shards import write_shards
+from resmem_ray.runtime.shards import ShardedMemory
+from resmem_ray.core.knn import search_shard, set_search_params
 
 DIM, CLASSES, K = 64, 10, 30
 
@@ -81,8 +83,8 @@ def factories_for(rows: int) -> list[str]:
 
 
 def recall(run_dir: str) -> list[dict]:
-    from resmem_ray.embed import read_split
-    from resmem_ray.rundir import RunDir
+    from resmem_ray.store.artifacts import read_split
+    from resmem_ray.store.rundir import RunDir
 
     run = RunDir(run_dir)
     mem = prepare_queries(read_split(run, "train", "benchmark", ("id", "embedding"))["embedding"], "l2", True)

@@ -23,8 +23,10 @@ import torch
 from results import append, section
 
 from resmem_ray.config import IndexConfig
-from resmem_ray.index import build_shard, write_shards
-from resmem_ray.lookup import ShardedMemory, search_shard
+from resmem_ray.core.knn import build_shard
+from resmem_ray.runtime.shards import write_shards
+from resmem_ray.runtime.shards import ShardedMemory
+from resmem_ray.core.knn import search_shard
 
 K = 30
 

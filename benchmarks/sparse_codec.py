@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import append, section  # noqa: E402
 
 from resmem_ray.config import load_config  # noqa: E402
-from resmem_ray.embed import read_split  # noqa: E402
-from resmem_ray.index import faiss_metric, prepare_queries  # noqa: E402
-from resmem_ray.lookup import to_distance  # noqa: E402
-from resmem_ray.resmem import kernel_weights, softmax  # noqa: E402
-from resmem_ray.rundir import RunDir  # noqa: E402
-from resmem_ray.sparse import clip_renormalise, corrected_probs, encode, token_metrics  # noqa: E402
+from resmem_ray.store.artifacts import read_split  # noqa: E402
+from resmem_ray.core.knn import faiss_metric, prepare_queries# noqa: E402
+from resmem_ray.core.knn import to_distance# noqa: E402
+from resmem_ray.core.resmem import kernel_weights, softmax# noqa: E402
+from resmem_ray.store.rundir import RunDir# noqa: E402
+from resmem_ray.core.sparse import clip_renormalise, corrected_probs, encode, token_metrics# noqa: E402
 
 
 def scores(q_logits, labels, nb_dist, nb_ids, nb_labels, head, sigma, gate, m, T, floor, chunk=256):

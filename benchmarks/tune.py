@@ -4,7 +4,7 @@
 reweight the neighbour table. This script measures, in one run and on one memory:
 
   lookup pass   the val queries searched once through the shard actors (k = max k)
-  reweighting   `resmem tune`'s own Ray Tune search (resmem_ray.tune.run_search): a grid of
+  reweighting   `resmem tune`'s own Ray Tune search (resmem_ray.stages.tune.run_search): a grid of
                 200 settings (k x sigma x T x gate)
   naive         a Tune search where every trial searches the memory again, run for a few
                 trials (each costs a lookup pass), its per-trial time projected to 200
@@ -27,11 +27,12 @@ import numpy as np
 from results import append, section
 
 from resmem_ray.config import Config, IndexConfig, TuneConfig
-from resmem_ray.index import prepare_queries, write_shards
-from resmem_ray.lookup import ShardedMemory
-from resmem_ray.resmem import residuals
-from resmem_ray.rundir import RunDir
-from resmem_ray.tune import TUNED, memory_key, reweighted_accuracy, run_search
+from resmem_ray.core.knn import prepare_queries
+from resmem_ray.runtime.shards import write_shards
+from resmem_ray.runtime.shards import ShardedMemory
+from resmem_ray.core.resmem import residuals
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.stages.tune import TUNED, memory_key, reweighted_accuracy, run_search
 
 K = [10, 20, 30, 50]
 SIGMA = [0.01, 0.03, 0.1, 0.3, 1.0]

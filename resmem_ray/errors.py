@@ -3,3 +3,7 @@
 
 class ResMemError(Exception):
     """A user-facing problem: bad config, missing stage input, mismatched artifact."""
+
+
+class ConfigError(ResMemError):
+    """A config key with a value that cannot work; the message names the key."""

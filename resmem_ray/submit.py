@@ -18,13 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-
-from resmem_ray.cli import STAGE_HELP
 from resmem_ray.config import load_config, read_yaml_mapping
 from resmem_ray.errors import ResMemError
-from resmem_ray.storage import is_uri
+from resmem_ray.stage_table import STAGES
+from resmem_ray.store.remote import is_uri
 
-JOB_STAGES = tuple(name for name, _ in STAGE_HELP)  # each has an entry point jobs/<stage>.py
+JOB_STAGES = (*STAGES, "run")  # each has an entry point jobs/<stage>.py
 # Never uploaded with the working_dir (Ray also honours .gitignore).
 EXCLUDES = [".venv", ".git", "runs", "*.egg-info", ".pytest_cache", "__pycache__"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

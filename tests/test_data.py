@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from resmem_ray.config import DataConfig
-from resmem_ray.data import load_splits, read_idx
+from resmem_ray.tasks.image_data import load_splits, read_idx
 from resmem_ray.errors import ResMemError
 
 
@@ -119,7 +119,7 @@ def write_imagefolder(root, classes=("ant", "bee", "cat"), per_class=(8, 3), siz
 
 
 def test_imagefolder_pngs(tmp_path):
-    from resmem_ray.data import decode_images
+    from resmem_ray.tasks.image_data import decode_images
 
     write_imagefolder(tmp_path)
     splits, info = load_splits(DataConfig(name="imagefolder", root=str(tmp_path), image_size=16,

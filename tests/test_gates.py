@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from resmem_ray.data import long_tail
+from resmem_ray.tasks.splits import long_tail
 from resmem_ray.errors import ResMemError
-from resmem_ray.evaluate import per_class
-from resmem_ray.gates import FEATURES, fit_learned_gate, gate_features, learned_gate
-from resmem_ray.lookup import Neighbours
-from resmem_ray.neighbour_transformer import NeighbourTransformer, neighbour_inputs
-from resmem_ray.resmem import confidence_gate
+from resmem_ray.tasks.classification import per_class
+from resmem_ray.core.gates import FEATURES, fit_learned_gate, gate_features, learned_gate
+from resmem_ray.core.knn import Neighbours
+from resmem_ray.tasks.neighbour_model import NeighbourTransformer, neighbour_inputs
+from resmem_ray.core.resmem import confidence_gate
 
 
 def test_sigmoid_gate_is_a_smooth_threshold():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from resmem_ray.errors import ResMemError
-from resmem_ray.index import build_shard, prepare_queries
-from resmem_ray.lookup import merge_topk, search_shard
+from resmem_ray.core.knn import build_shard, prepare_queries
+from resmem_ray.core.knn import merge_topk, search_shard
 
 
 def memory(n=300, d=12, C=5, seed=0):
@@ -46,10 +46,10 @@ def test_merge_breaks_ties_by_id():
 
 def test_sharded_memory_actors(ray_session, digits_run):
     """Shard actors over the digits run's index answer like numpy brute force."""
-    from resmem_ray.embed import read_split
-    from resmem_ray.index import read_index_manifest
-    from resmem_ray.lookup import ShardedMemory
-    from resmem_ray.rundir import RunDir
+    from resmem_ray.store.artifacts import read_split
+    from resmem_ray.store.artifacts import read_index_manifest
+    from resmem_ray.runtime.shards import ShardedMemory
+    from resmem_ray.store.rundir import RunDir
 
     run = RunDir(digits_run)
     manifest = read_index_manifest(run, "test")
@@ -72,7 +72,7 @@ def test_sharded_memory_actors(ray_session, digits_run):
 # --- index types, search knobs, backends -------------------------------------------------
 
 def test_ivf_with_all_lists_probed_is_exact_and_hnsw_recalls():
-    from resmem_ray.lookup import set_search_params
+    from resmem_ray.core.knn import set_search_params
 
     emb, rows, queries = memory(n=2000, d=16)
     exact = build_shard(emb, "Flat", "l2").search(queries, 10)[1]
@@ -91,7 +91,7 @@ def test_ivf_with_all_lists_probed_is_exact_and_hnsw_recalls():
 
 def test_bad_index_config_is_named():
     from resmem_ray.config import IndexConfig
-    from resmem_ray.index import check_index_config
+    from resmem_ray.core.knn import check_index_config
 
     with pytest.raises(ResMemError, match="index.factory='IVF,Nonsense' is not a FAISS factory string"):
         check_index_config(IndexConfig(factory="IVF,Nonsense"), 100, 8, "l2")
@@ -103,7 +103,7 @@ def test_bad_index_config_is_named():
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 def test_torch_backend_equals_faiss_flat(distance):
-    from resmem_ray.lookup import TorchFlatIndex
+    from resmem_ray.core.knn import TorchFlatIndex
 
     emb, rows, queries = memory(n=500, d=8)
     emb, queries = prepare_queries(emb, distance, False), prepare_queries(queries, distance, False)
@@ -116,7 +116,7 @@ def test_torch_backend_equals_faiss_flat(distance):
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
 def test_torch_backend_on_gpu_equals_faiss_flat():
-    from resmem_ray.lookup import TorchFlatIndex
+    from resmem_ray.core.knn import TorchFlatIndex
 
     emb, rows, queries = memory(n=5000, d=32)
     want = build_shard(emb, "Flat", "l2").search(queries, 20)[1]
@@ -128,7 +128,7 @@ def test_torch_backend_on_gpu_equals_faiss_flat():
 
 def shard_dir(tmp_path, emb, rows, shards):
     from resmem_ray.config import IndexConfig
-    from resmem_ray.index import write_shards
+    from resmem_ray.runtime.shards import write_shards
 
     folder = tmp_path / f"index-{shards}"
     folder.mkdir()
@@ -140,8 +140,8 @@ def shard_dir(tmp_path, emb, rows, shards):
 @pytest.mark.parametrize("shards", [1, 2, 3])
 def test_sharded_actors_equal_one_exact_index(ray_session, tmp_path, shards):
     from resmem_ray.config import IndexConfig
-    from resmem_ray.lookup import ShardedMemory
-    from resmem_ray.resmem import resmem_probs, softmax
+    from resmem_ray.runtime.shards import ShardedMemory
+    from resmem_ray.core.resmem import resmem_probs, softmax
 
     emb, rows, queries = memory(n=400, d=8)
     whole = search_shard(build_shard(emb, "Flat", "l2"), rows, queries, 12, "l2")
@@ -159,7 +159,7 @@ def test_query_stream_survives_shard_actor_kills(ray_session, tmp_path, replicas
     import ray
 
     from resmem_ray.config import IndexConfig
-    from resmem_ray.lookup import ShardedMemory
+    from resmem_ray.runtime.shards import ShardedMemory
 
     emb, rows, _ = memory(n=600, d=8)
     stream = np.random.default_rng(5).normal(size=(12, 25, 8)).astype(np.float32)
@@ -179,7 +179,7 @@ def test_query_stream_survives_shard_actor_kills(ray_session, tmp_path, replicas
 
 def test_use_gpu_without_gpu_falls_back_to_cpu(ray_session, tmp_path, capsys):
     from resmem_ray.config import IndexConfig
-    from resmem_ray.lookup import ShardedMemory
+    from resmem_ray.runtime.shards import ShardedMemory
 
     emb, rows, queries = memory(n=100, d=8)
     folder, manifest = shard_dir(tmp_path, emb, rows, 1)
@@ -191,7 +191,7 @@ def test_use_gpu_without_gpu_falls_back_to_cpu(ray_session, tmp_path, capsys):
 
 def test_torch_backend_through_actors(ray_session, tmp_path):
     from resmem_ray.config import IndexConfig
-    from resmem_ray.lookup import ShardedMemory
+    from resmem_ray.runtime.shards import ShardedMemory
 
     emb, rows, queries = memory(n=300, d=8)
     whole = search_shard(build_shard(emb, "Flat", "l2"), rows, queries, 5, "l2")
@@ -203,8 +203,9 @@ def test_torch_backend_through_actors(ray_session, tmp_path):
 
 def test_float16_residuals_halve_storage_and_keep_predictions(ray_session, tmp_path):
     from resmem_ray.config import IndexConfig
-    from resmem_ray.index import load_shard, write_shards
-    from resmem_ray.resmem import resmem_probs, softmax
+    from resmem_ray.store.artifacts import load_shard
+    from resmem_ray.runtime.shards import write_shards
+    from resmem_ray.core.resmem import resmem_probs, softmax
 
     emb, rows, queries = memory(n=300, d=8, C=50)
     rows["residuals"] = rows["residuals"] / 10  # residuals lie in [-1, 1]

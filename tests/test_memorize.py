@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 
 from resmem_ray.cli import main
 from resmem_ray.config import load_config
-from resmem_ray.data import load_splits
+from resmem_ray.tasks.image_data import load_splits
 
 from .conftest import DIGITS_ARGS
 from .test_pipeline import one_error_line

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from resmem_ray.config import ModelConfig
-from resmem_ray.models import build_model
+from resmem_ray.tasks.vision_models import build_model
 
 
 @pytest.mark.parametrize("name,width,channels,size,dim", [

@@ -48,9 +48,11 @@ def main(tmp: str) -> None:
     from ray.cluster_utils import Cluster
 
     from resmem_ray.config import IndexConfig
-    from resmem_ray.index import write_shards
-    from resmem_ray.lookup import ShardedMemory, merge_topk, search_shard
-    from resmem_ray.rundir import RunDir, atomic_dir, write_json
+    from resmem_ray.runtime.shards import write_shards
+    from resmem_ray.runtime.shards import ShardedMemory
+    from resmem_ray.core.knn import merge_topk, search_shard
+    from resmem_ray.store.rundir import RunDir
+    from resmem_ray.store.files import atomic_dir, write_json
 
     from .ray_head import MotoS3
 

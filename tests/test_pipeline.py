@@ -10,10 +10,11 @@ import pytest
 
 from resmem_ray.cli import main
 from resmem_ray.config import load_config
-from resmem_ray.data import load_splits
-from resmem_ray.embed import read_split
-from resmem_ray.resmem import residuals
-from resmem_ray.rundir import RunDir, file_hashes
+from resmem_ray.tasks.image_data import load_splits
+from resmem_ray.store.artifacts import read_split
+from resmem_ray.core.resmem import residuals
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.files import file_hashes
 
 from .conftest import DIGITS_ARGS
 from .test_data import write_imagefolder
@@ -35,8 +36,13 @@ def test_run_writes_report_and_artifacts(digits_run):
         np.testing.assert_array_equal(table["id"], splits[name].ids)
         np.testing.assert_array_equal(table["label"], splits[name].labels)
         assert table["embedding"].shape == (len(splits[name]), 16)
-        np.testing.assert_allclose(table["residual"], residuals(table["logits"], table["label"],
-                                                                cfg.resmem.temperature), atol=1e-6)
+        assert "residual" not in pq.read_schema(next((run.embeddings / name).glob("*.parquet"))).names
+    # residuals live in the memory only: computed by index from the logits at resmem.temperature
+    train = read_split(run, "train", "test")
+    shards = [np.load(p) for p in sorted(run.index.glob("shard-*.npz"))]
+    ids = np.concatenate([z["ids"] for z in shards])
+    rows = np.concatenate([z["residuals"] for z in shards])[np.argsort(ids)]
+    np.testing.assert_allclose(rows, residuals(train["logits"], train["label"], cfg.resmem.temperature), atol=1e-6)
 
     metrics = json.loads((run.report / "metrics.json").read_text())
     acc = metrics["accuracy"]

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from resmem_ray.resmem import kernel_weights, knn_vote, residuals, resmem_probs, softmax
+from resmem_ray.core.resmem import kernel_weights, knn_vote, residuals, resmem_probs, softmax
 
 
 def brute_force(logits, memory_logits, memory_labels, memory_z, query_z, k, sigma, T, gate):
@@ -66,7 +66,7 @@ def test_per_example_gate():
 
 
 def test_confidence_gate_corrects_only_unsure_examples():
-    from resmem_ray.resmem import confidence_gate
+    from resmem_ray.core.resmem import confidence_gate
 
     probs = np.array([[0.95, 0.05], [0.6, 0.4], [0.5, 0.5]])
     assert confidence_gate(probs, 0.7, 0.9).tolist() == [0.0, 0.7, 0.7]

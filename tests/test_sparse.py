@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from resmem_ray.config import load_config
-from resmem_ray.lm import lm_metrics
-from resmem_ray.lookup import Neighbours
-from resmem_ray.resmem import kernel_weights, residuals, softmax
-from resmem_ray.sparse import (clip_renormalise, corrected_probs, dense_residuals, encode, sparse_correction,
-                               token_metrics)
+from resmem_ray.tasks.lm import lm_metrics
+from resmem_ray.core.knn import Neighbours
+from resmem_ray.core.resmem import kernel_weights, residuals, softmax
+from resmem_ray.core.sparse import (clip_renormalise, corrected_probs, dense_residuals, encode,
+                                    sparse_correction, token_metrics)
 
 
 def random_memory(n=6, k=4, vocab=11, seed=0):

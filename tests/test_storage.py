@@ -5,8 +5,8 @@ import json
 import pytest
 
 from resmem_ray.errors import ResMemError
-from resmem_ray.rundir import RunDir
-from resmem_ray.storage import is_uri
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.remote import is_uri
 
 from .ray_head import MotoS3
 

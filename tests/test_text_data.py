@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from resmem_ray.config import ConfigError, DataConfig, TextConfig, load_config
-from resmem_ray.data import load_splits
+from resmem_ray.tasks.text_data import load_splits
 from resmem_ray.errors import ResMemError
 
 from .test_data import check_splits

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from resmem_ray.cli import main
-from resmem_ray.embed import read_split
-from resmem_ray.rundir import RunDir
-from resmem_ray.text import load_tokenizer, minilm_dir
+from resmem_ray.config import load_config
+from resmem_ray.pipeline import stage_keys
+from resmem_ray.store.artifacts import read_split
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.text import load_tokenizer, minilm_dir
 
 FAST = ["train.epochs=1", "train.num_workers=1", "embed.num_actors=1", "index.num_shards=2", "data.limit=24"]
 
@@ -76,3 +78,7 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
     assert metrics["base_perplexity"] < 300
     assert main(["tune", *args]) == 2  # tune reweights dense rows: a clear refusal, not a crash
     assert "token memory with sparse residuals" in capsys.readouterr().err
+    # a deeper LM is a new base model: the run reruns from train, not a reprinted old report
+    deeper = load_config(args[1], (*args[2:], "text.lm_layers=4"))
+    assert run.stale_reason("train", deeper.to_dict(), stage_keys("train", deeper)) == "config changed"
+    assert run.stale_reason("evaluate", run.manifest()["config"], stage_keys("evaluate", deeper)) is None

@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-import resmem_ray.embed
-import resmem_ray.evaluate
-import resmem_ray.index
-import resmem_ray.neighbour_transformer
-import resmem_ray.tune
+import resmem_ray.store.artifacts
+import resmem_ray.stages.evaluate
+import resmem_ray.stages.index
+import resmem_ray.stages.transformer
+import resmem_ray.stages.tune
 from resmem_ray.cli import main
 from resmem_ray.config import load_config
-from resmem_ray.rundir import RunDir
+from resmem_ray.store.rundir import RunDir
 
 from .conftest import DIGITS_ARGS
 
@@ -22,7 +22,7 @@ SPACE = ["tune.k=[1,5,10]", "tune.sigma=[0.03,0.3]", "tune.temperature=[1.0,4.0]
 
 def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy, monkeypatch):
     reads = []
-    real = resmem_ray.embed.read_split
+    real = resmem_ray.store.artifacts.read_split
 
     def spy(module):
         def read_split(run, split, *args, **kwargs):
@@ -30,7 +30,7 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
             return real(run, split, *args, **kwargs)
         return read_split
 
-    for module in (resmem_ray.tune, resmem_ray.evaluate, resmem_ray.index, resmem_ray.neighbour_transformer):
+    for module in (resmem_ray.stages.tune, resmem_ray.stages.evaluate, resmem_ray.stages.index, resmem_ray.stages.transformer):
         monkeypatch.setattr(module, "read_split", spy(module.__name__.split(".")[-1]))
     args = [*DIGITS_ARGS, f"run_dir={run_copy}", *SPACE]
     assert main(["tune", *args]) == 0
@@ -47,12 +47,12 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
     assert summary["best_val_accuracy"] == max(t["val_accuracy"] for t in summary["top"])
     # the trial's score is the reweighting of one shared neighbour table: recompute it
     cfg = load_config("jobs/configs/digits.yaml", (*DIGITS_ARGS[2:], f"run_dir={run_copy}", *SPACE))
-    table = resmem_ray.tune.neighbour_table(resmem_ray.tune.with_memory(cfg, best["distance"], best["normalize"]),
+    table = resmem_ray.stages.tune.neighbour_table(resmem_ray.stages.tune.with_memory(cfg, best["distance"], best["normalize"]),
                                             RunDir(run_copy))
-    score = resmem_ray.tune.reweighted_accuracy(table, **{p: best[p] for p in resmem_ray.tune.TUNED})
+    score = resmem_ray.stages.tune.reweighted_accuracy(table, **{p: best[p] for p in resmem_ray.stages.tune.TUNED})
     assert score == pytest.approx(summary["best_val_accuracy"])
     # the in-process grid (what a sweep trial uses) finds the same best score on that table
-    assert resmem_ray.tune.best_on_grid(table, cfg.tune)[1] == pytest.approx(summary["best_val_accuracy"])
+    assert resmem_ray.stages.tune.best_on_grid(table, cfg.tune)[1] == pytest.approx(summary["best_val_accuracy"])
     assert 0 < summary["learned_gate"]["val_accuracy"] <= 1
 
     metrics = json.loads((run_copy / "report" / "metrics.json").read_text())

@@ -1,13 +1,14 @@
-"""Stage 4, evaluate: answer the test split from the sharded memory and report.
+"""What image and text classification share: dense residual rows in the memory, and
+the evaluation of the memorization study's methods.
 
-Methods, as in the memorization study:
   base                  argmax of the model's logits
   k-NN (k=...)          majority vote over the k nearest training examples
   neighbour Transformer the `transformer` stage's model over the query and its neighbours
   ResMem                argmax of p + gate * sum_i w_i r_i
   learned gate          argmax of p + g(x) * sum_i w_i r_i, g fitted on val by `resmem tune`
   oracle gate           per example, base or 1-NN, whichever is right (an upper bound)
-Writes RUN/report/metrics.json, report.md, predictions.parquet, accuracy_vs_k.png and
+
+evaluate writes metrics.json, report.md, predictions.parquet, accuracy_vs_k.png and
 per-class accuracy (per_class.png; head / tail / worst class on a long-tailed run).
 """
 
@@ -17,22 +18,35 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resmem_ray.config import TEXT_MODELS, Config
-from resmem_ray.embed import read_split
-from resmem_ray.errors import ResMemError
-from resmem_ray.index import prepare_queries, read_index_manifest
-from resmem_ray.lookup import Neighbours, ShardedMemory
-from resmem_ray.gates import gate_features, learned_gate
-from resmem_ray.resmem import confidence_gate, knn_vote, memory_correction, softmax
-from resmem_ray.rundir import RunDir, atomic_dir, read_json, write_json
+from resmem_ray.core.gates import gate_features, learned_gate
+from resmem_ray.core.knn import Neighbours
+from resmem_ray.core.resmem import apply_correction, confidence_gate, knn_vote, memory_correction, residuals, softmax
+from resmem_ray.schema import Config
+from resmem_ray.store.artifacts import read_split
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.neighbour_model import transformer_predictions
+from resmem_ray.tasks.registry import Task
 
 
-def check_matches_index(cfg: Config, manifest: dict) -> None:
-    """The query-time settings must be those the index was built with."""
-    for key in ("distance", "normalize", "temperature"):
-        if getattr(cfg.resmem, key) != manifest[key]:
-            raise ResMemError(f"config key resmem.{key}={getattr(cfg.resmem, key)!r} differs from "
-                              f"the index's {manifest[key]!r}: rerun `resmem index`")
+class ClassificationTask(Task):
+    """Dense residual rows: onehot(y) - softmax(logits / T), computed at index time from
+    the stored logits, so T changes the memory and not the embeddings."""
+
+    codec = "dense"
+
+    def memory_rows(self, cfg: Config, rows: dict, temperature: float, embedded: dict) -> dict:
+        return {"residuals": residuals(rows["logits"], rows["label"], temperature), "manifest": {}, "info": {}}
+
+    def lookup_k(self, cfg: Config) -> int:
+        nt = cfg.neighbour_transformer
+        return max([cfg.resmem.k, *cfg.evaluate.knn_ks, nt.k if nt.enabled else 1])
+
+    def evaluate(self, cfg: Config, run: RunDir, test: dict, queries, nb, manifest: dict, folder,
+                 tuning: dict | None = None) -> dict:
+        return evaluate_classification(cfg, run, test, queries, nb, manifest, folder, self.model_title(cfg), tuning)
+
+    def model_title(self, cfg: Config) -> str:
+        return cfg.model.name
 
 
 def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbours,
@@ -47,10 +61,10 @@ def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbo
     near = nb.first(r.k)
     correction = memory_correction(near.residuals, near.distances, r.sigma)
     gate = confidence_gate(probs, r.gate, r.gate_threshold, r.gate_softness)
-    preds["resmem"] = (probs + gate[:, None] * correction).argmax(1)
+    preds["resmem"] = apply_correction(probs, correction, gate).argmax(1)
     if gate_params is not None:
         g = learned_gate(gate_params, gate_features(probs, near.labels, near.distances, correction))
-        preds["learned_gate"] = (probs + g[:, None] * correction).argmax(1)
+        preds["learned_gate"] = apply_correction(probs, correction, g).argmax(1)
     one_nn = nb.labels[:, 0]
     preds["oracle_gate"] = np.where(preds["base"] == labels, preds["base"], one_nn)
     return preds
@@ -102,11 +116,10 @@ def tuning_lines(tuning: dict) -> list[str]:
     return lines
 
 
-def write_report(folder, cfg: Config, metrics: dict) -> None:
+def write_report(folder, cfg: Config, metrics: dict, title: str) -> None:
     r = cfg.resmem
     acc = metrics["accuracy"]
-    model = cfg.model.name if cfg.model.name in TEXT_MODELS else f"{cfg.model.name} (width {cfg.model.width})"
-    lines = [f"# ResMem report: {cfg.data.name}, {model}", "",
+    lines = [f"# ResMem report: {cfg.data.name}, {title}", "",
              f"Test split: {metrics['num_test']} examples; memory: {metrics['memory_rows']} training "
              f"examples in {metrics['num_shards']} shard(s).",
              f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate} "
@@ -179,49 +192,16 @@ def plot_accuracy_vs_k(path, cfg: Config, acc: dict) -> None:
     plt.close(fig)
 
 
-def stored_tuning(run: RunDir, cfg: Config) -> dict | None:
-    """`resmem tune`'s summary when this config evaluates its chosen setting."""
-    path = run.root / "tune" / "best.json"
-    if not path.is_file():
-        return None
-    summary = read_json(path)
-    same = all(getattr(cfg.resmem, key) == value for key, value in summary["best"].items())
-    return summary if same else None
 
 
-def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
-    if cfg.model.name == "gpt2_lm":  # next-token accuracy and perplexity
-        from resmem_ray.lm import evaluate_lm
 
-        return evaluate_lm(cfg)
-    run = RunDir(cfg.run_dir)
-    manifest = read_index_manifest(run, needed_by="evaluate")
-    check_matches_index(cfg, manifest)
-    tuning = tuning or stored_tuning(run, cfg)
-    nt = cfg.neighbour_transformer
-    if nt.enabled:
-        run.stage_output("transformer", needed_by="evaluate (neighbour_transformer.enabled)")
-    test = read_split(run, "test", needed_by="evaluate", columns=("id", "label", "embedding", "logits"))
-    queries = prepare_queries(test["embedding"], cfg.resmem.distance, cfg.resmem.normalize)
-    if queries.shape[1] != manifest["dim"]:
-        raise ResMemError(f"embedding dimension {queries.shape[1]} of {run.embeddings / 'test'} does not "
-                          f"match the index in {run.index} ({manifest['dim']} dims): rerun `resmem index`")
-    k_max = max([cfg.resmem.k, *cfg.evaluate.knn_ks, nt.k if nt.enabled else 1])
-    if k_max > manifest["rows"]:
-        raise ResMemError(f"k={k_max} (max of resmem.k, evaluate.knn_ks and neighbour_transformer.k) is "
-                          f"larger than the memory ({manifest['rows']} rows)")
-    run.mark_running("evaluate", cfg.to_dict())
-    print(f"[evaluate] {len(queries)} test queries against {manifest['rows']} memory rows in "
-          f"{len(manifest['shards'])} shard actor(s), k={k_max}", flush=True)
-    with ShardedMemory(run.index, manifest, cfg.index) as memory:
-        print(f"[evaluate] shard actors search on: {', '.join(sorted(set(memory.placement)))}", flush=True)
-        nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
+def evaluate_classification(cfg: Config, run: RunDir, test: dict, queries: np.ndarray, nb: Neighbours,
+                            manifest: dict, folder, title: str, tuning: dict | None) -> dict:
+    """Every method's test predictions and accuracy; the report files into `folder`."""
     labels = test["label"]
     preds = predictions(cfg, test["logits"], labels, nb, (tuning or {}).get("learned_gate"))
-    if nt.enabled:
-        from resmem_ray.neighbour_transformer import transformer_predictions
-
-        preds["nbr_transformer"] = transformer_predictions(cfg, run, queries, labels, nb)
+    if cfg.neighbour_transformer.enabled:
+        preds["nbr_transformer"] = transformer_predictions(run, queries, labels, nb)
     preds = dict(sorted(preds.items(), key=lambda item: report_rank(item[0])))
     train_counts = np.bincount(read_split(run, "train", "evaluate", ("id", "label"))["label"],
                                minlength=test["logits"].shape[1])
@@ -229,13 +209,9 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
                "num_test": int(len(labels)), "memory_rows": manifest["rows"],
                "num_shards": len(manifest["shards"]), "resmem": cfg.resmem.__dict__, "tuning": tuning,
                "per_class": per_class(labels, preds, train_counts)}
-    with atomic_dir(run.report) as tmp:
-        write_json(tmp / "metrics.json", metrics)
-        write_report(tmp, cfg, metrics)
-        table = pa.table({"id": test["id"], "label": labels, **{m: p for m, p in preds.items()},
-                          "nn1_id": nb.ids[:, 0]})
-        pq.write_table(table, tmp / "predictions.parquet")
-        plot_accuracy_vs_k(tmp / "accuracy_vs_k.png", cfg, metrics["accuracy"])
-        plot_per_class(tmp / "per_class.png", metrics["per_class"])
-    run.mark_done("evaluate", cfg.to_dict(), accuracy=metrics["accuracy"])
+    write_report(folder, cfg, metrics, title)
+    table = pa.table({"id": test["id"], "label": labels, **{m: p for m, p in preds.items()}, "nn1_id": nb.ids[:, 0]})
+    pq.write_table(table, folder / "predictions.parquet")
+    plot_accuracy_vs_k(folder / "accuracy_vs_k.png", cfg, metrics["accuracy"])
+    plot_per_class(folder / "per_class.png", metrics["per_class"])
     return metrics

@@ -24,6 +24,7 @@ import uuid
 from pathlib import Path
 
 from resmem_ray.errors import ResMemError
+from resmem_ray.store.files import read_json, write_json
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 SYNCED = ".synced.json"  # in the mirror: relative path -> sha256 of the copy held there
@@ -73,14 +74,10 @@ class RemoteRun:
         return f"{self.base.rstrip('/')}/{rel}"
 
     def _synced(self) -> dict:
-        from resmem_ray.rundir import read_json
-
         p = self.mirror / SYNCED
         return read_json(p) if p.is_file() else {}
 
     def _record(self, hashes: dict) -> None:
-        from resmem_ray.rundir import write_json
-
         write_json(self.mirror / SYNCED, {**self._synced(), **hashes})
 
     def exists(self, rel: str) -> bool:
@@ -111,8 +108,6 @@ class RemoteRun:
     def pull(self, folders: tuple[str, ...] | None = None) -> None:
         """The manifest, then each vouched-for output (of `folders`, default all) that the
         mirror lacks."""
-        from resmem_ray.rundir import OUTPUTS, read_json
-
         if not self.exists("manifest.json"):
             return  # a new run
         self.download("manifest.json")
@@ -121,8 +116,8 @@ class RemoteRun:
         for stage, entry in manifest.get("stages", {}).items():
             if entry.get("status") != "done":
                 continue
-            folder = OUTPUTS[stage]
-            if folders is not None and folder not in folders:
+            folder = entry.get("folder")
+            if not folder or (folders is not None and folder not in folders):
                 continue
             for name, digest in entry.get("outputs", {}).items():
                 rel = f"{folder}/{name}"

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from resmem_ray.config import ModelConfig
+from resmem_ray.schema import ModelConfig
 from resmem_ray.errors import ResMemError
 
 

@@ -19,14 +19,18 @@ import uuid
 
 import numpy as np
 
-from resmem_ray.config import Config, TuneConfig
-from resmem_ray.embed import read_split
+from resmem_ray.core.gates import fit_learned_gate, gate_features, learned_gate
+from resmem_ray.core.knn import prepare_queries
+from resmem_ray.core.resmem import apply_correction, confidence_gate, memory_correction, residuals, softmax
 from resmem_ray.errors import ResMemError
-from resmem_ray.gates import fit_learned_gate, gate_features, learned_gate
-from resmem_ray.index import prepare_queries, read_index_manifest
-from resmem_ray.lookup import ShardedMemory
-from resmem_ray.resmem import confidence_gate, memory_correction, residuals, softmax
-from resmem_ray.rundir import RunDir, write_json
+from resmem_ray.runtime.shards import ShardedMemory
+from resmem_ray.schema import Config, TuneConfig
+from resmem_ray.stages.evaluate import evaluate
+from resmem_ray.stages.index import build_index
+from resmem_ray.stages.transformer import train_neighbour_transformer
+from resmem_ray.store.artifacts import read_index_manifest, read_split
+from resmem_ray.store.files import write_json
+from resmem_ray.store.rundir import RunDir
 
 TUNED = ("k", "sigma", "temperature", "gate", "gate_threshold", "gate_softness")
 MEMORY = ("distance", "normalize")  # these change the neighbours: one index and one val search each
@@ -40,12 +44,10 @@ def neighbour_table(cfg: Config, run: RunDir) -> dict:
     """The val split's k_max nearest memory rows in the current index, with what every
     trial needs (neighbours' logits, not residuals, so that T can change)."""
     manifest = read_index_manifest(run, needed_by="tune")
+    check_dense(manifest, cfg)
     if manifest.get("memorized"):
         raise ResMemError("the memory holds memorized examples without stored logits, so T cannot "
                           "be searched: run `resmem index` (train split only) before `resmem tune`")
-    if manifest.get("codec") == "sparse":
-        raise ResMemError("resmem tune reweights dense residual rows; this is a token memory with sparse "
-                          "residuals (model.name=gpt2_lm): set resmem.k / sigma / gate and run `resmem evaluate`")
     val = read_split(run, "val", "tune", ("id", "label", "embedding", "logits"))
     train = read_split(run, "train", "tune", ("id", "logits"))
     k_max = max(cfg.tune.k)
@@ -67,8 +69,6 @@ def with_memory(cfg: Config, distance: str, normalize: bool) -> Config:
 
 def ensure_index(cfg: Config, run: RunDir, keys=("temperature", *MEMORY)) -> None:
     """Rebuild the index unless it already has cfg's values of these resmem keys."""
-    from resmem_ray.index import build_index
-
     manifest = read_index_manifest(run, needed_by="tune")
     if any(manifest[key] != getattr(cfg.resmem, key) for key in keys):
         build_index(dataclasses.replace(cfg, resmem=dataclasses.replace(
@@ -110,7 +110,7 @@ def reweighted_accuracy(table: dict, k: int, sigma: float, temperature: float, g
     """Val accuracy of ResMem with these settings, from the neighbour table alone."""
     base, correction = corrected(table, k, sigma, temperature)
     gates = confidence_gate(base, gate, gate_threshold, gate_softness)
-    return float(((base + gates[:, None] * correction).argmax(1) == table["labels"]).mean())
+    return float((apply_correction(base, correction, gates).argmax(1) == table["labels"]).mean())
 
 
 def best_on_grid(table: dict, t: TuneConfig) -> tuple[dict, float]:
@@ -233,14 +233,21 @@ def fit_gate_on_val(table: dict, best: dict) -> dict:
     features = gate_features(base, table["neighbour_labels"][:, :k], table["distances"][:, :k], correction)
     params = fit_learned_gate(features, base.argmax(1) != table["labels"])
     g = learned_gate(params, features)
-    params["val_accuracy"] = float(((base + g[:, None] * correction).argmax(1) == table["labels"]).mean())
+    params["val_accuracy"] = float((apply_correction(base, correction, g).argmax(1) == table["labels"]).mean())
     return params
 
 
-def tune_resmem(cfg: Config) -> dict:
-    from resmem_ray.evaluate import evaluate
+def check_dense(manifest: dict, cfg: Config) -> None:
+    if manifest.get("codec", "dense") != "dense":
+        kind = "token memory" if manifest["codec"] == "sparse" else "memory"
+        raise ResMemError(f"resmem tune reweights dense residual rows; this is a {kind} with {manifest['codec']} "
+                          f"residuals (model.name={cfg.model.name}): set resmem.k / sigma / gate and run "
+                          "`resmem evaluate`")
 
+
+def tune_resmem(cfg: Config) -> dict:
     run = RunDir(cfg.run_dir)
+    check_dense(read_index_manifest(run, needed_by="tune"), cfg)  # before any index is rebuilt
     tables = neighbour_tables(cfg, run)
     run.mark_running("tune", cfg.to_dict())
     first = next(iter(tables.values()))
@@ -261,8 +268,6 @@ def tune_resmem(cfg: Config) -> dict:
     final = dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, **best))
     ensure_index(final, run)  # the memory the best setting needs
     if cfg.neighbour_transformer.enabled:
-        from resmem_ray.neighbour_transformer import train_neighbour_transformer
-
         train_neighbour_transformer(final)
     if cfg.tune.evaluate:  # the one look at test, with the chosen setting
         evaluate(final, tuning=summary)
@@ -270,3 +275,4 @@ def tune_resmem(cfg: Config) -> dict:
     run.mark_done("tune", cfg.to_dict(), best=best, best_val_accuracy=summary["best_val_accuracy"],
                   trials=len(frame))
     return summary
+

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from resmem_ray.config import TextConfig
 from resmem_ray.errors import ResMemError
+from resmem_ray.schema import DataConfig, TextConfig
+from resmem_ray.tasks.splits import DatasetInfo, Split, make_splits
 
 FILE_BUILDERS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
@@ -148,3 +149,8 @@ def hf(text: TextConfig):
 
 
 TEXT_SOURCES = {"bbc_news": bbc_news, "tweets": tweets, "hf": hf}
+
+
+def load_splits(cfg: DataConfig, seed: int, text: TextConfig | None = None) -> tuple[dict[str, Split], DatasetInfo]:
+    splits, labels = make_splits(TEXT_SOURCES[cfg.name](text or TextConfig()), cfg, seed, "texts")
+    return splits, DatasetInfo(cfg.name, int(labels.max()) + 1, 0, 0)

@@ -1,12 +1,4 @@
-"""Datasets, deterministic train / val / test splits and stable example ids.
-
-A source yields its official train and test parts; `load_splits` turns them into the
-three splits ResMem needs:
-  train  the base model's training set and the memory,
-  val    held out of both (tuning only),
-  test   never used to choose anything.
-Example ids are positions in the source (official train first, then official test), so
-the same config always gives the same ids.
+"""Image sources and how their pixels become model inputs.
 
 Small sources (digits, Fashion-MNIST, CIFAR) are held as uint8 arrays (N, C, H, W);
 ImageFolder (the ImageNet layout) is held as file paths and decoded lazily.
@@ -17,18 +9,15 @@ from __future__ import annotations
 import gzip
 import os
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
-from resmem_ray.config import DataConfig, TextConfig
 from resmem_ray.errors import ResMemError
-from resmem_ray.text_data import TEXT_SOURCES
-
-SPLITS = ("train", "val", "test")
+from resmem_ray.schema import DataConfig
+from resmem_ray.tasks.splits import DatasetInfo, Split, make_splits
 
 # (mean, std) per channel of the [0, 1]-scaled images.
 NORMALIZATION = {
@@ -38,26 +27,6 @@ NORMALIZATION = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-
-
-@dataclass
-class Split:
-    ids: np.ndarray  # int64, stable across runs
-    labels: np.ndarray  # int64
-    images: Optional[np.ndarray] = None  # uint8 (N, C, H, W) for in-memory sources
-    paths: Optional[list[str]] = None  # image files for imagefolder
-    texts: Optional[list[str]] = None  # text sources (text_data.py)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class DatasetInfo:
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int
 
 
 # --- sources: (train_images, train_labels, test_images, test_labels) or paths ---------
@@ -157,62 +126,12 @@ SOURCES = {"digits": _digits, "fashion_mnist": _fashion_mnist, "cifar10": _cifar
            "cifar100": _cifar, "imagefolder": _imagefolder}
 
 
-def load_splits(cfg: DataConfig, seed: int, text: Optional[TextConfig] = None
-                ) -> tuple[dict[str, Split], DatasetInfo]:
-    if cfg.name in TEXT_SOURCES:
-        xtr, ytr, xte, yte = TEXT_SOURCES[cfg.name](text or TextConfig())
-    elif cfg.name in SOURCES:
-        xtr, ytr, xte, yte = SOURCES[cfg.name](cfg)
-    else:
-        raise ResMemError(f"unknown dataset data.name={cfg.name!r} (known: {', '.join([*SOURCES, *TEXT_SOURCES])})")
-    rng = np.random.default_rng(seed)
-    n_train = len(ytr)
-    if yte is None:  # no official test split: carve one out, deterministically
-        order = rng.permutation(n_train)
-        n_test = int(round(cfg.test_fraction * n_train))
-        test_idx, train_idx = np.sort(order[:n_test]), order[n_test:]
-        pool_x, pool_y = xtr, ytr
-    else:
-        train_idx = rng.permutation(n_train)
-        test_idx = n_train + np.arange(len(yte))
-        pool_x = np.concatenate([xtr, xte]) if isinstance(xtr, np.ndarray) else list(xtr) + list(xte)
-        pool_y = np.concatenate([ytr, yte])
-    n_val = int(round(cfg.val_fraction * len(train_idx)))
-    index = {"train": np.sort(train_idx[n_val:]), "val": np.sort(train_idx[:n_val]), "test": test_idx}
-    if cfg.limit is not None:  # a random but fixed subset of each split
-        index = {k: np.sort(rng.permutation(v)[: cfg.limit]) for k, v in index.items()}
-    if cfg.imbalance_ratio > 1:  # val and test stay balanced, as in CIFAR-LT
-        index["train"] = long_tail(index["train"], pool_y, cfg.imbalance_ratio, rng)
-    splits = {}
-    for name, idx in index.items():
-        if isinstance(pool_x, np.ndarray):
-            splits[name] = Split(ids=idx.astype(np.int64), labels=pool_y[idx], images=pool_x[idx])
-        elif cfg.name in TEXT_SOURCES:
-            splits[name] = Split(ids=idx.astype(np.int64), labels=pool_y[idx], texts=[pool_x[i] for i in idx])
-        else:
-            splits[name] = Split(ids=idx.astype(np.int64), labels=pool_y[idx],
-                                 paths=[pool_x[i] for i in idx])
-    num_classes = int(pool_y.max()) + 1
-    if cfg.name in TEXT_SOURCES:
-        in_channels, size = 0, 0
-    elif isinstance(pool_x, np.ndarray):
-        in_channels, size = pool_x.shape[1], pool_x.shape[2]
-    else:
-        in_channels, size = 3, cfg.image_size
-    return splits, DatasetInfo(cfg.name, num_classes, in_channels, size)
-
-
-def long_tail(idx: np.ndarray, labels: np.ndarray, ratio: float, rng: np.random.Generator) -> np.ndarray:
-    """Subsample classes exponentially (CIFAR-LT): class c keeps n_max * ratio^(-c / (C - 1))
-    of its examples, so class 0 keeps all and the last class 1 / ratio of them."""
-    classes = np.unique(labels[idx])
-    n_max = max(int((labels[idx] == c).sum()) for c in classes)
-    keep = []
-    for rank, c in enumerate(classes):
-        mine = idx[labels[idx] == c]
-        n_keep = max(1, int(n_max * ratio ** (-rank / max(len(classes) - 1, 1))))
-        keep.append(rng.permutation(mine)[:n_keep])
-    return np.sort(np.concatenate(keep))
+def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], DatasetInfo]:
+    parts = SOURCES[cfg.name](cfg)
+    arrays = isinstance(parts[0], np.ndarray)
+    splits, labels = make_splits(parts, cfg, seed, "images" if arrays else "paths")
+    in_channels, size = (parts[0].shape[1], parts[0].shape[2]) if arrays else (3, cfg.image_size)
+    return splits, DatasetInfo(cfg.name, int(labels.max()) + 1, in_channels, size)
 
 
 # --- turning uint8 images into model inputs --------------------------------------------

@@ -16,8 +16,14 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from resmem_ray.config import Config
-from resmem_ray.rundir import RunDir, atomic_dir, write_json
+from resmem_ray.schema import Config
+from resmem_ray.stages.embed import embed
+from resmem_ray.stages.evaluate import evaluate
+from resmem_ray.stages.index import build_index
+from resmem_ray.stages.train import train
+from resmem_ray.stages.tune import TUNED, best_on_grid, ensure_index, neighbour_table, reweighted_accuracy
+from resmem_ray.store.files import atomic_dir, write_json
+from resmem_ray.store.rundir import RunDir
 
 
 def trial_config(cfg: Config, width: int, lr: float, root: str) -> Config:
@@ -31,12 +37,6 @@ def trial_config(cfg: Config, width: int, lr: float, root: str) -> Config:
 
 def sweep_trial(config: dict, cfg: Config, root: str) -> None:
     from ray import tune
-
-    from resmem_ray.embed import embed
-    from resmem_ray.evaluate import evaluate
-    from resmem_ray.index import build_index
-    from resmem_ray.train import train
-    from resmem_ray.tune import TUNED, best_on_grid, ensure_index, neighbour_table, reweighted_accuracy
 
     r = cfg.resmem
     trial_cfg = trial_config(cfg, config["width"], config["lr"], root)
@@ -153,3 +153,4 @@ def plot_width_sweep(path, rows: list[dict], cfg: Config) -> None:
 
 def read_results(run: RunDir) -> list[dict]:
     return json.loads((run.root / "sweep" / "summary" / "results.json").read_text())
+

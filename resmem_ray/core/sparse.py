@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from resmem_ray.resmem import softmax
+from resmem_ray.core.resmem import softmax
 
 
 def encode(logits: np.ndarray, m: int, temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:

@@ -44,15 +44,19 @@ def memory_correction(neighbour_residuals: np.ndarray, distances: np.ndarray, si
     return np.einsum("nk,nkc->nc", w, neighbour_residuals.astype(np.float64))
 
 
+def apply_correction(probs: np.ndarray, correction: np.ndarray, gate: float | np.ndarray = 1.0) -> np.ndarray:
+    """p(x) + gate * correction; gate a scalar or one value per row."""
+    gate = np.asarray(gate, dtype=np.float64).reshape(-1, 1) if np.ndim(gate) else gate
+    return probs + gate * correction
+
+
 def resmem_probs(probs: np.ndarray, neighbour_residuals: np.ndarray, distances: np.ndarray,
                  sigma: float, gate: float | np.ndarray = 1.0) -> np.ndarray:
     """p(x) + gate * sum_i w_i r_i.
 
     probs (n, C); neighbour_residuals (n, k, C); distances (n, k); gate a scalar or (n,).
     """
-    correction = memory_correction(neighbour_residuals, distances, sigma)
-    gate = np.asarray(gate, dtype=np.float64).reshape(-1, 1) if np.ndim(gate) else gate
-    return probs + gate * correction
+    return apply_correction(probs, memory_correction(neighbour_residuals, distances, sigma), gate)
 
 
 def confidence_gate(probs: np.ndarray, gate: float, threshold: float, softness: float = 0.0) -> np.ndarray:

@@ -1,0 +1,2 @@
+"""The method over arrays: ResMem's math, the sparse codec, gates, nearest-neighbour
+search and merge. No Ray, no run directory."""

@@ -1,0 +1,179 @@
+"""Nearest-neighbour search over arrays: build a shard's index, search it, merge the
+answers of several shards into one global top-k. With exact (Flat) shards the merged
+answer equals one exact index over the whole memory (ties go to the smaller id).
+
+Plain functions over numpy arrays, FAISS or torch underneath; no Ray (runtime/shards.py
+is the Ray shell around them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from resmem_ray.core.resmem import normalize_rows
+from resmem_ray.errors import ResMemError
+from resmem_ray.schema import IndexConfig
+
+
+def faiss_metric(distance: str) -> int:
+    return faiss.METRIC_INNER_PRODUCT if distance == "cosine" else faiss.METRIC_L2
+
+
+def prepare_queries(x: np.ndarray, distance: str, normalize: bool) -> np.ndarray:
+    """Embeddings as the index sees them: float32, unit rows for cosine or when asked."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return normalize_rows(x) if (normalize or distance == "cosine") else x
+
+
+def check_index_config(cfg: IndexConfig, rows: int, dim: int, distance: str) -> None:
+    """Fail before any work on a factory FAISS does not know or more shards than rows."""
+    try:
+        faiss.index_factory(dim, cfg.factory, faiss_metric(distance))
+    except RuntimeError as e:
+        raise ResMemError(f"config key index.factory={cfg.factory!r} is not a FAISS factory string "
+                          f"for {dim}-dim vectors: {str(e).strip().splitlines()[-1]}") from None
+    if cfg.num_shards > rows:
+        raise ResMemError(f"index.num_shards={cfg.num_shards} is more than the memory's {rows} rows")
+    if cfg.backend == "torch" and cfg.factory != "Flat":
+        raise ResMemError(f"index.backend=torch is exact search: it needs index.factory=Flat, "
+                          f"got {cfg.factory!r}")
+
+
+def build_shard(embeddings: np.ndarray, factory: str, distance: str, train_sample: int = 100_000,
+                seed: int = 0) -> faiss.Index:
+    """One FAISS index over a shard's rows (embeddings already prepared); IVF / PQ indices
+    are trained on a random sample of at most `train_sample` rows."""
+    index = faiss.index_factory(embeddings.shape[1], factory, faiss_metric(distance))
+    if not index.is_trained:
+        sample = embeddings
+        if len(embeddings) > train_sample:
+            rows = np.random.default_rng(seed).choice(len(embeddings), train_sample, replace=False)
+            sample = embeddings[np.sort(rows)]
+        try:
+            index.train(sample)
+        except RuntimeError as e:
+            raise ResMemError(f"index.factory={factory!r} could not be trained on {len(sample)} rows "
+                              f"(too few for its clusters?): {str(e).strip().splitlines()[-1]}") from None
+    index.add(embeddings)
+    return index
+
+
+@dataclass
+class Neighbours:
+    """The k nearest memory rows of each query, nearest first."""
+
+    distances: np.ndarray  # (n, k) float32, in the configured distance
+    ids: np.ndarray  # (n, k) int64 example ids
+    labels: np.ndarray  # (n, k) int64
+    residuals: np.ndarray  # (n, k, C) float32; sparse codec: (n, k, m) probabilities of residual_ids
+    residual_ids: np.ndarray | None = None  # (n, k, m) token ids of the sparse codec (sparse.py)
+
+    def first(self, k: int) -> "Neighbours":
+        return Neighbours(self.distances[:, :k], self.ids[:, :k], self.labels[:, :k],
+                          self.residuals[:, :k], None if self.residual_ids is None else self.residual_ids[:, :k])
+
+
+def to_distance(raw: np.ndarray, distance: str) -> np.ndarray:
+    """FAISS scores -> the configured distance (smaller is nearer)."""
+    if distance == "cosine":  # inner product of unit vectors
+        return (1.0 - raw).astype(np.float32)
+    if distance == "l2":  # FAISS's L2 metric reports squared distances
+        return np.sqrt(np.maximum(raw, 0.0)).astype(np.float32)
+    return raw.astype(np.float32)
+
+
+def search_shard(index, rows: dict[str, np.ndarray], queries: np.ndarray, k: int, distance: str):
+    """Local top-k of one shard: (distances, ids, labels, residual rows[, residual ids])."""
+    k = min(k, index.ntotal)
+    raw, local = index.search(queries, k)
+    found = local >= 0  # approximate indices may return fewer than k hits (-1)
+    safe = np.where(found, local, 0)
+    dist = np.where(found, to_distance(raw, distance), np.inf).astype(np.float32)
+    out = (dist, np.where(found, rows["ids"][safe], -1), rows["labels"][safe], rows["residuals"][safe])
+    return out + (rows["residual_ids"][safe],) if "residual_ids" in rows else out
+
+
+def merge_topk(parts: list[tuple], k: int) -> Neighbours:
+    """Global top-k from per-shard answers; ties broken by smaller id, so the result does
+    not depend on how the memory was sharded."""
+    dist = np.concatenate([p[0] for p in parts], axis=1)
+    ids = np.concatenate([p[1] for p in parts], axis=1)
+    order = np.lexsort((ids, dist), axis=-1)[:, :k]
+    take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+    labels = np.concatenate([p[2] for p in parts], axis=1)
+    rows = [np.take_along_axis(np.concatenate([p[j] for p in parts], axis=1), order[..., None], axis=1)
+            for j in range(3, len(parts[0]))]  # residual rows, and residual ids when sparse
+    return Neighbours(take(dist), take(ids), take(labels), *rows)
+
+
+FAISS_GPU_MAX_K = 2048  # FAISS GPU's k and nprobe limit (without cuVS)
+
+
+def set_search_params(index, nprobe: int, ef_search: int) -> None:
+    """Apply the search-time knobs that this index type has."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.nprobe = nprobe
+    hnsw = getattr(faiss.downcast_index(index), "hnsw", None)
+    if hnsw is not None:
+        hnsw.efSearch = ef_search
+
+
+class TorchFlatIndex:
+    """Exact search as a matrix multiply and a top-k in torch, on the GPU when there is
+    one, chunked over memory rows to bound the (queries x rows) score matrix. Answers
+    like a FAISS Flat index: squared L2 (smaller first) or inner product (larger first)."""
+
+    def __init__(self, vectors: np.ndarray, inner_product: bool, device: str,
+                 max_scores: int | None = None):
+        import torch
+
+        self.device, self.inner_product = device, inner_product
+        # score-matrix budget per step: 4 GB on a GPU, 512 MB on the host
+        self.max_scores = max_scores or (1 << 30 if device.startswith("cuda") else 1 << 27)
+        self.db = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(device)
+        self.sq_norms = (self.db * self.db).sum(1)
+        self.ntotal = len(vectors)
+
+    def search(self, queries: np.ndarray, k: int):
+        import torch
+
+        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+        chunk = max(k, self.max_scores // max(len(q), 1))
+        best_s = best_i = None
+        with torch.inference_mode():
+            for start in range(0, self.ntotal, chunk):
+                scores = q @ self.db[start:start + chunk].T
+                if not self.inner_product:  # ||q - x||^2 = ||q||^2 + ||x||^2 - 2 q.x
+                    scores = (q * q).sum(1, keepdim=True) + self.sq_norms[start:start + chunk] - 2 * scores
+                s, i = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=self.inner_product)
+                i += start
+                if best_s is not None:
+                    s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                    s, pos = torch.topk(s, min(k, s.shape[1]), dim=1, largest=self.inner_product)
+                    i = torch.gather(i, 1, pos)
+                best_s, best_i = s, i
+        return best_s.cpu().numpy(), best_i.cpu().numpy()
+
+
+def place_index(index, backend: str, use_gpu: bool):
+    """The shard's searchable index: FAISS on CPU or GPU, or the torch exact backend.
+    Returns (index, where) with `where` a word for the logs."""
+    import torch
+
+    if backend == "torch":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        vectors = index.reconstruct_n(0, index.ntotal)
+        return TorchFlatIndex(vectors, index.metric_type == faiss.METRIC_INNER_PRODUCT, device), f"torch-{device}"
+    if use_gpu:
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            resources = faiss.StandardGpuResources()  # one per searching thread: the actor's
+            gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)  # the actor's GPU is device 0
+            gpu_index.resources = resources  # keep alive as long as the index
+            return gpu_index, "faiss-gpu"
+        print("[lookup] index.use_gpu=true but faiss has no GPU support or sees no GPU here: "
+              "searching on CPU", flush=True)
+    return index, "faiss-cpu"

@@ -1,0 +1,72 @@
+"""`resmem run`: the stage table's pipeline stages in order, skipping the stages whose
+outputs are current.
+
+What a stage's outputs depend on is derived, not listed: its own config keys (the
+stage table), the keys its task declares for it (tasks/registry.py), and those of every
+stage it reads that takes part in the run, transitively; resource keys (schema.py)
+never count.
+"""
+
+from __future__ import annotations
+
+import time
+
+from resmem_ray.schema import Config, leaf_keys
+from resmem_ray.stage_table import STAGES, Stage
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.registry import task_for
+
+
+def enabled(stage: Stage, cfg: Config) -> bool:
+    """Whether `resmem run` runs this stage with this config."""
+    if not stage.in_pipeline:
+        return False
+    if stage.enabled_by is None:
+        return True
+    node = cfg
+    for part in stage.enabled_by.split("."):
+        node = getattr(node, part)
+    return bool(node)
+
+
+def _expand(keys) -> list[str]:
+    """Declared keys (sections or leaves) as the schema's non-resource leaf keys."""
+    return [leaf for leaf, resource in leaf_keys() if not resource
+            and any(leaf == k or leaf.startswith(k + ".") for k in keys)]
+
+
+def stage_keys(name: str, cfg: Config) -> list[str]:
+    """The config keys the outputs of stage `name` follow from, with this config's task."""
+    task = task_for(cfg)
+    keys, seen, frontier = [], set(), [name]
+    while frontier:
+        stage = STAGES[frontier.pop()]
+        if stage.name in seen:
+            continue
+        seen.add(stage.name)
+        keys += [*stage.config, *task.reads.get(stage.name, ())]
+        frontier += [r for r in stage.reads if enabled(STAGES[r], cfg)]
+    return _expand(keys)
+
+
+def run_stage(name: str, cfg: Config, **options):
+    t0 = time.time()
+    print(f"== {name} ==", flush=True)
+    out = STAGES[name].run(cfg, **options)
+    print(f"== {name} done in {time.time() - t0:.1f}s ==", flush=True)
+    return out
+
+
+def run_pipeline(cfg: Config) -> None:
+    """The pipeline's stages in order; a stage whose config keys, output hashes and inputs
+    still match the manifest is skipped, so a rerun continues where a run stopped."""
+    run = RunDir(cfg.run_dir)
+    config = cfg.to_dict()
+    for stage in STAGES.values():
+        if not enabled(stage, cfg):
+            continue
+        reason = run.stale_reason(stage.name, config, stage_keys(stage.name, cfg))
+        if reason is None:
+            print(f"== {stage.name}: finished, outputs match the manifest: skipped ==", flush=True)
+        else:
+            run_stage(stage.name, cfg)

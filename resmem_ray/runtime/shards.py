@@ -1,0 +1,196 @@
+"""The sharded memory on Ray: one Ray task builds each shard; shard actors each hold one
+FAISS shard and its residual rows; a query batch fans out to all shards in parallel and
+a merge keeps the global top-k. With exact (Flat) shards the answer equals one exact
+index over the memory.
+
+The work is core/knn.py's plain functions (build_shard, search_shard, merge_topk);
+this module is the thin Ray shell around them.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check_index_config, merge_topk,
+                                 place_index, search_shard, set_search_params)
+from resmem_ray.errors import ResMemError
+from resmem_ray.schema import IndexConfig
+from resmem_ray.store.artifacts import load_shard
+from resmem_ray.store.files import sha256
+from resmem_ray.store.remote import uri_of
+from resmem_ray.store.rundir import RunDir
+
+
+def _build_shard_files(embeddings, ids, labels, residual_rows, cfg: IndexConfig, distance, shard,
+                       residual_ids=None) -> dict:
+    """A shard's files as bytes: the task needs no storage, so it runs on any node and
+    the caller writes the files wherever the run directory is."""
+    faiss.omp_set_num_threads(1)  # one task per shard, several tasks per host
+    index = build_shard(embeddings, cfg.factory, distance, cfg.train_sample, seed=shard)
+    rows = io.BytesIO()
+    sparse = {} if residual_ids is None else {"residual_ids": residual_ids}  # sparse codec (sparse.py)
+    np.savez(rows, ids=ids, labels=labels, residuals=residual_rows.astype(cfg.residual_dtype, copy=False), **sparse)
+    name = f"shard-{shard:05d}"
+    return {"shard": shard, "rows": int(len(ids)),
+            "data": {f"{name}.faiss": faiss.serialize_index(index).tobytes(), f"{name}.npz": rows.getvalue()}}
+
+
+def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+                 residual_rows: np.ndarray, cfg: IndexConfig, distance: str, normalize: bool,
+                 temperature: float, first_shard: int = 0, residual_ids: np.ndarray | None = None) -> dict:
+    """Split rows into cfg.num_shards contiguous shards, build each in its own Ray task (on
+    any node: it returns the files' bytes) and write them to `folder`; return the index
+    manifest (not written: the caller places it atomically).
+    With `residual_ids`, residual rows are sparse: the probabilities of those token ids."""
+    import ray
+
+    n, dim = embeddings.shape
+    check_index_config(cfg, n, dim, distance)
+    bounds = np.linspace(0, n, cfg.num_shards + 1).astype(int)
+    # "DEFAULT": not captured by an enclosing placement group (a `resmem sweep` trial's)
+    build = ray.remote(num_cpus=0.5, scheduling_strategy="DEFAULT")(_build_shard_files)
+    refs = [build.remote(embeddings[a:b], ids[a:b], labels[a:b], residual_rows[a:b], cfg, distance,
+                         first_shard + s, None if residual_ids is None else residual_ids[a:b])
+            for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    shards = []
+    for i in range(len(refs)):  # in shard order, one shard's bytes held at a time
+        built, refs[i] = ray.get(refs[i]), None
+        files = [Path(folder) / name for name in built["data"]]
+        for p in files:
+            p.write_bytes(built["data"][p.name])
+        shards.append({"shard": built["shard"], "rows": built["rows"], "files": {p.name: sha256(p) for p in files},
+                       "bytes": {p.name: p.stat().st_size for p in files}})
+    return {"dim": int(dim), "rows": int(n), "num_classes": int(residual_rows.shape[1]),
+            "factory": cfg.factory, "distance": distance, "normalize": normalize,
+            "temperature": temperature, "residual_dtype": cfg.residual_dtype, "shards": shards}
+
+
+class ShardActor:
+    """Holds one shard: reads it from the run directory (checked against the manifest).
+    Ray restarts a dead actor, which runs __init__ again and so reloads its shard."""
+
+    def __init__(self, index_dir: str, entry: dict, distance: str, settings: IndexConfig,
+                 run_uri: str | None = None):
+        threads = max(1, int(round(settings.cpus_per_shard)))
+        faiss.omp_set_num_threads(threads)  # the actor's CPU share, not the whole host
+        self.distance, self.error, self.where = distance, None, None
+        try:
+            if run_uri:  # a URI run: this node's mirror of its index (fetched if missing)
+                index_dir = str(RunDir(run_uri, pull=("index",)).index)
+            index, self.rows = load_shard(Path(index_dir), entry)
+            set_search_params(index, settings.nprobe, settings.ef_search)
+            self.index, self.where = place_index(index, settings.backend, settings.use_gpu)
+        except ResMemError as e:  # kept for ready(): Ray drops the cause of a failed __init__
+            self.error = e
+
+    def ready(self) -> str:
+        if self.error:
+            raise self.error
+        return self.where
+
+    def search(self, queries: np.ndarray, k: int):
+        self.ready()
+        if self.where == "faiss-gpu" and k > FAISS_GPU_MAX_K:
+            raise ResMemError(f"k={k} is over FAISS GPU's limit of {FAISS_GPU_MAX_K}: lower k, or set "
+                              "index.backend=torch or index.use_gpu=false")
+        return search_shard(self.index, self.rows, queries, k, self.distance)
+
+
+class ShardedMemory:
+    """S shards x R replicas of shard actors behind one `search(queries, k)` call.
+
+    Each query batch goes to one replica of every shard (round robin over replicas). A
+    replica that dies is restarted by Ray and reloads its shard; meanwhile its query is
+    sent to the next replica, or, with one replica, retried by Ray once it is back.
+    """
+
+    def __init__(self, index_dir: Path, manifest: dict, settings: IndexConfig | None = None):
+        import ray
+
+        settings = settings or IndexConfig()
+        self.manifest, self.replicas, self.calls = manifest, settings.replicas, 0
+        num_actors = len(manifest["shards"]) * settings.replicas
+        gpus = 0.0
+        if settings.use_gpu:
+            available = ray.cluster_resources().get("GPU", 0)
+            if available:
+                gpus = min(1.0, available / num_actors)
+            else:
+                print("[lookup] index.use_gpu=true but the Ray cluster has no GPU: shard actors "
+                      "run on CPU", flush=True)
+        actor = ray.remote(ShardActor).options(
+            num_cpus=settings.cpus_per_shard, num_gpus=gpus, max_restarts=-1,
+            scheduling_strategy="DEFAULT",  # not captured by an enclosing placement group (a sweep trial's)
+            # with one replica Ray retries in-flight queries after the restart; with more,
+            # search() sends them to another replica at once
+            max_task_retries=-1 if settings.replicas == 1 else 0)
+        source = uri_of(index_dir)
+        self.actors = [[actor.remote(str(index_dir), entry, manifest["distance"], settings,
+                                     source[0] if source else None)
+                        for _ in range(settings.replicas)] for entry in manifest["shards"]]
+        try:
+            self.placement = ray.get([a.ready.remote() for reps in self.actors for a in reps])
+        except BaseException:
+            self.close()
+            raise
+
+    def search(self, queries: np.ndarray, k: int) -> Neighbours:
+        import ray
+
+        m = self.manifest
+        if queries.ndim != 2 or queries.shape[1] != m["dim"]:
+            raise ResMemError(f"query embeddings have shape {queries.shape}, the index holds "
+                              f"{m['dim']}-dim vectors")
+        if k > m["rows"]:
+            raise ResMemError(f"k={k} is larger than the memory ({m['rows']} rows)")
+        ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+        first = self.calls % self.replicas
+        self.calls += 1
+        futures = [reps[first].search.remote(ref, k) for reps in self.actors]
+        parts = [self._get(shard, future, first, ref, k) for shard, future in enumerate(futures)]
+        return merge_topk(parts, k)
+
+    def search_batches(self, queries: np.ndarray, k: int, batch_size: int) -> Neighbours:
+        """`search` over many queries, `batch_size` per round trip, with progress."""
+        parts, t0 = [], time.time()
+        for start in range(0, len(queries), batch_size):
+            parts.append(self.search(queries[start:start + batch_size], k))
+            done = min(start + batch_size, len(queries))
+            print(f"[lookup] {done}/{len(queries)} queries ({done / max(time.time() - t0, 1e-9):.0f}/s)",
+                  flush=True)
+        fields = ("distances", "ids", "labels", "residuals") + (("residual_ids",) if parts[0].residual_ids is not None
+                                                               else ())
+        return Neighbours(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
+
+    def _get(self, shard: int, future, replica: int, ref, k: int):
+        """The answer of one shard, failing over to its other replicas."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        for _ in range(1, 4 * self.replicas):
+            try:
+                return ray.get(future)
+            except RayActorError:
+                if self.replicas == 1:
+                    raise
+                replica = (replica + 1) % self.replicas
+                future = self.actors[shard][replica].search.remote(ref, k)
+        return ray.get(future)
+
+    def close(self) -> None:
+        import ray
+
+        for reps in self.actors:
+            for a in reps:
+                ray.kill(a, no_restart=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,42 @@
+"""Stage embed: every split's rows through the trained model with Ray Data (an actor
+pool, one model replica per actor; runtime/embedding.py). The task decides what a row
+holds: an example's (id, label, embedding, logits), or one row per token for a language
+model. Each split is written atomically as parquet under RUN/embeddings/<split>/.
+Residuals are not stored here: `index` computes them, so T changes the memory only."""
+
+from __future__ import annotations
+
+import json
+
+from resmem_ray.errors import ResMemError
+from resmem_ray.schema import Config
+from resmem_ray.store.artifacts import write_split
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.registry import task_for
+from resmem_ray.tasks.splits import SPLITS
+
+
+def embed(cfg: Config) -> dict:
+    task = task_for(cfg)
+    run = RunDir(cfg.run_dir)
+    run.stage_output("train", needed_by="embed")
+    splits, _ = task.load_splits(cfg)
+    meta = json.loads((run.model / "meta.json").read_text())
+    run.mark_running("embed", cfg.to_dict())
+    e = cfg.embed
+    counts = {}
+    for name in SPLITS:
+        split = splits[name]
+        if len(split) == 0:
+            raise ResMemError(f"split '{name}' is empty: check data.limit / data.val_fraction")
+        print(f"[embed] {name}: {len(split)} examples on {e.num_actors} actor(s)", flush=True)
+        rows = write_split(task.embed_rows(cfg, run, split, name, meta), run, name, e.batch_size)
+        if task.one_row_per_example and rows != len(split):
+            raise ResMemError(f"embed wrote {rows} rows for split '{name}', expected {len(split)}")
+        if not task.one_row_per_example:
+            print(f"[embed] {name}: {rows} rows", flush=True)
+        counts[name] = rows
+    run.mark_done("embed", cfg.to_dict(), rows=counts, embedding_dim=meta["embedding_dim"],
+                  num_classes=meta["num_classes"], **task.embed_info(cfg, splits, meta))
+    return counts
+

@@ -1,0 +1,66 @@
+"""Stage evaluate: answer the test split from the sharded memory (shard actors, parallel
+fan-out, global top-k merge) and let the task score every method and write the report
+(RUN/report/: metrics.json, report.md, and the task's tables and plots)."""
+
+from __future__ import annotations
+
+from resmem_ray.core.knn import prepare_queries
+from resmem_ray.errors import ResMemError
+from resmem_ray.runtime.shards import ShardedMemory
+from resmem_ray.schema import Config
+from resmem_ray.store.artifacts import read_index_manifest, read_split
+from resmem_ray.store.files import atomic_dir, read_json, write_json
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.registry import task_for
+
+
+def check_matches_index(cfg: Config, manifest: dict) -> None:
+    """The query-time settings must be those the index was built with."""
+    for key in ("distance", "normalize", "temperature"):
+        if getattr(cfg.resmem, key) != manifest[key]:
+            raise ResMemError(f"config key resmem.{key}={getattr(cfg.resmem, key)!r} differs from "
+                              f"the index's {manifest[key]!r}: rerun `resmem index`")
+
+
+def stored_tuning(run: RunDir, cfg: Config) -> dict | None:
+    """`resmem tune`'s summary when this config evaluates its chosen setting."""
+    path = run.root / "tune" / "best.json"
+    if not path.is_file():
+        return None
+    summary = read_json(path)
+    same = all(getattr(cfg.resmem, key) == value for key, value in summary["best"].items())
+    return summary if same else None
+
+
+def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
+    task = task_for(cfg)
+    run = RunDir(cfg.run_dir)
+    manifest = read_index_manifest(run, needed_by="evaluate")
+    if manifest.get("codec", "dense") != task.codec:
+        raise ResMemError(f"{run.index} holds {manifest.get('codec', 'dense')} residuals, the {task.name} task "
+                          f"reads {task.codec} ones: rerun `resmem index`")
+    check_matches_index(cfg, manifest)
+    tuning = tuning or stored_tuning(run, cfg)
+    if cfg.neighbour_transformer.enabled:
+        run.stage_output("transformer", needed_by="evaluate (neighbour_transformer.enabled)")
+    test = read_split(run, "test", needed_by="evaluate", columns=task.query_columns)
+    queries = prepare_queries(test["embedding"], cfg.resmem.distance, cfg.resmem.normalize)
+    if queries.shape[1] != manifest["dim"]:
+        raise ResMemError(f"embedding dimension {queries.shape[1]} of {run.embeddings / 'test'} does not "
+                          f"match the index in {run.index} ({manifest['dim']} dims): rerun `resmem index`")
+    k = task.lookup_k(cfg)
+    if k > manifest["rows"]:
+        raise ResMemError(f"k={k} (max of resmem.k, evaluate.knn_ks and neighbour_transformer.k) is "
+                          f"larger than the memory ({manifest['rows']} rows)")
+    run.mark_running("evaluate", cfg.to_dict())
+    print(f"[evaluate] {len(queries)} test queries against {manifest['rows']} memory rows in "
+          f"{len(manifest['shards'])} shard actor(s), k={k}", flush=True)
+    with ShardedMemory(run.index, manifest, cfg.index) as memory:
+        print(f"[evaluate] shard actors search on: {', '.join(sorted(set(memory.placement)))}", flush=True)
+        nb = memory.search_batches(queries, k, cfg.evaluate.batch_size)
+    with atomic_dir(run.report) as tmp:
+        metrics = task.evaluate(cfg, run, test, queries, nb, manifest, tmp, tuning)
+        write_json(tmp / "metrics.json", metrics)
+    run.mark_done("evaluate", cfg.to_dict(), **task.done_info(metrics))
+    return metrics
+

@@ -1,0 +1,3 @@
+"""The built-in tasks; importing each registers it (registry.py)."""
+
+from resmem_ray.tasks import image, lm, text  # noqa: F401

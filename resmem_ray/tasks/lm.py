@@ -1,0 +1,162 @@
+"""Token-level ResMem for causal language models (model.name=gpt2_lm).
+
+Every token position t of a text is one memory row: its embedding (the final hidden
+state, or the input of the last block: text.lm_embedding), its label (the next token)
+and its residual in the sparse codec (sparse.py: the base model's top-m token ids and
+probabilities at resmem.temperature). The stages are the same as for images:
+
+  embed     rows of every split, the top-m encoded at resmem.temperature (so T reruns
+            embed here); val/test rows also keep their dense logits (queries need
+            their own full distribution; the memory never does)
+  index     the usual FAISS shards, the sparse rows in place of dense residuals
+  evaluate  next-token accuracy and perplexity, base vs ResMem, and the memory's
+            residual storage against what dense rows would take
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from resmem_ray.core.resmem import kernel_weights, softmax
+from resmem_ray.core.sparse import corrected_probs, encode, token_metrics
+from resmem_ray.errors import ResMemError
+from resmem_ray.runtime.embedding import map_with_model
+from resmem_ray.schema import Config
+from resmem_ray.store.files import atomic_dir
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.registry import register
+from resmem_ray.tasks.splits import Split
+from resmem_ray.tasks.text import SOURCE_KEYS, TextTask, load_text_model, train_bpe
+
+
+class LMEmbedder:
+    """A Ray Data actor: one LM replica; a batch of texts in, one row per next-token
+    prediction out (id = text id * max_length + position)."""
+
+    def __init__(self, run_dir: str, temperature: float, num_threads: int, keep_logits: bool, top_m: int,
+                 layer: str):
+        torch.set_num_threads(num_threads)
+        self.model, _, self.meta = load_text_model(RunDir(run_dir))
+        self.temperature, self.keep_logits, self.top_m = temperature, keep_logits, top_m
+        self.hidden = -1 if layer == "final" else -2  # hidden_states[-2]: the last block's input
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                             output_hidden_states=True)
+        rows, pos = np.nonzero(mask[:, 1:])  # positions whose next token is real
+        logits = out.logits[rows, pos].float().numpy()
+        top_ids, top_probs = encode(logits, self.top_m, self.temperature)
+        result = {"id": batch["id"][rows] * ids.shape[1] + pos, "label": ids[rows, pos + 1],
+                  "embedding": out.hidden_states[self.hidden][rows, pos].float().numpy(),
+                  "top_ids": top_ids, "top_probs": top_probs}
+        if self.keep_logits:
+            result["logits"] = logits
+        return result
+
+
+def residual_storage(manifest: dict) -> dict:
+    """Bytes of the memory's residuals: sparse (label + top-m ids and probabilities per
+    row) and what dense vocabulary-sized rows would take in the same dtype."""
+    rows, m, vocab = manifest["rows"], manifest["top_m"], manifest["num_classes"]
+    prob = np.dtype(manifest["residual_dtype"]).itemsize
+    return {"sparse_bytes": rows * (8 + m * (4 + prob)), "dense_bytes": rows * vocab * prob}
+
+
+def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, batch: int = 1024) -> dict:
+    """Next-token accuracy and perplexity of the base model (T=1) and of ResMem (its
+    clipped, renormalised distribution over the base probabilities at resmem.temperature)."""
+    r = cfg.resmem
+    totals = {"base": np.zeros(3), "resmem": np.zeros(3)}
+    near = nb.first(r.k)
+    for s in range(0, len(labels), batch):
+        sl = slice(s, s + batch)
+        w = kernel_weights(near.distances[sl], r.sigma)
+        p = softmax(logits[sl], r.temperature)
+        q = corrected_probs(p, w, near.labels[sl], near.residual_ids[sl], near.residuals[sl], r.gate,
+                            cfg.text.prob_floor)
+        totals["base"] += token_metrics(softmax(logits[sl]), labels[sl])
+        totals["resmem"] += token_metrics(q, labels[sl])
+    return {m: {"accuracy": t[0] / t[2], "perplexity": float(np.exp(t[1] / t[2]))} for m, t in totals.items()}
+
+
+def lm_report(cfg: Config, m: dict) -> str:
+    r = cfg.resmem
+    lines = [f"# ResMem report: {cfg.data.name}, next-token prediction (GPT-2, {cfg.text.lm_layers} layers, "
+             f"{cfg.text.lm_dim} dims, vocabulary {m['vocab_size']})", "",
+             f"Test split: {m['num_test_tokens']} tokens; memory: {m['memory_rows']} training tokens in "
+             f"{m['num_shards']} shard(s), embedding: {cfg.text.lm_embedding}.",
+             f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate}, distance={r.distance}; "
+             f"corrected distribution clipped below at {cfg.text.prob_floor} x p and renormalised.",
+             f"Residual storage: {m['sparse_bytes'] / 2**20:.2f} MiB sparse (top-{m['top_m']}) vs "
+             f"{m['dense_bytes'] / 2**20:.2f} MiB dense.", "",
+             "| method | next-token accuracy (%) | perplexity |", "| --- | ---: | ---: |",
+             f"| base model | {100 * m['base_accuracy']:.2f} | {m['base_perplexity']:.2f} |",
+             f"| ResMem | {100 * m['resmem_accuracy']:.2f} | {m['resmem_perplexity']:.2f} |"]
+    return "\n".join(lines) + "\n"
+
+
+@register
+class TokenLM(TextTask):
+    name = "lm"
+    models = ("gpt2_lm",)
+    lm = True
+    codec = "sparse"
+    one_row_per_example = False
+    memory_columns = ("id", "label", "embedding", "top_ids", "top_probs")
+    reads = {"train": SOURCE_KEYS + ("text.max_length", "text.pretrained", "text.tokenizer", "text.vocab_size",
+                                     "text.lm_layers", "text.lm_dim", "text.lm_heads"),
+             "embed": ("resmem.temperature", "text.top_m", "text.lm_embedding"),
+             "evaluate": ("text.prob_floor",)}
+
+    def tokenizer(self, cfg: Config, run: RunDir) -> str:
+        return str(run.root / "tokenizer") if cfg.text.tokenizer == "bpe" else super().tokenizer(cfg, run)
+
+    def prepare_tokenizer(self, cfg: Config, run: RunDir, splits: dict) -> None:
+        if cfg.text.tokenizer == "bpe":
+            with atomic_dir(run.root / "tokenizer") as tmp:
+                print(f"[train] training a {cfg.text.vocab_size}-token byte-level BPE on "
+                      f"{len(splits['train'])} train texts", flush=True)
+                train_bpe(splits["train"].texts, cfg.text.vocab_size, tmp)
+
+    def embed_rows(self, cfg: Config, run: RunDir, split: Split, split_name: str, meta: dict):
+        kwargs = {"run_dir": run.location, "temperature": cfg.resmem.temperature, "keep_logits": split_name != "train",
+                  "top_m": cfg.text.top_m, "layer": cfg.text.lm_embedding}
+        return map_with_model(self.token_rows(cfg, run, split, meta), LMEmbedder, kwargs, cfg.embed)
+
+    def embed_info(self, cfg: Config, splits: dict, meta: dict) -> dict:
+        max_id = max(int(s.ids.max()) for s in splits.values())
+        return {"max_id": (max_id + 1) * meta["max_length"], "temperature": cfg.resmem.temperature,
+                "top_m": cfg.text.top_m}
+
+    def memory_rows(self, cfg: Config, rows: dict, temperature: float, embedded: dict) -> dict:
+        if embedded["temperature"] != temperature or embedded.get("top_m") != cfg.text.top_m:
+            raise ResMemError(f"the sparse residuals were embedded at resmem.temperature={embedded['temperature']}, "
+                              f"text.top_m={embedded.get('top_m')}; the config asks for {temperature}, "
+                              f"{cfg.text.top_m}: rerun `resmem embed`")
+        extra = {"top_m": int(rows["top_ids"].shape[1]), "num_classes": embedded["num_classes"]}
+        sizes = residual_storage({"rows": len(rows["id"]), "residual_dtype": cfg.index.residual_dtype, **extra})
+        return {"residuals": rows["top_probs"], "residual_ids": rows["top_ids"], "manifest": extra,
+                "info": {**sizes, "lines": [f"residual storage: {sizes['sparse_bytes'] / 2**20:.2f} MiB sparse "
+                                            f"(top-{extra['top_m']}) vs {sizes['dense_bytes'] / 2**20:.2f} MiB as "
+                                            "dense rows"]}}
+
+    def evaluate(self, cfg: Config, run: RunDir, test: dict, queries, nb, manifest: dict, folder,
+                 tuning: dict | None = None) -> dict:
+        scores = lm_metrics(test["logits"], test["label"], nb, cfg)
+        sizes = residual_storage(manifest)
+        metrics = {"task": "lm", "num_test_tokens": int(len(queries)), "memory_rows": manifest["rows"],
+                   "num_shards": len(manifest["shards"]), "vocab_size": manifest["num_classes"],
+                   "top_m": manifest["top_m"], **sizes,
+                   **{f"{m}_{k}": v for m, d in scores.items() for k, v in d.items()},
+                   "accuracy": {m: d["accuracy"] for m, d in scores.items()}, "resmem": cfg.resmem.__dict__,
+                   "prob_floor": cfg.text.prob_floor}
+        (folder / "report.md").write_text(lm_report(cfg, metrics))
+        return metrics
+
+    def done_info(self, metrics: dict) -> dict:
+        return {"accuracy": metrics["accuracy"],
+                "perplexity": {m: metrics[f"{m}_perplexity"] for m in ("base", "resmem")}}
+

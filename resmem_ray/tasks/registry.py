@@ -1,0 +1,142 @@
+"""Tasks as plugins: what ResMem is applied to (image classification, text
+classification, a token-level language model, regression), each one module behind the
+small interface of `Task`, registered by name the way timm registers models.
+
+A task owns its data, its models and how they train, embed and are scored; the stages
+(stages/) own the order of work and the run directory, and ask `task_for(cfg)` for the
+task that `model.name` picks. A task also declares which config keys each stage's
+outputs follow from through it (`reads`), so resumption knows what a change makes stale.
+
+A new task is one module that subclasses Task and is decorated with `@register`, plus
+its import in tasks/__init__.py (or an entry point in the group `resmem_ray.tasks`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from resmem_ray.errors import ConfigError, ResMemError
+
+if TYPE_CHECKING:
+    from resmem_ray.schema import Config
+    from resmem_ray.store.rundir import RunDir
+
+_TASKS: dict[str, "Task"] = {}
+
+
+class Task:
+    """One kind of problem. Subclasses set the names and override what they support."""
+
+    name: str = ""
+    datasets: tuple[str, ...] = ()  # data.name values it reads
+    models: tuple[str, ...] = ()  # model.name values it builds (model.name picks the task)
+    # per stage, the config keys (sections or leaves) its outputs follow from through this task
+    reads: dict[str, tuple[str, ...]] = {}
+    codec: str = "dense"  # residual rows in the memory: dense (C floats) | sparse (top-m) | scalar
+    one_row_per_example: bool = True  # embed writes one row per example (False: per token)
+    query_columns: tuple[str, ...] = ("id", "label", "embedding", "logits")
+    memory_columns: tuple[str, ...] = ("id", "label", "embedding", "logits")
+
+    # --- config and data --------------------------------------------------------------
+    def check_config(self, cfg: "Config") -> None:
+        """Raise ConfigError naming the key for settings this task cannot run."""
+
+    def load_splits(self, cfg: "Config") -> tuple[dict, Any]:
+        """({"train", "val", "test"} -> Split, DatasetInfo)."""
+        raise NotImplementedError
+
+    # --- train ------------------------------------------------------------------------
+    def training(self, cfg: "Config", run: "RunDir", splits: dict, info) -> tuple[Any, dict | None]:
+        """(runtime.trainer.Recipe, Ray datasets for the trainer or None)."""
+        raise NotImplementedError
+
+    def save_model(self, cfg: "Config", run: "RunDir", folder, state: dict, info) -> dict:
+        """Write the trained model into `folder`; return its meta.json content (with
+        num_classes and embedding_dim)."""
+        raise NotImplementedError
+
+    # --- embed ------------------------------------------------------------------------
+    def embed_rows(self, cfg: "Config", run: "RunDir", split, split_name: str, meta: dict):
+        """A Ray Dataset of the split's rows (id, label, embedding and what later stages read)."""
+        raise NotImplementedError
+
+    def embed_info(self, cfg: "Config", splits: dict, meta: dict) -> dict:
+        """What the embed stage records in the manifest (max_id: the largest example id)."""
+        return {"max_id": max(int(s.ids.max()) for s in splits.values())}
+
+    # --- index ------------------------------------------------------------------------
+    def memory_rows(self, cfg: "Config", rows: dict, temperature: float, embedded: dict) -> dict:
+        """The memory's rows from embedding rows: {"residuals", "residual_ids" (sparse
+        codec only), "manifest" (extra index manifest fields), "info" (for the log)}."""
+        raise NotImplementedError
+
+    # --- evaluate ---------------------------------------------------------------------
+    def lookup_k(self, cfg: "Config") -> int:
+        """How many neighbours evaluate asks the memory for."""
+        return cfg.resmem.k
+
+    def evaluate(self, cfg: "Config", run: "RunDir", test: dict, queries, nb, manifest: dict, folder,
+                 tuning: dict | None = None) -> dict:
+        """Score every method on the test rows from their neighbours `nb`; write
+        report.md (and plots, predictions) into `folder`; return metrics. `tuning`: `resmem
+        tune`'s summary when the config evaluates its chosen setting."""
+        raise NotImplementedError
+
+    def done_info(self, metrics: dict) -> dict:
+        """What evaluate records in the manifest."""
+        return {"accuracy": metrics["accuracy"]}
+
+    # --- memorize ---------------------------------------------------------------------
+    def read_examples(self, path: str, meta: dict):
+        """New labelled examples for `resmem memorize`, as a Split."""
+        raise ResMemError(f"resmem memorize takes images; model.name={self.models[0]} ({self.name}) runs cannot "
+                          "add examples yet")
+
+
+def register(cls: type[Task]) -> type[Task]:
+    """Class decorator: make a task available by its name and its models' names."""
+    task = cls()
+    for other in _TASKS.values():
+        clash = set(task.models) & set(other.models)
+        if clash:
+            raise ValueError(f"task {task.name}: model name(s) {sorted(clash)} already belong to {other.name}")
+    _TASKS[task.name] = task
+    return cls
+
+
+def tasks() -> dict[str, Task]:
+    _discover()
+    return dict(_TASKS)
+
+
+def task_for(cfg: "Config") -> Task:
+    """The task that cfg.model.name picks, after checking that data.name fits it."""
+    _discover()
+    by_model = {m: t for t in _TASKS.values() for m in t.models}
+    by_data = {d: t for t in _TASKS.values() for d in t.datasets}
+    if cfg.data.name not in by_data:
+        raise ConfigError(f"config key data.name: unknown value {cfg.data.name!r} (choose from {', '.join(by_data)})")
+    if cfg.model.name not in by_model:
+        raise ConfigError(f"config key model.name: unknown value {cfg.model.name!r} "
+                          f"(choose from {', '.join(by_model)})")
+    task = by_model[cfg.model.name]
+    if cfg.data.name not in task.datasets:
+        raise ConfigError(f"config key model.name={cfg.model.name!r} does not fit data.name={cfg.data.name!r}: "
+                          f"the {task.name} task reads {', '.join(task.datasets)}")
+    return task
+
+
+_DISCOVERED = False
+
+
+def _discover() -> None:
+    """Load installed plugins' tasks, each named by an entry point in the group
+    `resmem_ray.tasks` (the built-in ones are imported by tasks/__init__.py)."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="resmem_ray.tasks"):
+        ep.load()
