@@ -1,0 +1,48 @@
+"""The fourth task, regression, end to end through `resmem run`: RMSE of the base model,
+k-NN regression and ResMem, checked against a brute-force numpy computation."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from resmem_ray.cli import main
+from resmem_ray.config import load_config
+from resmem_ray.core.resmem import kernel_weights
+from resmem_ray.store.artifacts import read_split
+from resmem_ray.store.rundir import RunDir
+
+
+@pytest.mark.timeout(300)
+def test_linear_simulation_run(ray_session, tmp_path, capsys):
+    args = ["--config", "jobs/configs/linear_sim.yaml", f"run_dir={tmp_path / 'run'}", "train.epochs=4",
+            "evaluate.knn_ks=[1,10]"]
+    assert main(["run", *args]) == 0
+    out = capsys.readouterr().out
+    assert "| method | test RMSE |" in out and "| 10-NN regression |" in out
+    cfg = load_config(args[1], tuple(args[2:]))
+    run = RunDir(cfg.run_dir)
+    metrics = json.loads((run.report / "metrics.json").read_text())
+    assert metrics["num_test"] == 750 and metrics["memory_rows"] == 1912
+    # a linear model cannot fit y's sine; the memory of its residuals gives part of it back
+    assert metrics["rmse"]["resmem"] < metrics["rmse"]["base"]
+
+    train = read_split(run, "train", "test", ("id", "label", "embedding", "prediction"))
+    test = read_split(run, "test", "test", ("id", "label", "embedding", "prediction"))
+    d = np.linalg.norm(test["embedding"][:, None] - train["embedding"][None], axis=2)  # exact l2, no normalising
+    order = np.argsort(d, axis=1, kind="stable")
+    r, k = cfg.resmem, cfg.resmem.k
+    near = order[:, :k]
+    w = kernel_weights(np.take_along_axis(d, near, 1), r.sigma)
+    resmem = test["prediction"] + r.gate * (w * (train["label"] - train["prediction"])[near]).sum(1)
+    preds = pq.read_table(run.report / "predictions.parquet").to_pydict()
+    np.testing.assert_allclose(preds["resmem"], resmem, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(preds["knn_10"], train["label"][order[:, :10]].mean(1), rtol=1e-6)
+    rmse = np.sqrt(np.mean((resmem - test["label"]) ** 2))
+    assert metrics["rmse"]["resmem"] == pytest.approx(rmse, rel=1e-4)
+
+
+def test_regression_configs_load():
+    cfg = load_config("jobs/configs/diabetes.yaml")
+    assert (cfg.data.name, cfg.model.name) == ("diabetes", "mlp")

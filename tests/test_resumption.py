@@ -1,0 +1,116 @@
+"""Which stages a change of each config key makes stale, for every task: a table walked
+over every leaf key of the schema, against a run directory whose stages are all done."""
+
+import copy
+
+import pytest
+
+from resmem_ray.config import load_config
+from resmem_ray.pipeline import enabled, stage_keys
+from resmem_ray.schema import leaf_keys
+from resmem_ray.stage_table import STAGES
+from resmem_ray.store.rundir import RunDir
+
+ALL = {"train", "embed", "index", "transformer", "tune", "evaluate"}
+FROM_EMBED = ALL - {"train"}
+FROM_INDEX = FROM_EMBED - {"embed"}
+SEARCHING = {"transformer", "tune", "evaluate"}
+TEXT_SOURCE = ("text.hf_path", "text.hf_subset", "text.train_split", "text.test_split", "text.text_column",
+               "text.label_column", "text.max_length", "text.pretrained")
+LM_MODEL = ("text.tokenizer", "text.vocab_size", "text.lm_layers", "text.lm_dim", "text.lm_heads")
+
+# key (or section) -> stages it makes stale; the most specific entry wins. Keys of no
+# entry make nothing stale (resources, run_dir, sweep, other tasks' keys).
+COMMON = {
+    "seed": ALL, "data": ALL, "model": ALL, "train": ALL,
+    "index.num_shards": FROM_INDEX, "index.factory": FROM_INDEX, "index.train_sample": FROM_INDEX,
+    "index.residual_dtype": FROM_INDEX, "index.nprobe": SEARCHING, "index.ef_search": SEARCHING,
+    "index.backend": SEARCHING,
+    "resmem.distance": FROM_INDEX, "resmem.normalize": FROM_INDEX,
+    "resmem.k": {"evaluate"}, "resmem.sigma": {"evaluate"}, "resmem.gate": {"evaluate"},
+    "resmem.gate_threshold": {"evaluate"}, "resmem.gate_softness": {"evaluate"},
+    "tune": {"tune"}, "evaluate.knn_ks": {"evaluate"}, "neighbour_transformer.enabled": {"transformer", "evaluate"},
+    "neighbour_transformer": {"transformer", "evaluate"},
+    # resources: where and how fast, never what
+    "train.use_gpu": set(), "train.cpus_per_worker": set(), "tune.cpus_per_trial": set(),
+    "neighbour_transformer.cpus_per_worker": set(),
+}
+EXPECTED = {
+    "digits": {**COMMON, "resmem.temperature": FROM_INDEX},
+    "bbc_news": {**COMMON, "resmem.temperature": FROM_INDEX, **{k: ALL for k in TEXT_SOURCE},
+                 "text.freeze_encoder": ALL},
+    "bbc_lm": {**COMMON, "resmem.temperature": FROM_EMBED, **{k: ALL for k in TEXT_SOURCE + LM_MODEL},
+               "text.top_m": FROM_EMBED, "text.lm_embedding": FROM_EMBED, "text.prob_floor": {"evaluate"}},
+    "diabetes": COMMON,
+}
+
+
+def expected(table: dict, key: str, done: set) -> set:
+    matches = [k for k in table if key == k or key.startswith(k + ".")]
+    stale = table[max(matches, key=len)] if matches else set()
+    if key.startswith("neighbour_transformer.") and key != "neighbour_transformer.enabled" \
+            and "transformer" not in done:
+        stale = set()  # a disabled Transformer's settings change nothing that ran
+    return stale & done
+
+
+def changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, list):
+        return value + value[-1:] if value else [1]
+    return f"{value}-changed"
+
+
+def set_key(config: dict, key: str, value) -> dict:
+    out = copy.deepcopy(config)
+    node = out
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    return out
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_each_key_makes_exactly_its_stages_stale(name, tmp_path):
+    cfg = load_config(f"jobs/configs/{name}.yaml", (f"run_dir={tmp_path}",))
+    run = RunDir(tmp_path)
+    config = cfg.to_dict()
+    done = {s for s in ALL if enabled(STAGES[s], cfg) or s == "tune"}
+    for stage in [s for s in STAGES if s in done]:  # table order: readers after what they read
+        run.mark_running(stage, config)
+        if STAGES[stage].folder:
+            (run.root / STAGES[stage].folder).mkdir(exist_ok=True)
+            (run.root / STAGES[stage].folder / "out.bin").write_bytes(stage.encode())
+        run.mark_done(stage, config)
+    keys = {s: stage_keys(s, cfg) for s in done}
+    assert all(run.stale_reason(s, config, keys[s]) is None for s in done)
+    table = EXPECTED[name]
+    for key, _ in leaf_keys():
+        old = config
+        for part in key.split("."):
+            old = old[part]
+        new = set_key(config, key, changed(old))
+        stale = {s for s in done if run.stale_reason(s, new, keys[s]) is not None}
+        assert stale == expected(table, key, done), f"{name}: {key}"
+
+
+def test_a_rerun_upstream_or_a_changed_input_makes_readers_stale(tmp_path):
+    cfg = load_config("jobs/configs/digits.yaml", (f"run_dir={tmp_path}", "neighbour_transformer.enabled=false"))
+    run, config = RunDir(tmp_path), cfg.to_dict()
+    for stage in ("train", "embed", "index", "evaluate"):
+        run.mark_running(stage, config)
+        (run.root / STAGES[stage].folder).mkdir(exist_ok=True)
+        (run.root / STAGES[stage].folder / "out.bin").write_bytes(b"v1")
+        run.mark_done(stage, config)
+    # a stage's outputs change under it (resmem memorize adds shards): its readers are stale
+    (run.index / "shard-00009.npz").write_bytes(b"added")
+    run.update_outputs("index")
+    assert run.stale_reason("index", config, stage_keys("index", cfg)) is None
+    assert run.stale_reason("evaluate", config, stage_keys("evaluate", cfg)) == "what it read changed: index"
+    # rerunning a stage drops every stage that read it, transitively
+    run.mark_running("embed", config)
+    assert set(run.manifest()["stages"]) == {"train", "embed"}
