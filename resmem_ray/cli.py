@@ -14,8 +14,9 @@ import sys
 
 from resmem_ray.config import load_config
 from resmem_ray.errors import ResMemError
-from resmem_ray.pipeline import run_pipeline, run_stage
+from resmem_ray.pipeline import enabled, run_pipeline, run_stage
 from resmem_ray.stage_table import STAGES
+from resmem_ray.store.rundir import RunDir
 
 
 RUN_HELP = "all stages of the pipeline in order, skipping those whose outputs are current"
@@ -23,11 +24,37 @@ SUBMIT_USAGE = ("resmem submit [--address URL] [--runtime-env FILE] [--working-d
                 "STAGE [--config FILE] [key=value ...]")
 
 
-def init_ray() -> None:
+def init_ray(verbose: bool = False) -> None:
+    """Connect to RAY_ADDRESS's cluster or start a local instance. Ray's own INFO lines
+    (start-up, per-report checkpoint lines, Ray Data's banners and progress bars) go to
+    its log files; `--verbose` shows them."""
+    import logging
+
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    os.environ["RESMEM_VERBOSE"] = "1" if verbose else "0"
+    if ray.is_initialized():
+        return
+    quiet = None if verbose else ray.LoggingConfig(log_level="WARNING")
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_config=quiet)
+    if not verbose:
+        import ray.data
+
+        for name in ("ray", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its warnings speak of its progress bars
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def preflight(command: str, cfg, run: RunDir) -> None:
+    """The cheap checks, before Ray starts: the inputs the command reads are finished
+    (the nearest first), and the run directory may be written."""
+    if command != "run":
+        stage = STAGES[command]
+        for name in reversed(stage.reads):
+            if enabled(STAGES[name], cfg):
+                run.stage_output(name, needed_by=command)
+    run.claim()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML config (defaults: the digits run)")
         p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=5")
+        p.add_argument("--verbose", action="store_true", help="also show Ray's own log lines")
         for flag, option_help in getattr(STAGES.get(name), "options", ()):
             p.add_argument(flag, required=True, help=option_help)
+    p = sub.add_parser("status", help="a run's stages: done / running / stale and why, durations, output sizes")
+    p.add_argument("--config", help="YAML config to compare the run with (default: the run's own)")
+    p.add_argument("run_and_overrides", nargs="+", metavar="RUN [key=value ...]",
+                   help="the run directory (a path or URI), then dotted overrides of the config compared with")
     p = sub.add_parser("submit", usage=SUBMIT_USAGE,
                        help="run a stage (or `run`) as a Ray job on a cluster, stream its logs, return its status")
     p.add_argument("--address", help="Ray dashboard / jobs address, e.g. http://127.0.0.1:8265 "
@@ -48,25 +80,43 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-wait", action="store_true", help="return once submitted")
     p.add_argument("stage", help=" | ".join([*STAGES, "run"]))
     p.add_argument("stage_args", nargs=argparse.REMAINDER, help="the stage's --config and overrides")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "status":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "status":  # RUN, then overrides, on either side of --config
+        args.run_and_overrides += extra
     if args.command == "submit":
         return _submit(args)
     try:
-        cfg = load_config(args.config, tuple(args.overrides))
-        init_ray()
-        if args.command == "run":
-            run_pipeline(cfg)
-        else:
-            options = {flag.lstrip("-"): getattr(args, flag.lstrip("-")) for flag, _ in STAGES[args.command].options}
-            run_stage(args.command, cfg, **options)
-        if args.command in ("run", "evaluate") or (args.command == "tune" and cfg.tune.evaluate):
-            from resmem_ray.store.rundir import RunDir
+        if args.command == "status":
+            from resmem_ray.status import print_status
 
-            print(RunDir(cfg.run_dir).report.joinpath("report.md").read_text())
+            print_status(args.run_and_overrides[0], args.config, tuple(args.run_and_overrides[1:]))
+            return 0
+        cfg = load_config(args.config, tuple(args.overrides))
+        run = RunDir(cfg.run_dir)
+        preflight(args.command, cfg, run)
+        with run.lock(" ".join(["resmem", *(argv if argv is not None else sys.argv[1:])])):
+            init_ray(args.verbose)
+            if args.command == "run":
+                run_pipeline(cfg)
+            else:
+                options = {flag.lstrip("-"): getattr(args, flag.lstrip("-"))
+                           for flag, _ in STAGES[args.command].options}
+                run_stage(args.command, cfg, **options)
+        if args.command in ("run", "evaluate") or (args.command == "tune" and cfg.tune.evaluate):
+            print(run.report.joinpath("report.md").read_text())
     except ResMemError as e:
         cause = getattr(e, "cause", None) or e  # errors raised inside Ray tasks arrive wrapped
         print(f"resmem: error: {cause}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full disk, a missing file: one line, not a traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"resmem: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("resmem: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
     return 0
 
 

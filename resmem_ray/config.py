@@ -13,11 +13,11 @@ dataclasses, so moving to OmegaConf later is a change of this file alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import yaml
 
 from resmem_ray.errors import ConfigError, ResMemError
@@ -34,26 +34,60 @@ CHOICES = {
     "index.residual_dtype": ("float32", "float16"),
     "tune.search": ("grid", "random", "optuna"),
 }
-POSITIVE = ("train.epochs", "train.batch_size", "train.num_workers", "embed.batch_size",
-            "embed.num_actors", "index.num_shards", "index.replicas", "index.nprobe",
-            "index.ef_search", "index.train_sample", "index.cpus_per_shard", "resmem.k", "resmem.sigma",
-            "resmem.temperature", "evaluate.batch_size", "model.width", "data.imbalance_ratio",
-            "neighbour_transformer.k", "neighbour_transformer.d_model", "neighbour_transformer.layers",
-            "neighbour_transformer.heads", "neighbour_transformer.epochs", "neighbour_transformer.batch_size",
-            "neighbour_transformer.lr", "neighbour_transformer.num_workers",
-            "neighbour_transformer.cpus_per_worker", "sweep.reduction_factor", "sweep.max_concurrent",
-            "sweep.cpus_per_trial", "text.max_length",
-            "text.vocab_size", "text.lm_layers", "text.lm_dim", "text.lm_heads", "text.top_m")
+
+# Every numeric key and the interval it must lie in ("(0, inf)": positive; lists: each
+# element). NaN and infinities are refused everywhere: a NaN sigma is not a setting.
+RANGES = {
+    "seed": "[0, inf)", "data.val_fraction": "[0, 1)", "data.test_fraction": "[0, 1)", "data.limit": "(0, inf)",
+    "data.image_size": "(0, inf)", "data.imbalance_ratio": "[1, inf)", "model.width": "(0, inf)",
+    "train.epochs": "(0, inf)", "train.batch_size": "(0, inf)", "train.lr": "(0, inf)", "train.momentum": "[0, 1)",
+    "train.weight_decay": "[0, inf)", "train.num_workers": "(0, inf)", "train.cpus_per_worker": "(0, inf)",
+    "text.max_length": "(0, inf)", "text.vocab_size": "(0, inf)", "text.lm_layers": "(0, inf)",
+    "text.lm_dim": "(0, inf)", "text.lm_heads": "(0, inf)", "text.top_m": "(0, inf)", "text.prob_floor": "[0, 1)",
+    "embed.batch_size": "(0, inf)", "embed.num_actors": "(0, inf)", "embed.cpus_per_actor": "(0, inf)",
+    "embed.gpus_per_actor": "[0, inf)",
+    "index.num_shards": "(0, inf)", "index.train_sample": "(0, inf)", "index.nprobe": "(0, inf)",
+    "index.ef_search": "(0, inf)", "index.replicas": "(0, inf)", "index.cpus_per_shard": "(0, inf)",
+    "index.placement_timeout_s": "(0, inf)",
+    "resmem.k": "(0, inf)", "resmem.sigma": "(0, inf)", "resmem.temperature": "(0, inf)", "resmem.gate": "[0, inf)",
+    "resmem.gate_threshold": "(0, inf)", "resmem.gate_softness": "[0, inf)",
+    "tune.num_samples": "(0, inf)", "tune.k": "(0, inf)", "tune.sigma": "(0, inf)", "tune.temperature": "(0, inf)",
+    "tune.gate": "(0, inf)", "tune.gate_threshold": "(0, inf)", "tune.gate_softness": "[0, inf)",
+    "tune.cpus_per_trial": "(0, inf)",
+    "neighbour_transformer.k": "(0, inf)", "neighbour_transformer.d_model": "(0, inf)",
+    "neighbour_transformer.layers": "(0, inf)", "neighbour_transformer.heads": "(0, inf)",
+    "neighbour_transformer.epochs": "(0, inf)", "neighbour_transformer.batch_size": "(0, inf)",
+    "neighbour_transformer.lr": "(0, inf)", "neighbour_transformer.num_workers": "(0, inf)",
+    "neighbour_transformer.cpus_per_worker": "(0, inf)",
+    "sweep.width": "(0, inf)", "sweep.lr": "(0, inf)", "sweep.rungs": "(0, inf)", "sweep.reduction_factor": "(1, inf)",
+    "sweep.max_concurrent": "(0, inf)", "sweep.cpus_per_trial": "(0, inf)",
+    "evaluate.knn_ks": "(0, inf)", "evaluate.batch_size": "(0, inf)",
+}
+NON_EMPTY = ("tune.k", "tune.sigma", "tune.temperature", "tune.gate", "tune.gate_threshold", "tune.gate_softness",
+             "tune.distance", "tune.normalize", "sweep.width", "sweep.rungs", "evaluate.knn_ks")
+
+
+def _in_range(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    return math.isfinite(value) and above and below
+
 
 def read_yaml_mapping(path: str, what: str, error: type[ResMemError] = ResMemError) -> dict:
-    """A YAML file holding a mapping, or `error` naming `what` and the file."""
+    """A YAML file holding a mapping, or `error` naming `what` and the file, in one line."""
     p = Path(path)
     if not p.is_file():
         raise error(f"{what} not found: {path}")
     try:
         raw = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise error(f"{what} {path} is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise error(f"{what} {path} is not valid YAML{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path} cannot be read: {e}") from None
     if not isinstance(raw, dict):
         raise error(f"{what} {path} must hold a mapping at the top level")
     return raw
@@ -73,6 +107,11 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {part} is not a section")
         node[leaf] = yaml.safe_load(value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict) -> Config:
+    """A checked Config from a nested mapping (a YAML file's, or a run manifest's)."""
     cfg = _build(Config, raw, prefix="")
     _check_values(cfg)
     task_for(cfg).check_config(cfg)
@@ -131,33 +170,21 @@ def _check_values(cfg: Config) -> None:
         if _get(cfg, key) not in allowed:
             raise ConfigError(f"config key {key}: unknown value {_get(cfg, key)!r} "
                               f"(choose from {', '.join(allowed)})")
-    for key in POSITIVE:
-        if _get(cfg, key) <= 0:
-            raise ConfigError(f"config key {key} must be positive, got {_get(cfg, key)}")
-    for frac in ("data.val_fraction", "data.test_fraction"):
-        if not 0 <= _get(cfg, frac) < 1:
-            raise ConfigError(f"config key {frac} must be in [0, 1), got {_get(cfg, frac)}")
-    for key in ("tune.k", "tune.sigma", "tune.temperature", "tune.gate", "tune.gate_threshold"):
-        values = _get(cfg, key)
-        if not values or any(v <= 0 for v in values):
-            raise ConfigError(f"config key {key} must be a non-empty list of positive values, got {values}")
-    if cfg.data.imbalance_ratio < 1:
-        raise ConfigError(f"config key data.imbalance_ratio must be >= 1 (1: balanced), got {cfg.data.imbalance_ratio}")
-    for key in ("tune.gate_softness", "resmem.gate_softness"):
-        if any(v < 0 for v in np.atleast_1d(_get(cfg, key))):
-            raise ConfigError(f"config key {key} must be >= 0, got {_get(cfg, key)}")
+    for key in NON_EMPTY:
+        if not _get(cfg, key):
+            raise ConfigError(f"config key {key} must be a non-empty list, got []")
+    for key, interval in RANGES.items():
+        value = _get(cfg, key)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not _in_range(v, interval):
+                word = "positive" if interval == "(0, inf)" else f"in {interval}"
+                raise ConfigError(f"config key {key} must be {word}, got {v}")
     for key, allowed in (("tune.distance", CHOICES["resmem.distance"]), ("tune.normalize", (True, False))):
-        if not _get(cfg, key) or any(v not in allowed for v in _get(cfg, key)):
+        if any(v not in allowed for v in _get(cfg, key)):
             raise ConfigError(f"config key {key} must be a non-empty list of {allowed}, got {_get(cfg, key)}")
     if cfg.neighbour_transformer.d_model % cfg.neighbour_transformer.heads:
         raise ConfigError("config key neighbour_transformer.d_model must be a multiple of "
                           "neighbour_transformer.heads")
-    for key in ("sweep.width", "sweep.rungs", "sweep.lr"):
-        if any(v <= 0 for v in _get(cfg, key)) or (key != "sweep.lr" and not _get(cfg, key)):
-            raise ConfigError(f"config key {key} must be a non-empty list of positive values, got {_get(cfg, key)}")
     if cfg.sweep.rungs != sorted(set(cfg.sweep.rungs)):
         raise ConfigError(f"config key sweep.rungs must be increasing epochs, got {cfg.sweep.rungs}")
-    if any(k <= 0 for k in cfg.evaluate.knn_ks):
-        raise ConfigError(f"config key evaluate.knn_ks must hold positive ints, got {cfg.evaluate.knn_ks}")
-    if not 0 <= cfg.text.prob_floor < 1:
-        raise ConfigError(f"config key text.prob_floor must be in [0, 1), got {cfg.text.prob_floor}")
+

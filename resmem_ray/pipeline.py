@@ -50,9 +50,15 @@ def stage_keys(name: str, cfg: Config) -> list[str]:
 
 
 def run_stage(name: str, cfg: Config, **options):
+    """One stage; if it stops early, its manifest entry says so (failed | interrupted)."""
     t0 = time.time()
     print(f"== {name} ==", flush=True)
-    out = STAGES[name].run(cfg, **options)
+    try:
+        out = STAGES[name].run(cfg, **options)
+    except BaseException as e:
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        RunDir(cfg.run_dir).mark_stopped(status, str(getattr(e, "cause", None) or e) or type(e).__name__)
+        raise
     print(f"== {name} done in {time.time() - t0:.1f}s ==", flush=True)
     return out
 

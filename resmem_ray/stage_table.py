@@ -56,7 +56,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           config=("resmem.k", "resmem.sigma", "resmem.gate", "resmem.gate_threshold", "resmem.gate_softness",
                   "evaluate", "neighbour_transformer.enabled", *SEARCH)),
     Stage("memorize", "add labelled examples (--examples FILE) to the memory, no retraining",
-          "resmem_ray.stages.memorize:memorize",
+          "resmem_ray.stages.memorize:memorize", reads=("train", "embed", "index"),
           options=(("--examples", "the examples: for image runs an .npz with images (N, C, H, W) uint8 and "
                                   "labels (N,)"),)),
     Stage("sweep", "Ray Tune + ASHA over the base model (sweep.width, sweep.lr): the pipeline per trial",

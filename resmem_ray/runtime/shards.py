@@ -10,6 +10,7 @@ this module is the thin Ray shell around them.
 from __future__ import annotations
 
 import io
+import os
 import time
 from pathlib import Path
 
@@ -129,15 +130,30 @@ class ShardedMemory:
             # with one replica Ray retries in-flight queries after the restart; with more,
             # search() sends them to another replica at once
             max_task_retries=-1 if settings.replicas == 1 else 0)
+        need = num_actors * settings.cpus_per_shard
+        asked = (f"{len(manifest['shards'])} shards x {settings.replicas} replicas = {num_actors} shard actors x "
+                 f"index.cpus_per_shard={settings.cpus_per_shard:g} CPU = {need:g} CPUs")
+        total = ray.cluster_resources().get("CPU", 0)
+        if need > total and not os.environ.get("RAY_ADDRESS"):  # a local instance: no node will join
+            raise ResMemError(f"{asked}, but this Ray instance has {total:g} CPUs: lower index.num_shards, "
+                              "index.replicas or index.cpus_per_shard")
         source = uri_of(index_dir)
         self.actors = [[actor.remote(str(index_dir), entry, manifest["distance"], settings,
                                      source[0] if source else None)
                         for _ in range(settings.replicas)] for entry in manifest["shards"]]
         try:
-            self.placement = ray.get([a.ready.remote() for reps in self.actors for a in reps])
+            self.placement = ray.get([a.ready.remote() for reps in self.actors for a in reps],
+                                     timeout=settings.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise ResMemError(f"{asked}: not all could be placed within index.placement_timeout_s="
+                              f"{settings.placement_timeout_s:g} s (the cluster has "
+                              f"{ray.available_resources().get('CPU', 0):g} of {ray.cluster_resources().get('CPU', 0):g}"
+                              " CPUs free)") from None
         except BaseException:
             self.close()
             raise
+        print(f"[lookup] {asked}", flush=True)
 
     def search(self, queries: np.ndarray, k: int) -> Neighbours:
         import ray

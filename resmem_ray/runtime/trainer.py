@@ -13,8 +13,11 @@ name under the run directory, as Ray Train V2 resumes).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,11 @@ class Recipe:
     score: str = "acc"  # what the score sum over count is: acc | next-token acc | mse
     seed_by_rank: bool = True  # False: every rank draws the same random numbers
     prepare: Callable[[], None] | None = None  # once per worker before building (e.g. load data)
+
+
+def verbose() -> bool:
+    """Whether Ray's own log lines are wanted (`resmem ... --verbose`)."""
+    return os.environ.get("RESMEM_VERBOSE") == "1"
 
 
 def _all_sum(values: list[float], device) -> list[float]:
@@ -69,6 +77,8 @@ def worker_loop(config: dict) -> None:
     import ray.train.torch
 
     recipe: Recipe = config["recipe"]
+    if not config["verbose"]:  # Ray Train's per-report INFO lines go to its log files
+        logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(recipe.seed + (rank if recipe.seed_by_rank else 0))
@@ -126,32 +136,56 @@ def start(run, stage: str, config: dict, epochs: int) -> None:
     """Mark `stage` running. Resume only an interrupted or stopped-early run (of `epochs`)
     with the same config (Ray Train finds its checkpoints); anything else trains afresh."""
     previous = run.manifest()["stages"].get(stage, {})
-    unfinished = previous.get("status") == "running" or previous.get("epochs_done", epochs) < epochs
+    unfinished = previous.get("status") in ("running", "interrupted", "failed") \
+        or previous.get("epochs_done", epochs) < epochs
     if not unfinished or previous.get("config") != config:
         run.delete(f"ray_{stage}")  # forget old checkpoints: start from scratch
     run.mark_running(stage, config)
+
+
+def _fit_in_a_thread(trainer):
+    """trainer.fit() in a thread of its own: in the main thread Ray Train installs a SIGINT
+    handler that ends the process with no word; here Ctrl-C stays a KeyboardInterrupt
+    (the workers end with the driver)."""
+    out: dict = {}
+
+    def target():
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as e:  # handed to the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def fit(run, recipe: Recipe, num_workers: int, cpus_per_worker: float, use_gpu: bool = False,
         datasets: dict | None = None, until_epoch: int | None = None) -> tuple[dict, list[dict]]:
     """Fit a TorchTrainer over `num_workers`; (final state, per-epoch history) from its
     last checkpoint."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     storage_path, filesystem = run.train_storage()  # a URI run keeps its checkpoints there
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config={"recipe": recipe, "until_epoch": until_epoch},
+        train_loop_config={"recipe": recipe, "until_epoch": until_epoch, "verbose": verbose()},
         datasets=datasets,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         # A stable name under the run directory: rerunning resumes from its last checkpoint.
         run_config=RunConfig(name=f"ray_{recipe.stage}", storage_path=storage_path, storage_filesystem=filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=2)),
+                             failure_config=FailureConfig(max_failures=2),
+                             logging_config=None if verbose() else ray.LoggingConfig(log_level="WARNING")),
     )
-    result = trainer.fit()
+    result = _fit_in_a_thread(trainer)
     if result.checkpoint is None:
         raise ResMemError(f"{recipe.stage}: training produced no checkpoint ({recipe.epochs} epochs)")
     with result.checkpoint.as_directory() as d:

@@ -6,11 +6,10 @@ Residuals are not stored here: `index` computes them, so T changes the memory on
 
 from __future__ import annotations
 
-import json
 
 from resmem_ray.errors import ResMemError
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import write_split
+from resmem_ray.store.artifacts import read_model_meta, write_split
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
 from resmem_ray.tasks.splits import SPLITS
@@ -19,9 +18,8 @@ from resmem_ray.tasks.splits import SPLITS
 def embed(cfg: Config) -> dict:
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
-    run.stage_output("train", needed_by="embed")
+    meta = read_model_meta(run, needed_by="embed")
     splits, _ = task.load_splits(cfg)
-    meta = json.loads((run.model / "meta.json").read_text())
     run.mark_running("embed", cfg.to_dict())
     e = cfg.embed
     counts = {}

@@ -9,7 +9,7 @@ from resmem_ray.errors import ResMemError
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_index_manifest, read_split
-from resmem_ray.store.files import atomic_dir, read_json, write_json
+from resmem_ray.store.files import atomic_dir, read_json, verify_hashes, write_json
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
 
@@ -23,10 +23,13 @@ def check_matches_index(cfg: Config, manifest: dict) -> None:
 
 
 def stored_tuning(run: RunDir, cfg: Config) -> dict | None:
-    """`resmem tune`'s summary when this config evaluates its chosen setting."""
+    """`resmem tune`'s summary (checked against the manifest) when this config evaluates
+    its chosen setting."""
+    entry = run.manifest()["stages"].get("tune", {})
     path = run.root / "tune" / "best.json"
-    if not path.is_file():
+    if entry.get("status") != "done" or not path.is_file():
         return None
+    verify_hashes(path.parent, {"best.json": entry["outputs"].get("best.json", "")}, "tune summary")
     summary = read_json(path)
     same = all(getattr(cfg.resmem, key) == value for key, value in summary["best"].items())
     return summary if same else None
@@ -52,10 +55,10 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
     if k > manifest["rows"]:
         raise ResMemError(f"k={k} (max of resmem.k, evaluate.knn_ks and neighbour_transformer.k) is "
                           f"larger than the memory ({manifest['rows']} rows)")
-    run.mark_running("evaluate", cfg.to_dict())
     print(f"[evaluate] {len(queries)} test queries against {manifest['rows']} memory rows in "
-          f"{len(manifest['shards'])} shard actor(s), k={k}", flush=True)
-    with ShardedMemory(run.index, manifest, cfg.index) as memory:
+          f"{len(manifest['shards'])} shard(s), k={k}", flush=True)
+    with ShardedMemory(run.index, manifest, cfg.index) as memory:  # the shards are checked as they load
+        run.mark_running("evaluate", cfg.to_dict())
         print(f"[evaluate] shard actors search on: {', '.join(sorted(set(memory.placement)))}", flush=True)
         nb = memory.search_batches(queries, k, cfg.evaluate.batch_size)
     with atomic_dir(run.report) as tmp:

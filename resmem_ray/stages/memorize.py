@@ -10,7 +10,6 @@ Rerunning `resmem index` rebuilds the memory from the train split alone.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from resmem_ray.core.knn import prepare_queries
 from resmem_ray.runtime.shards import write_shards
 from resmem_ray.schema import Config, IndexConfig
-from resmem_ray.store.artifacts import read_index_manifest
+from resmem_ray.store.artifacts import read_model_meta, read_index_manifest
 from resmem_ray.store.files import sha256, write_json
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
@@ -30,7 +29,7 @@ def memorize(cfg: Config, examples: str) -> dict:
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
     manifest = read_index_manifest(run, needed_by="memorize")
-    meta = json.loads((run.model / "meta.json").read_text())
+    meta = read_model_meta(run, needed_by="memorize")
     split = task.read_examples(examples, meta)
     split.ids = manifest["next_id"] + np.arange(len(split), dtype=np.int64)
     ids = split.ids

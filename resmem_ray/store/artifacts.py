@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from resmem_ray.errors import ResMemError
-from resmem_ray.store.files import atomic_dir, read_json, verify_hashes
+from resmem_ray.store.files import atomic_dir, inside, read_json, verify_hashes
 from resmem_ray.store.rundir import RunDir
 
 
@@ -30,10 +30,17 @@ def read_split(run: RunDir, split: str, needed_by: str,
     """A split's embedding table as numpy arrays sorted by id, checked against the manifest."""
     entry = run.stage_output("embed", needed_by=needed_by)
     folder = run.embeddings / split
+    expected = {name: h for name, h in entry["outputs"].items() if name.startswith(f"{split}/")}
     files = sorted(folder.glob("*.parquet"))
-    if not files:
+    if not files or not expected:
         raise ResMemError(f"{folder} holds no parquet files: rerun `resmem embed`")
-    table = pq.read_table(files, columns=list(columns))
+    if {f"{split}/{p.name}" for p in files} != set(expected):
+        raise ResMemError(f"{folder} holds other parquet files than the manifest lists: rerun `resmem embed`")
+    verify_hashes(run.embeddings, expected, f"embeddings of split '{split}'")
+    try:
+        table = pq.read_table(files, columns=list(columns))
+    except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+        raise ResMemError(f"{folder}: unreadable parquet ({str(e).splitlines()[0]})") from None
     if table.num_rows != entry["rows"][split]:
         raise ResMemError(f"{folder} holds {table.num_rows} rows, the manifest says {entry['rows'][split]}")
     out = {}
@@ -45,12 +52,29 @@ def read_split(run: RunDir, split: str, needed_by: str,
     return out
 
 
+INDEX_KEYS = ("dim", "rows", "num_classes", "distance", "normalize", "temperature", "residual_dtype", "shards")
+
+
 def read_index_manifest(run: RunDir, needed_by: str) -> dict:
-    run.stage_output("index", needed_by=needed_by)
+    """The index manifest, checked against the run's manifest, with the keys readers need."""
+    entry = run.stage_output("index", needed_by=needed_by)
     path = run.index / "manifest.json"
     if not path.is_file():
         raise ResMemError(f"{path} is missing: rerun `resmem index`")
-    return read_json(path)
+    verify_hashes(run.index, {"manifest.json": entry["outputs"].get("manifest.json", "")}, "index manifest")
+    manifest = read_json(path)
+    missing = [k for k in INDEX_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    if missing or not isinstance(manifest["shards"], list) or not manifest["shards"]:
+        raise ResMemError(f"{path} is not an index manifest (missing {', '.join(missing) or 'shards'}): "
+                          "rerun `resmem index`")
+    return manifest
+
+
+def read_model_meta(run: RunDir, needed_by: str) -> dict:
+    """RUN/model/meta.json, after checking every model file against the manifest."""
+    entry = run.stage_output("train", needed_by=needed_by)
+    verify_hashes(run.model, entry["files"], "trained model")
+    return read_json(run.model / "meta.json")
 
 
 def load_shard(folder: Path, entry: dict):
@@ -58,12 +82,13 @@ def load_shard(folder: Path, entry: dict):
     import faiss
 
     for name, size in entry["bytes"].items():  # cheap check first: truncated or replaced files
-        actual = (folder / name).stat().st_size if (folder / name).is_file() else None
+        path = inside(folder, name)
+        actual = path.stat().st_size if path.is_file() else None
         if actual != size:
-            raise ResMemError(f"index shard {entry['shard']}: {folder / name} has "
+            raise ResMemError(f"index shard {entry['shard']}: {path} has "
                               f"{'no file' if actual is None else f'{actual} bytes'}, the manifest says {size} bytes")
     verify_hashes(folder, entry["files"], f"index shard {entry['shard']}")
-    name = f"shard-{entry['shard']:05d}"
+    name = f"shard-{int(entry['shard']):05d}"
     index = faiss.read_index(str(folder / f"{name}.faiss"))
     with np.load(folder / f"{name}.npz", allow_pickle=False) as z:
         rows = {k: z[k] for k in ("ids", "labels", "residuals", "residual_ids") if k in z.files}

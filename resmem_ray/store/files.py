@@ -65,9 +65,19 @@ def digest(hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
 
 
+def inside(folder: Path, name: str) -> Path:
+    """folder / name, where `name` comes from a manifest: a relative path that stays
+    inside `folder`, or a clear error (a manifest is data, never a place to write to)."""
+    path = Path(name)
+    if not name or path.is_absolute() or ".." in path.parts or "\\" in name:
+        raise ResMemError(f"{folder}: the manifest names the file {name!r}, which is not a plain path inside "
+                          "the folder: refusing it")
+    return folder / path
+
+
 def verify_hashes(folder: Path, expected: dict[str, str], what: str) -> None:
     for rel, digest_ in expected.items():
-        p = folder / rel
+        p = inside(folder, rel)
         if not p.is_file():
             raise ResMemError(f"{what}: {p} is missing")
         if sha256(p) != digest_:

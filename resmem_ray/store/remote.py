@@ -24,7 +24,8 @@ import uuid
 from pathlib import Path
 
 from resmem_ray.errors import ResMemError
-from resmem_ray.store.files import read_json, write_json
+from resmem_ray.stage_table import STAGES
+from resmem_ray.store.files import inside, read_json, write_json
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 SYNCED = ".synced.json"  # in the mirror: relative path -> sha256 of the copy held there
@@ -113,14 +114,19 @@ class RemoteRun:
         self.download("manifest.json")
         manifest = read_json(self.mirror / "manifest.json")
         synced, fetched = self._synced(), {}
-        for stage, entry in manifest.get("stages", {}).items():
-            if entry.get("status") != "done":
+        stages = manifest.get("stages", {}) if isinstance(manifest, dict) else None
+        if not isinstance(stages, dict):
+            raise ResMemError(f"{self.uri}/manifest.json is not a run manifest (no stages mapping)")
+        for stage, entry in stages.items():
+            if stage not in STAGES:
+                raise ResMemError(f"{self.uri}/manifest.json lists an unknown stage {stage!r}: refusing to pull it")
+            if not isinstance(entry, dict) or entry.get("status") != "done":
                 continue
-            folder = entry.get("folder")
+            folder = STAGES[stage].folder  # where this stage writes, whatever the manifest says
             if not folder or (folders is not None and folder not in folders):
                 continue
             for name, digest in entry.get("outputs", {}).items():
-                rel = f"{folder}/{name}"
+                rel = str(inside(self.mirror / folder, name).relative_to(self.mirror))
                 if synced.get(rel) != digest or not (self.mirror / rel).is_file():
                     self.download(rel)
                     fetched[rel] = digest

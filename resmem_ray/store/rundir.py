@@ -13,17 +13,30 @@ of its outputs, the config it ran with and a digest of the outputs of every stag
 read. So a stage is stale when its config keys changed, its outputs were touched, or
 anything it read changed since (a rerun upstream, `resmem memorize`), and rerunning a
 stage drops the entries of every stage that read it, transitively.
+
+A run directory is marked as one when it is created (RUN/.resmem-run): the suite never
+writes into an existing folder that is neither empty nor marked. Commands that write
+hold RUN/.lock (an OS file lock, released when the process ends, however it ends) and
+say who holds it when they cannot take it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import shutil
+import socket
 import time
 from pathlib import Path
 
 from resmem_ray.errors import ResMemError
 from resmem_ray.stage_table import STAGES
 from resmem_ray.store.files import digest, file_hashes, read_json, write_json
+
+
+MARKER = ".resmem-run"
+LOCK = ".lock"
 
 
 def pick(config: dict, keys: list[str]) -> dict:
@@ -52,6 +65,8 @@ class RunDir:
             self.remote.pull(pull)
         else:
             self.root = Path(path).resolve()
+            if self.root.exists() and not self.root.is_dir():
+                raise ResMemError(f"run_dir={path} is a file, not a run directory")
         self.location = str(path) if self.remote else str(self.root)  # what another process opens
         self.model = self.root / "model"
         self.embeddings = self.root / "embeddings"
@@ -62,8 +77,61 @@ class RunDir:
 
     def manifest(self) -> dict:
         if self.manifest_path.is_file():
-            return read_json(self.manifest_path)
+            manifest = read_json(self.manifest_path)
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+                raise ResMemError(f"{self.manifest_path} is not a run manifest (no stages mapping)")
+            return manifest
         return {"stages": {}}
+
+    def is_run_dir(self) -> bool:
+        return (self.root / MARKER).is_file() or self.manifest_path.is_file()
+
+    def claim(self) -> None:
+        """Make sure stages may write here: create and mark a new run directory; refuse a
+        folder that is neither empty nor a run directory (it is someone's data)."""
+        if self.root.is_dir() and not self.is_run_dir() and any(self.root.iterdir()):
+            raise ResMemError(f"run_dir={self.root} is a folder that is not empty and not a resmem run "
+                              f"directory (no {MARKER} or manifest.json): refusing to write into it; "
+                              "choose a new or empty folder")
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / MARKER).is_file():
+            write_json(self.root / MARKER, {"created_at": time.time(), "by": "resmem-ray"})
+
+    @contextlib.contextmanager
+    def lock(self, command: str):
+        """Hold the run directory's lock for the block; a clear error naming the holder
+        when another process has it. Leftovers of killed writers are removed once held."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.root / LOCK), timeout=0)
+        holder_path = self.root / (LOCK + ".holder")
+        try:
+            lock.acquire()
+        except Timeout:
+            try:
+                holder = json.loads(holder_path.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+            raise ResMemError(f"run directory {self.root} is in use by pid {holder.get('pid', '?')} on "
+                              f"{holder.get('host', '?')} since {since} ({holder.get('command', 'unknown')}): "
+                              "wait for it to finish") from None
+        try:
+            write_json(holder_path, {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                     "since": time.time()})
+            self.remove_leftovers()
+            yield
+        finally:
+            holder_path.unlink(missing_ok=True)
+            lock.release()
+
+    def remove_leftovers(self) -> None:
+        """Temporary files and folders of a writer that was killed (SIGKILL) mid-write."""
+        for folder in [self.root, *(p for p in self.root.iterdir() if p.is_dir())]:
+            for p in folder.glob(".*.*.tmp"):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            for p in folder.glob(".*.*.old"):
+                shutil.rmtree(p, ignore_errors=True)
 
     def stage_output(self, stage: str, needed_by: str) -> dict:
         """The manifest entry of a finished stage, or a clear error naming what is missing."""
@@ -86,6 +154,18 @@ class RunDir:
         write_json(self.manifest_path, manifest)
         if self.remote:
             self.remote.push_manifest()
+
+    def mark_stopped(self, status: str, message: str) -> None:
+        """Record that the running stages stopped without finishing (failed | interrupted);
+        the caller holds the lock, so every running stage is its own."""
+        manifest = self.manifest()
+        running = [e for e in manifest.get("stages", {}).values() if e.get("status") == "running"]
+        for entry in running:
+            entry.update(status=status, error=message[:500], stopped_at=time.time())
+        if running:
+            write_json(self.manifest_path, manifest)
+            if self.remote:
+                self.remote.push_manifest()
 
     def train_storage(self) -> tuple[str, object]:
         """(storage_path, storage_filesystem) for Ray Train's RunConfig: the URI itself."""

@@ -5,7 +5,6 @@ takes its shard through a DistributedSampler."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +15,7 @@ from resmem_ray.errors import ConfigError, ResMemError
 from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.runtime.trainer import Recipe
 from resmem_ray.schema import Config, ModelConfig
-from resmem_ray.store.files import verify_hashes
+from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.classification import ClassificationTask
 from resmem_ray.tasks.image_data import SOURCES, SplitDataset, augment_batch, decode_images, load_splits, normalize
@@ -27,9 +26,7 @@ from resmem_ray.tasks.vision_models import EmbedHead, build_model
 
 def load_model(run: RunDir) -> tuple[EmbedHead, dict]:
     """The trained model of a run, checked against the manifest."""
-    entry = run.stage_output("train", needed_by="embed")
-    verify_hashes(run.model, entry["files"], "trained model")
-    meta = json.loads((run.model / "meta.json").read_text())
+    meta = read_model_meta(run, needed_by="embed")
     model = build_model(ModelConfig(**meta["model"]), meta["in_channels"], meta["num_classes"])
     model.load_state_dict(torch.load(run.model / "model.pt", weights_only=True))
     return model.eval(), meta
@@ -153,14 +150,23 @@ class ImageClassification(ClassificationTask):
     def read_examples(self, path: str, meta: dict) -> Split:
         """An .npz with images (uint8, N x C x H x W, the model's input size) and labels (N,)."""
         try:
-            with np.load(path, allow_pickle=False) as z:
-                missing = {"images", "labels"} - set(z.files)
-                if missing:
-                    raise ResMemError(f"{path}: missing array(s) {', '.join(sorted(missing))} "
-                                      "(need images (N, C, H, W) uint8 and labels (N,))")
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError):  # numpy's own message suggests allow_pickle: never
+            raise ResMemError(f"{path}: not a readable .npz file (write one with numpy.savez(path, images=..., "
+                              "labels=...))") from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ResMemError(f"{path}: a single array, not an .npz archive (write one with numpy.savez(path, "
+                              "images=..., labels=...))")
+        with z:
+            missing = {"images", "labels"} - set(z.files)
+            if missing:
+                raise ResMemError(f"{path}: missing array(s) {', '.join(sorted(missing))} "
+                                  "(need images (N, C, H, W) uint8 and labels (N,))")
+            try:
                 images, labels = z["images"], z["labels"]
-        except (OSError, ValueError) as e:
-            raise ResMemError(f"{path}: not a readable .npz file ({e})") from None
+            except ValueError:  # object arrays: a pickle inside the archive
+                raise ResMemError(f"{path}: images or labels hold Python objects, which are never loaded: "
+                                  "store plain numeric arrays") from None
         c, s = meta["in_channels"], meta["image_size"]
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (c, s, s):
             raise ResMemError(f"{path}: images are {images.dtype} {images.shape}, the model takes uint8 "

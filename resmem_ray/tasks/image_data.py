@@ -138,6 +138,8 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], DatasetIn
 
 def normalize(images: np.ndarray | torch.Tensor, dataset: str) -> torch.Tensor:
     """uint8 (N, C, H, W) -> float32 normalised tensor."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # Ray Data hands over read-only buffers, which torch warns about
     x = torch.as_tensor(images).float().div_(255.0)
     mean, std = NORMALIZATION[dataset]
     mean = torch.tensor(mean).view(1, -1, 1, 1)

@@ -19,7 +19,6 @@ the k nearest training examples) and ResMem.
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +30,7 @@ from resmem_ray.core.resmem import apply_correction, memory_correction
 from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.runtime.trainer import Recipe
 from resmem_ray.schema import Config
-from resmem_ray.store.files import verify_hashes
+from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import Task, register
 from resmem_ray.tasks.splits import DatasetInfo, Split, make_splits
@@ -107,9 +106,7 @@ def recipe(cfg: Config, splits: dict, info: DatasetInfo) -> Recipe:
 
 
 def load_regressor(run: RunDir) -> tuple[EmbedHead, dict]:
-    entry = run.stage_output("train", needed_by="embed")
-    verify_hashes(run.model, entry["files"], "trained model")
-    meta = json.loads((run.model / "meta.json").read_text())
+    meta = read_model_meta(run, needed_by="embed")
     model = build_regressor(meta["model"]["name"], meta["in_features"], meta["model"]["width"])
     model.load_state_dict(torch.load(run.model / "model.pt", weights_only=True))
     return model.eval(), meta

@@ -15,7 +15,6 @@ RUN/model/ holds the model (save_pretrained: safetensors), its tokenizer and met
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +25,7 @@ from resmem_ray.errors import ConfigError, ResMemError
 from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.runtime.trainer import Recipe
 from resmem_ray.schema import Config
-from resmem_ray.store.files import verify_hashes
+from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.classification import ClassificationTask
 from resmem_ray.tasks.registry import Task, register
@@ -189,9 +188,7 @@ def load_text_model(run: RunDir):
     """(model, tokenizer folder, meta) of a run, checked against the manifest."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    entry = run.stage_output("train", needed_by="embed")
-    verify_hashes(run.model, entry["files"], "trained model")
-    meta = json.loads((run.model / "meta.json").read_text())
+    meta = read_model_meta(run, needed_by="embed")
     cls = AutoModelForCausalLM if meta["task"] == "lm" else AutoModelForSequenceClassification
     model = cls.from_pretrained(str(run.model), local_files_only=True)
     return model.eval(), str(run.model), meta
