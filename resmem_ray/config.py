@@ -37,7 +37,7 @@ CHOICES = {
 POSITIVE = ("train.epochs", "train.batch_size", "train.num_workers", "embed.batch_size",
             "embed.num_actors", "index.num_shards", "index.replicas", "index.nprobe",
             "index.ef_search", "index.train_sample", "index.cpus_per_shard", "resmem.k", "resmem.sigma",
-            "resmem.temperature", "evaluate.batch_size", "model.width", "data.imbalance_ratio",
+            "resmem.temperature", "resmem.knn_tau", "evaluate.batch_size", "model.width", "data.imbalance_ratio",
             "neighbour_transformer.k", "neighbour_transformer.d_model", "neighbour_transformer.layers",
             "neighbour_transformer.heads", "neighbour_transformer.epochs", "neighbour_transformer.batch_size",
             "neighbour_transformer.lr", "neighbour_transformer.num_workers",
@@ -137,10 +137,15 @@ def _check_values(cfg: Config) -> None:
     for frac in ("data.val_fraction", "data.test_fraction"):
         if not 0 <= _get(cfg, frac) < 1:
             raise ConfigError(f"config key {frac} must be in [0, 1), got {_get(cfg, frac)}")
-    for key in ("tune.k", "tune.sigma", "tune.temperature", "tune.gate", "tune.gate_threshold"):
+    for key in ("tune.k", "tune.sigma", "tune.temperature", "tune.gate", "tune.gate_threshold", "tune.knn_tau"):
         values = _get(cfg, key)
         if not values or any(v <= 0 for v in values):
             raise ConfigError(f"config key {key} must be a non-empty list of positive values, got {values}")
+    if not 0 <= cfg.resmem.knn_lambda <= 1:
+        raise ConfigError(f"config key resmem.knn_lambda must be in [0, 1], got {cfg.resmem.knn_lambda}")
+    if not cfg.tune.knn_lambda or any(not 0 <= v <= 1 for v in cfg.tune.knn_lambda):
+        raise ConfigError(f"config key tune.knn_lambda must be a non-empty list of values in [0, 1], "
+                          f"got {cfg.tune.knn_lambda}")
     if cfg.data.imbalance_ratio < 1:
         raise ConfigError(f"config key data.imbalance_ratio must be >= 1 (1: balanced), got {cfg.data.imbalance_ratio}")
     for key in ("tune.gate_softness", "resmem.gate_softness"):
