@@ -45,7 +45,7 @@ def test_text_classification_run(ray_session, tiny_bert, tmp_path, capsys):
     assert test["embedding"].shape == (24, 32) and test["logits"].shape == (24, 5)
     metrics = json.loads((run.report / "metrics.json").read_text())
     assert metrics["num_test"] == 24 and metrics["memory_rows"] == 24
-    assert set(metrics["accuracy"]) == {"base", "knn_1", "knn_5", "resmem", "oracle_gate"}
+    assert set(metrics["accuracy"]) == {"base", "knn_1", "knn_5", "knn_interp", "resmem", "oracle_gate"}
     assert main(["memorize", *args, "--examples", str(tmp_path / "x.npz")]) == 2
     assert "resmem memorize takes images" in capsys.readouterr().err
 
