@@ -76,6 +76,8 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
         assert 0 <= metrics[f"{m}_accuracy"] <= 1 and 1 < metrics[f"{m}_perplexity"] < np.inf
     # a uniform guess over 300 tokens has perplexity 300: one epoch of training beats it
     assert metrics["base_perplexity"] < 300
+    assert 1 < metrics["knnlm_perplexity"] < np.inf and 0 <= metrics["knnlm_accuracy"] <= 1
+    assert set(metrics["accuracy"]) == {"base", "knnlm", "resmem"} and "| kNN-LM |" in out
     assert main(["tune", *args]) == 2  # tune reweights dense rows: a clear refusal, not a crash
     assert "token memory with sparse residuals" in capsys.readouterr().err
     # a deeper LM is a new base model: the run reruns from train, not a reprinted old report
