@@ -56,6 +56,7 @@ def test_run_writes_report_and_artifacts(digits_run):
     assert metrics["knn_interp"] == {"lambda": cfg.resmem.knn_lambda, "tau": cfg.resmem.knn_tau,
                                      "k": cfg.resmem.k, "chosen_by": "config"}
     assert acc["knn_interp"] > 0.5
+    assert metrics["warnings"] == [] and "Warning" not in report  # 3 epochs learned: no warning
     preds = pq.read_table(run.report / "predictions.parquet").to_pydict()
     assert preds["id"] == splits["test"].ids.tolist()
     for m in METHODS:

@@ -12,9 +12,12 @@ the evaluation of the memorization study's methods.
 
 evaluate writes metrics.json, report.md, predictions.parquet, accuracy_vs_k.png and
 per-class accuracy (per_class.png; head / tail / worst class on a long-tailed run).
+The report warns at the top when the base model did not learn (train accuracy near chance).
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +27,7 @@ from resmem_ray.core.gates import gate_features, learned_gate
 from resmem_ray.core.knn import Neighbours
 from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_interpolation, knn_vote, memory_correction,
                                     residuals, softmax)
+from resmem_ray.runtime.trainer import chance_warning
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_split
 from resmem_ray.store.rundir import RunDir
@@ -142,6 +146,7 @@ def write_report(folder, cfg: Config, metrics: dict, title: str) -> None:
     acc = metrics["accuracy"]
     knn = metrics["knn_interp"]
     lines = [f"# ResMem report: {cfg.data.name}, {title}", ""]
+    lines += [line for w in metrics.get("warnings", []) for line in (f"> **Warning:** {w}", "")]
     lines += [f"Test split: {metrics['num_test']} examples; memory: {metrics['memory_rows']} training "
               f"examples in {metrics['num_shards']} shard(s).",
               f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate} "
@@ -158,6 +163,14 @@ def write_report(folder, cfg: Config, metrics: dict, title: str) -> None:
     if metrics.get("tuning"):
         lines += tuning_lines(metrics["tuning"])
     (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def training_warnings(run: RunDir, num_classes: int) -> list[str]:
+    """The report's warnings about the base model (runtime.trainer.chance_warning on
+    RUN/model/history.json)."""
+    path = run.model / "history.json"
+    warning = chance_warning(json.loads(path.read_text()), num_classes) if path.is_file() else None
+    return [warning] if warning else []
 
 
 def per_class_lines(pc: dict, cfg: Config) -> list[str]:
@@ -232,7 +245,7 @@ def evaluate_classification(cfg: Config, run: RunDir, test: dict, queries: np.nd
     metrics = {"accuracy": {m: float((p == labels).mean()) for m, p in preds.items()},
                "num_test": int(len(labels)), "memory_rows": manifest["rows"],
                "num_shards": len(manifest["shards"]), "resmem": cfg.resmem.__dict__, "tuning": tuning,
-               "knn_interp": knn,
+               "knn_interp": knn, "warnings": training_warnings(run, test["logits"].shape[1]),
                "per_class": per_class(labels, preds, train_counts)}
     write_report(folder, cfg, metrics, title)
     table = pa.table({"id": test["id"], "label": labels, **{m: p for m, p in preds.items()}, "nn1_id": nb.ids[:, 0]})
