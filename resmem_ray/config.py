@@ -50,10 +50,11 @@ RANGES = {
     "index.ef_search": "(0, inf)", "index.replicas": "(0, inf)", "index.cpus_per_shard": "(0, inf)",
     "index.placement_timeout_s": "(0, inf)",
     "resmem.k": "(0, inf)", "resmem.sigma": "(0, inf)", "resmem.temperature": "(0, inf)", "resmem.gate": "[0, inf)",
-    "resmem.gate_threshold": "(0, inf)", "resmem.gate_softness": "[0, inf)",
+    "resmem.gate_threshold": "(0, inf)", "resmem.gate_softness": "[0, inf)", "resmem.knn_lambda": "[0, 1]",
+    "resmem.knn_tau": "(0, inf)",
     "tune.num_samples": "(0, inf)", "tune.k": "(0, inf)", "tune.sigma": "(0, inf)", "tune.temperature": "(0, inf)",
     "tune.gate": "(0, inf)", "tune.gate_threshold": "(0, inf)", "tune.gate_softness": "[0, inf)",
-    "tune.cpus_per_trial": "(0, inf)",
+    "tune.knn_lambda": "[0, 1]", "tune.knn_tau": "(0, inf)", "tune.cpus_per_trial": "(0, inf)",
     "neighbour_transformer.k": "(0, inf)", "neighbour_transformer.d_model": "(0, inf)",
     "neighbour_transformer.layers": "(0, inf)", "neighbour_transformer.heads": "(0, inf)",
     "neighbour_transformer.epochs": "(0, inf)", "neighbour_transformer.batch_size": "(0, inf)",
@@ -64,7 +65,8 @@ RANGES = {
     "evaluate.knn_ks": "(0, inf)", "evaluate.batch_size": "(0, inf)",
 }
 NON_EMPTY = ("tune.k", "tune.sigma", "tune.temperature", "tune.gate", "tune.gate_threshold", "tune.gate_softness",
-             "tune.distance", "tune.normalize", "sweep.width", "sweep.rungs", "evaluate.knn_ks")
+             "tune.distance", "tune.normalize", "tune.knn_lambda", "tune.knn_tau", "sweep.width", "sweep.rungs",
+             "evaluate.knn_ks")
 
 
 def _in_range(value: float, interval: str) -> bool:

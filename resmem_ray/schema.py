@@ -105,6 +105,10 @@ class ResMemConfig:
     gate_softness: float = 0.0  # 0: hard threshold; > 0: sigmoid((threshold - max p) / softness)
     distance: str = "l2"  # l2 | sqeuclidean | cosine
     normalize: bool = True  # L2-normalise embeddings before indexing and search
+    # baseline from the same k neighbours: (1 - knn_lambda) p + knn_lambda p_kNN, p_kNN the
+    # neighbours' labels weighted by softmax(-d / knn_tau) (kNN interpolation; kNN-LM for gpt2_lm)
+    knn_lambda: float = 0.25  # in [0, 1]
+    knn_tau: float = 0.1
 
 
 @dataclass
@@ -122,6 +126,9 @@ class TuneConfig:
     distance: list[str] = field(default_factory=lambda: ["l2"])  # each distance x normalize pair
     normalize: list[bool] = field(default_factory=lambda: [True])  # is one index build + val search
     learned_gate: bool = True  # fit a logistic gate on val at the best setting (a report row)
+    # the kNN interpolation baseline, tuned on val too: a grid at the best k and T, same neighbours
+    knn_lambda: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0])
+    knn_tau: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
     cpus_per_trial: float = resource(0.25)
     evaluate: bool = True  # then rebuild the index at the best setting and evaluate once on test
 

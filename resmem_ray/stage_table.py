@@ -54,6 +54,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("evaluate", "test-split report from sharded lookup actors", "resmem_ray.stages.evaluate:evaluate",
           folder="report", reads=("embed", "index", "transformer", "tune"), in_pipeline=True,
           config=("resmem.k", "resmem.sigma", "resmem.gate", "resmem.gate_threshold", "resmem.gate_softness",
+                  "resmem.knn_lambda", "resmem.knn_tau",
                   "evaluate", "neighbour_transformer.enabled", *SEARCH)),
     Stage("memorize", "add labelled examples (--examples FILE) to the memory, no retraining",
           "resmem_ray.stages.memorize:memorize", reads=("train", "embed", "index"),

@@ -19,7 +19,7 @@ from resmem_ray.store.files import file_hashes
 from .conftest import DIGITS_ARGS
 from .test_data import write_imagefolder
 
-METHODS = {"base", "knn_1", "knn_10", "knn_20", "knn_30", "resmem", "oracle_gate"}
+METHODS = {"base", "knn_1", "knn_10", "knn_20", "knn_30", "knn_interp", "resmem", "oracle_gate"}
 
 
 def test_run_writes_report_and_artifacts(digits_run):
@@ -51,6 +51,12 @@ def test_run_writes_report_and_artifacts(digits_run):
     assert acc["oracle_gate"] >= max(acc["base"], acc["knn_1"])
     report = (run.report / "report.md").read_text()
     assert "| ResMem |" in report and "| 30-NN |" in report and "| oracle gate" in report
+    # the kNN interpolation baseline: its own row, after the k-NN rows and before ResMem
+    assert report.index("| 30-NN |") < report.index("| kNN interpolation |") < report.index("| ResMem |")
+    assert metrics["knn_interp"] == {"lambda": cfg.resmem.knn_lambda, "tau": cfg.resmem.knn_tau,
+                                     "k": cfg.resmem.k, "chosen_by": "config"}
+    assert acc["knn_interp"] > 0.5
+    assert metrics["warnings"] == [] and "Warning" not in report  # 3 epochs learned: no warning
     preds = pq.read_table(run.report / "predictions.parquet").to_pydict()
     assert preds["id"] == splits["test"].ids.tolist()
     for m in METHODS:

@@ -80,3 +80,38 @@ def test_knn_vote_majority_and_ties():
     # a tie in counts goes to the class whose neighbours rank nearer
     assert knn_vote(np.array([[1, 0, 1, 0]]), 2).tolist() == [1]
     assert knn_vote(np.array([[0, 1, 0, 1]]), 2).tolist() == [0]
+
+
+def brute_force_interpolation(probs, neighbour_labels, distances, lam, tau):
+    """(1 - lambda) p + lambda p_kNN, one query and one neighbour at a time."""
+    out = []
+    for q in range(len(probs)):
+        e = [math.exp(-d / tau) for d in distances[q]]
+        p_knn = [0.0] * len(probs[q])
+        for i, y in enumerate(neighbour_labels[q]):
+            p_knn[y] += e[i] / sum(e)
+        out.append([(1 - lam) * probs[q][c] + lam * p_knn[c] for c in range(len(probs[q]))])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("k,lam,tau", [(1, 0.25, 0.1), (6, 0.5, 0.03), (10, 1.0, 2.0), (4, 0.0, 0.5)])
+def test_knn_interpolation_matches_brute_force(k, lam, tau):
+    from resmem_ray.core.resmem import knn_interpolation
+
+    rng = np.random.default_rng(k)
+    n, C = 9, 5
+    probs = softmax(rng.normal(size=(n, C)) * 2)
+    labels = rng.integers(0, C, (n, k))
+    distances = np.sort(rng.random((n, k)), axis=1)
+    got = knn_interpolation(probs, labels, distances, lam, tau)
+    np.testing.assert_allclose(got, brute_force_interpolation(probs, labels, distances, lam, tau),
+                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got.sum(1), 1.0)  # still a distribution
+
+
+def test_knn_interpolation_by_hand():
+    from resmem_ray.core.resmem import knn_interpolation
+
+    # two neighbours at the same distance, both class 2: p_kNN = onehot(2)
+    got = knn_interpolation(np.array([[0.6, 0.3, 0.1]]), np.array([[2, 2]]), np.array([[0.4, 0.4]]), 0.5, 0.1)
+    np.testing.assert_allclose(got, [[0.3, 0.15, 0.55]])

@@ -113,3 +113,33 @@ def test_lm_metrics_base_and_resmem():
     q = corrected_probs(p, kernel_weights(nb.distances, 0.2), nb.labels, nb.residual_ids, nb.residuals, 0.5, 0.01)
     assert got["resmem"]["perplexity"] == pytest.approx(np.exp(-np.log(q[np.arange(n), labels]).mean()))
     assert got["resmem"]["accuracy"] == pytest.approx((q.argmax(1) == labels).mean())
+
+
+def test_lm_metrics_knnlm_matches_loops():
+    """kNN-LM's row: (1 - lambda) p + lambda p_kNN, p_kNN over the resmem.k nearest next
+    tokens weighted by softmax(-d / tau), scored one token at a time."""
+    rng = np.random.default_rng(2)
+    n, k, m, vocab = 30, 5, 4, 13
+    logits = rng.normal(size=(n, vocab)) * 2
+    labels = rng.integers(0, vocab, n)
+    ids, probs = encode(rng.normal(size=(n * k, vocab)), m)
+    nb = Neighbours(distances=np.sort(rng.random((n, k)), 1).astype(np.float32), ids=np.arange(n * k).reshape(n, k),
+                    labels=rng.integers(0, vocab, (n, k)), residuals=probs.reshape(n, k, m),
+                    residual_ids=ids.reshape(n, k, m))
+    lam, tau, T, k_used = 0.4, 0.3, 2.0, 3
+    cfg = load_config("jobs/configs/bbc_lm.yaml", (f"resmem.k={k_used}", f"resmem.knn_lambda={lam}",
+                                                   f"resmem.knn_tau={tau}", f"resmem.temperature={T}"))
+    got = lm_metrics(logits, labels, nb, cfg, batch=8)["knnlm"]
+    correct, nll = 0, 0.0
+    for q in range(n):
+        z = np.exp((logits[q] - logits[q].max()) / T)
+        p = z / z.sum()
+        e = np.exp(-nb.distances[q, :k_used].astype(np.float64) / tau)
+        p_knn = np.zeros(vocab)
+        for i in range(k_used):  # only the first resmem.k neighbours count
+            p_knn[nb.labels[q, i]] += e[i] / e.sum()
+        mixed = (1 - lam) * p + lam * p_knn
+        correct += int(np.argmax(mixed) == labels[q])
+        nll -= np.log(mixed[labels[q]])
+    assert got["accuracy"] == pytest.approx(correct / n)
+    assert got["perplexity"] == pytest.approx(np.exp(nll / n))

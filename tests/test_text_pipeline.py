@@ -45,7 +45,7 @@ def test_text_classification_run(ray_session, tiny_bert, tmp_path, capsys):
     assert test["embedding"].shape == (24, 32) and test["logits"].shape == (24, 5)
     metrics = json.loads((run.report / "metrics.json").read_text())
     assert metrics["num_test"] == 24 and metrics["memory_rows"] == 24
-    assert set(metrics["accuracy"]) == {"base", "knn_1", "knn_5", "resmem", "oracle_gate"}
+    assert set(metrics["accuracy"]) == {"base", "knn_1", "knn_5", "knn_interp", "resmem", "oracle_gate"}
     assert main(["memorize", *args, "--examples", str(tmp_path / "x.npz")]) == 2
     assert "resmem memorize takes images" in capsys.readouterr().err
 
@@ -76,6 +76,8 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
         assert 0 <= metrics[f"{m}_accuracy"] <= 1 and 1 < metrics[f"{m}_perplexity"] < np.inf
     # a uniform guess over 300 tokens has perplexity 300: one epoch of training beats it
     assert metrics["base_perplexity"] < 300
+    assert 1 < metrics["knnlm_perplexity"] < np.inf and 0 <= metrics["knnlm_accuracy"] <= 1
+    assert set(metrics["accuracy"]) == {"base", "knnlm", "resmem"} and "| kNN-LM |" in out
     assert main(["tune", *args]) == 2  # tune reweights dense rows: a clear refusal, not a crash
     assert "token memory with sparse residuals" in capsys.readouterr().err
     # a deeper LM is a new base model: the run reruns from train, not a reprinted old report

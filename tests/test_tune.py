@@ -54,15 +54,23 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
     # the in-process grid (what a sweep trial uses) finds the same best score on that table
     assert resmem_ray.stages.tune.best_on_grid(table, cfg.tune)[1] == pytest.approx(summary["best_val_accuracy"])
     assert 0 < summary["learned_gate"]["val_accuracy"] <= 1
+    # the kNN interpolation baseline is tuned on val too, from the same table, at ResMem's k and T
+    knn = summary["knn_interp"]
+    assert (knn["k"], knn["temperature"], knn["trials"]) == (best["k"], best["temperature"], 25)
+    assert knn["knn_lambda"] in cfg.tune.knn_lambda and knn["knn_tau"] in cfg.tune.knn_tau
+    assert knn == resmem_ray.stages.tune.tune_knn_interp(table, best, cfg.tune)
 
     metrics = json.loads((run_copy / "report" / "metrics.json").read_text())
     assert {k: metrics["resmem"][k] for k in best} == best
+    assert metrics["knn_interp"] == {"lambda": knn["knn_lambda"], "tau": knn["knn_tau"], "k": best["k"],
+                                     "chosen_by": "tune"}
     index = json.loads((run_copy / "index" / "manifest.json").read_text())
     assert index["temperature"] == best["temperature"]
     report = (run_copy / "report" / "report.md").read_text()
     assert "Chosen by `resmem tune` on the validation split (48 grid trials" in report
     for row in ("| base model |", "| 1-NN |", "| 10-NN |", "| 20-NN |", "| 30-NN |", "| neighbour Transformer |",
-                "| ResMem |", "| ResMem, learned gate |", "| oracle gate (base or 1-NN) |"):
+                "| ResMem |", "| ResMem, learned gate |", "| oracle gate (base or 1-NN) |", "| kNN interpolation |",
+                "chosen by `resmem tune` on val"):
         assert row in report
     for plot in ("val_accuracy_vs_k.png", "sigma_T_heatmap.png"):
         assert (run_copy / "tune" / plot).stat().st_size > 1000

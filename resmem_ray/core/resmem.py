@@ -5,6 +5,11 @@
     w_i(x)    = softmax_i(-d(z(x), z_i) / sigma)       over the k nearest neighbours
     resmem(x) = p(x) + gate * sum_i w_i(x) r_i
 
+The baseline users compare it with, from the same neighbours (knn_interpolation):
+
+    p_kNN(x)[c] = sum_{i: y_i = c} softmax_i(-d(z(x), z_i) / tau)
+    interp(x)   = (1 - lambda) * p(x) + lambda * p_kNN(x)      (kNN-LM for next tokens)
+
 Arrays in, arrays out: no Ray, no FAISS, no torch.
 """
 
@@ -84,3 +89,26 @@ def knn_vote(neighbour_labels: np.ndarray, num_classes: int) -> np.ndarray:
     votes = np.zeros((n, num_classes))
     np.add.at(votes, (np.repeat(np.arange(n), k), neighbour_labels.ravel()), np.tile(1.0 + bonus, n))
     return votes.argmax(axis=1)
+
+
+def knn_probs(neighbour_labels: np.ndarray, distances: np.ndarray, tau: float, num_classes: int) -> np.ndarray:
+    """p_kNN[c] = sum_{i: y_i = c} softmax_i(-d_i / tau): neighbour_labels, distances (n, k) -> (n, C).
+
+    Only the queries' (n, C) rows are dense: a vocabulary-sized C (kNN-LM) never builds a
+    [memory x vocabulary] matrix.
+    """
+    n, k = neighbour_labels.shape
+    out = np.zeros((n, num_classes))
+    np.add.at(out, (np.repeat(np.arange(n), k), neighbour_labels.ravel()), kernel_weights(distances, tau).ravel())
+    return out
+
+
+def knn_interpolation(probs: np.ndarray, neighbour_labels: np.ndarray, distances: np.ndarray,
+                      lam: float, tau: float) -> np.ndarray:
+    """(1 - lambda) * p + lambda * p_kNN (kNN interpolation; kNN-LM, Khandelwal et al. 2020).
+
+    probs (n, C) the base model's distribution; neighbour_labels, distances (n, k). Rows stay
+    distributions: both terms sum to 1.
+    """
+    return (1.0 - lam) * np.asarray(probs, dtype=np.float64) + \
+        lam * knn_probs(neighbour_labels, distances, tau, probs.shape[1])

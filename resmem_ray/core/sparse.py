@@ -20,6 +20,9 @@ floor * p(v) and renormalised:
 floor = 0 is plain clipping at zero, under which a token can get probability 0 (and
 the perplexity turn infinite); a small floor keeps every token the base model allows.
 
+The kNN-LM baseline (Khandelwal et al.) needs only the neighbours' labels and distances:
+core/resmem.knn_interpolation, which is dense over the queries' (n, V) rows alone.
+
 Arrays in, arrays out: no Ray, no FAISS, no torch.
 """
 

@@ -192,3 +192,17 @@ def fit(run, recipe: Recipe, num_workers: int, cpus_per_worker: float, use_gpu: 
         state = torch.load(Path(d) / "state.pt", weights_only=True)
         history = json.loads((Path(d) / "history.json").read_text())
     return state, history
+
+
+def chance_warning(history: list[dict], num_classes: int, factor: float = 1.5) -> str | None:
+    """One line when a classifier did not learn: its last epoch's train accuracy (`train_acc`
+    of the history) is at most `factor` x chance, 1 / num_classes. None otherwise, and for
+    histories without train_acc (regression, language models)."""
+    if not history or "train_acc" not in history[-1] or num_classes < 2:
+        return None
+    acc, chance = history[-1]["train_acc"], 1.0 / num_classes
+    if acc > factor * chance:
+        return None
+    return (f"the base model did not learn: final train accuracy {100 * acc:.2f}% vs chance "
+            f"{100 * chance:.2f}% (1/{num_classes}), within {factor:g}x of chance; ResMem and the "
+            "baselines built on its probabilities correct a near-chance model")

@@ -28,5 +28,8 @@ def train(cfg: Config, until_epoch: int | None = None) -> dict:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         (tmp / "history.json").write_text(json.dumps(history, indent=2))
     run.mark_done("train", cfg.to_dict(), files=file_hashes(run.model), history=history, epochs_done=len(history))
+    warning = trainer.chance_warning(history, meta.get("num_classes", 0))
+    if warning:
+        print(f"[train] warning: {warning}", flush=True)
     return history[-1]
 

@@ -6,7 +6,9 @@ each neighbour table (distances, labels and logits of the neighbours) goes into 
 object store once, and every trial only reweights it: hundreds of trials cost about one
 lookup pass. Residuals are recomputed from the neighbours' logits, so T is searched too.
 
-After the search: a learned gate is fitted on val at the best setting, the index is
+After the search: the kNN interpolation baseline gets its own (lambda, tau) on val at the
+best k and T from the same neighbour table, a learned gate is fitted on val at the best
+setting, the index is
 rebuilt at the best T / distance if needed, the neighbour Transformer is trained when
 enabled, and `evaluate` runs once on test. The test split is read only there.
 """
@@ -21,7 +23,8 @@ import numpy as np
 
 from resmem_ray.core.gates import fit_learned_gate, gate_features, learned_gate
 from resmem_ray.core.knn import prepare_queries
-from resmem_ray.core.resmem import apply_correction, confidence_gate, memory_correction, residuals, softmax
+from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_interpolation, memory_correction,
+                                    residuals, softmax)
 from resmem_ray.errors import ResMemError
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config, TuneConfig
@@ -237,6 +240,22 @@ def fit_gate_on_val(table: dict, best: dict) -> dict:
     return params
 
 
+def tune_knn_interp(table: dict, best: dict, t: TuneConfig) -> dict:
+    """The kNN interpolation baseline tuned on val like ResMem: the best (lambda, tau) of
+    tune.knn_lambda x tune.knn_tau at ResMem's chosen k and T, from the same neighbour table.
+    Ties keep the first setting met."""
+    k = best["k"]
+    base = softmax(table["logits"], best["temperature"])
+    labels, distances = table["neighbour_labels"][:, :k], table["distances"][:, :k]
+    chosen, best_acc = None, -1.0
+    for tau, lam in itertools.product(t.knn_tau, t.knn_lambda):
+        acc = float((knn_interpolation(base, labels, distances, lam, tau).argmax(1) == table["labels"]).mean())
+        if acc > best_acc:
+            chosen, best_acc = {"knn_lambda": lam, "knn_tau": tau}, acc
+    return {**chosen, "k": k, "temperature": best["temperature"], "val_accuracy": best_acc,
+            "trials": len(t.knn_tau) * len(t.knn_lambda)}
+
+
 def check_dense(manifest: dict, cfg: Config) -> None:
     if manifest.get("codec", "dense") != "dense":
         kind = "token memory" if manifest["codec"] == "sparse" else "memory"
@@ -259,12 +278,15 @@ def tune_resmem(cfg: Config) -> dict:
     summary = {"best": best, "best_val_accuracy": top["val_accuracy"].item(), "base_val_accuracy": base,
                "trials": len(frame), "search": cfg.tune.search,
                "top": frame.drop(columns="memory").head(10).to_dict("records")}
+    summary["knn_interp"] = tune_knn_interp(tables[top["memory"]], best, cfg.tune)
     if cfg.tune.learned_gate:
         summary["learned_gate"] = fit_gate_on_val(tables[top["memory"]], best)
     write_json(run.root / "tune" / "best.json", summary)
     plot_search(run.root / "tune", frame)
+    knn = summary["knn_interp"]
     print(f"[tune] {len(frame)} trials; best on val: {best} -> {summary['best_val_accuracy']:.4f} "
-          f"(base {base:.4f})", flush=True)
+          f"(base {base:.4f}; kNN interpolation lambda={knn['knn_lambda']}, tau={knn['knn_tau']} -> "
+          f"{knn['val_accuracy']:.4f})", flush=True)
     final = dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, **best))
     ensure_index(final, run)  # the memory the best setting needs
     if cfg.neighbour_transformer.enabled:

@@ -3,6 +3,8 @@ the evaluation of the memorization study's methods.
 
   base                  argmax of the model's logits
   k-NN (k=...)          majority vote over the k nearest training examples
+  kNN interpolation     argmax of (1 - lambda) p + lambda p_kNN over the same resmem.k
+                        neighbours (lambda, tau: resmem.knn_*, or `resmem tune`'s choice on val)
   neighbour Transformer the `transformer` stage's model over the query and its neighbours
   ResMem                argmax of p + gate * sum_i w_i r_i
   learned gate          argmax of p + g(x) * sum_i w_i r_i, g fitted on val by `resmem tune`
@@ -10,9 +12,12 @@ the evaluation of the memorization study's methods.
 
 evaluate writes metrics.json, report.md, predictions.parquet, accuracy_vs_k.png and
 per-class accuracy (per_class.png; head / tail / worst class on a long-tailed run).
+The report warns at the top when the base model did not learn (train accuracy near chance).
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +25,9 @@ import pyarrow.parquet as pq
 
 from resmem_ray.core.gates import gate_features, learned_gate
 from resmem_ray.core.knn import Neighbours
-from resmem_ray.core.resmem import apply_correction, confidence_gate, knn_vote, memory_correction, residuals, softmax
+from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_interpolation, knn_vote, memory_correction,
+                                    residuals, softmax)
+from resmem_ray.runtime.trainer import chance_warning
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_split
 from resmem_ray.store.rundir import RunDir
@@ -49,9 +56,19 @@ class ClassificationTask(Task):
         return cfg.model.name
 
 
+def knn_setting(cfg: Config, tuning: dict | None) -> dict:
+    """The kNN interpolation's lambda and tau: `resmem tune`'s choice on val when this
+    evaluates its setting, else resmem.knn_lambda / knn_tau."""
+    if tuning and tuning.get("knn_interp"):
+        t = tuning["knn_interp"]
+        return {"lambda": t["knn_lambda"], "tau": t["knn_tau"], "k": cfg.resmem.k, "chosen_by": "tune"}
+    return {"lambda": cfg.resmem.knn_lambda, "tau": cfg.resmem.knn_tau, "k": cfg.resmem.k, "chosen_by": "config"}
+
+
 def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbours,
-                gate_params: dict | None = None) -> dict[str, np.ndarray]:
-    """Each method's predicted class for every query (all but the neighbour Transformer)."""
+                gate_params: dict | None = None, knn: dict | None = None) -> dict[str, np.ndarray]:
+    """Each method's predicted class for every query (all but the neighbour Transformer).
+    `knn`: the kNN interpolation's setting (knn_setting); None: the config's."""
     r = cfg.resmem
     num_classes = logits.shape[1]
     probs = softmax(logits, r.temperature)
@@ -59,6 +76,8 @@ def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbo
     for k in cfg.evaluate.knn_ks:
         preds[f"knn_{k}"] = knn_vote(nb.labels[:, :k], num_classes)
     near = nb.first(r.k)
+    knn = knn or knn_setting(cfg, None)
+    preds["knn_interp"] = knn_interpolation(probs, near.labels, near.distances, knn["lambda"], knn["tau"]).argmax(1)
     correction = memory_correction(near.residuals, near.distances, r.sigma)
     gate = confidence_gate(probs, r.gate, r.gate_threshold, r.gate_softness)
     preds["resmem"] = apply_correction(probs, correction, gate).argmax(1)
@@ -71,12 +90,13 @@ def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbo
 
 
 METHOD_NAMES = {"base": "base model", "resmem": "ResMem", "oracle_gate": "oracle gate (base or 1-NN)",
-                "learned_gate": "ResMem, learned gate", "nbr_transformer": "neighbour Transformer"}
-ORDER = ("base", "knn", "nbr_transformer", "resmem", "learned_gate", "oracle_gate")
+                "learned_gate": "ResMem, learned gate", "nbr_transformer": "neighbour Transformer",
+                "knn_interp": "kNN interpolation"}
+ORDER = ("base", "knn", "knn_interp", "nbr_transformer", "resmem", "learned_gate", "oracle_gate")
 
 
 def report_rank(key: str) -> int:
-    return ORDER.index("knn" if key.startswith("knn_") else key)
+    return ORDER.index("knn" if key.removeprefix("knn_").isdigit() else key)
 
 
 def method_name(key: str) -> str:
@@ -108,6 +128,11 @@ def tuning_lines(tuning: dict) -> list[str]:
               f"{100 * t['val_accuracy']:.2f} |" for t in tuning["top"]]
     lines += ["", "The first row is the setting evaluated on test above; test chose nothing. "
               "Plots: `tune/val_accuracy_vs_k.png`, `tune/sigma_T_heatmap.png`."]
+    if tuning.get("knn_interp"):
+        t = tuning["knn_interp"]
+        lines += ["", f"kNN interpolation, tuned on val from the same neighbour table ({t['trials']} settings of "
+                  f"tune.knn_lambda x tune.knn_tau at the chosen k={t['k']}, T={t['temperature']:.4g}): "
+                  f"lambda={t['knn_lambda']:.4g}, tau={t['knn_tau']:.4g}, val accuracy {100 * t['val_accuracy']:.2f}%."]
     if tuning.get("learned_gate"):
         g = tuning["learned_gate"]
         lines += ["", f"Learned gate: logistic regression of 'base model wrong' on {', '.join(g['features'])}, "
@@ -119,13 +144,18 @@ def tuning_lines(tuning: dict) -> list[str]:
 def write_report(folder, cfg: Config, metrics: dict, title: str) -> None:
     r = cfg.resmem
     acc = metrics["accuracy"]
-    lines = [f"# ResMem report: {cfg.data.name}, {title}", "",
-             f"Test split: {metrics['num_test']} examples; memory: {metrics['memory_rows']} training "
-             f"examples in {metrics['num_shards']} shard(s).",
-             f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate} "
-             f"(where max p < {r.gate_threshold}), "
-             f"distance={r.distance}, normalize={r.normalize}.", "",
-             "| method | test accuracy (%) |", "| --- | ---: |"]
+    knn = metrics["knn_interp"]
+    lines = [f"# ResMem report: {cfg.data.name}, {title}", ""]
+    lines += [line for w in metrics.get("warnings", []) for line in (f"> **Warning:** {w}", "")]
+    lines += [f"Test split: {metrics['num_test']} examples; memory: {metrics['memory_rows']} training "
+              f"examples in {metrics['num_shards']} shard(s).",
+              f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate} "
+              f"(where max p < {r.gate_threshold}), "
+              f"distance={r.distance}, normalize={r.normalize}.",
+              f"kNN interpolation: (1 - lambda) p + lambda p_kNN over the same k={knn['k']} neighbours, "
+              f"p_kNN their labels weighted by softmax(-d / tau); lambda={knn['lambda']:.4g}, tau={knn['tau']:.4g} "
+              f"({'chosen by `resmem tune` on val' if knn['chosen_by'] == 'tune' else 'from resmem.knn_lambda, resmem.knn_tau'}).",
+              "", "| method | test accuracy (%) |", "| --- | ---: |"]
     lines += [f"| {method_name(m)} | {100 * a:.2f} |" for m, a in acc.items()]
     lines += ["", "Oracle gate: per example, the base model's or the 1-NN prediction, whichever is "
               "right; an upper bound for any gate between the two, not a usable method."]
@@ -133,6 +163,14 @@ def write_report(folder, cfg: Config, metrics: dict, title: str) -> None:
     if metrics.get("tuning"):
         lines += tuning_lines(metrics["tuning"])
     (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def training_warnings(run: RunDir, num_classes: int) -> list[str]:
+    """The report's warnings about the base model (runtime.trainer.chance_warning on
+    RUN/model/history.json)."""
+    path = run.model / "history.json"
+    warning = chance_warning(json.loads(path.read_text()), num_classes) if path.is_file() else None
+    return [warning] if warning else []
 
 
 def per_class_lines(pc: dict, cfg: Config) -> list[str]:
@@ -182,6 +220,7 @@ def plot_accuracy_vs_k(path, cfg: Config, acc: dict) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ks, [100 * acc[f"knn_{k}"] for k in ks], "o-", label="k-NN vote")
     ax.axhline(100 * acc["base"], color="gray", ls="--", label="base model")
+    ax.axhline(100 * acc["knn_interp"], color="C1", ls=":", label=f"kNN interpolation (k={cfg.resmem.k})")
     ax.axhline(100 * acc["resmem"], color="C2", ls="-.", label=f"ResMem (k={cfg.resmem.k})")
     ax.set_xlabel("k")
     ax.set_ylabel("test accuracy (%)")
@@ -192,14 +231,12 @@ def plot_accuracy_vs_k(path, cfg: Config, acc: dict) -> None:
     plt.close(fig)
 
 
-
-
-
 def evaluate_classification(cfg: Config, run: RunDir, test: dict, queries: np.ndarray, nb: Neighbours,
                             manifest: dict, folder, title: str, tuning: dict | None) -> dict:
     """Every method's test predictions and accuracy; the report files into `folder`."""
     labels = test["label"]
-    preds = predictions(cfg, test["logits"], labels, nb, (tuning or {}).get("learned_gate"))
+    knn = knn_setting(cfg, tuning)
+    preds = predictions(cfg, test["logits"], labels, nb, (tuning or {}).get("learned_gate"), knn)
     if cfg.neighbour_transformer.enabled:
         preds["nbr_transformer"] = transformer_predictions(run, queries, labels, nb)
     preds = dict(sorted(preds.items(), key=lambda item: report_rank(item[0])))
@@ -208,6 +245,7 @@ def evaluate_classification(cfg: Config, run: RunDir, test: dict, queries: np.nd
     metrics = {"accuracy": {m: float((p == labels).mean()) for m, p in preds.items()},
                "num_test": int(len(labels)), "memory_rows": manifest["rows"],
                "num_shards": len(manifest["shards"]), "resmem": cfg.resmem.__dict__, "tuning": tuning,
+               "knn_interp": knn, "warnings": training_warnings(run, test["logits"].shape[1]),
                "per_class": per_class(labels, preds, train_counts)}
     write_report(folder, cfg, metrics, title)
     table = pa.table({"id": test["id"], "label": labels, **{m: p for m, p in preds.items()}, "nn1_id": nb.ids[:, 0]})

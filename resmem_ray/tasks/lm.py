@@ -9,8 +9,8 @@ probabilities at resmem.temperature). The stages are the same as for images:
             embed here); val/test rows also keep their dense logits (queries need
             their own full distribution; the memory never does)
   index     the usual FAISS shards, the sparse rows in place of dense residuals
-  evaluate  next-token accuracy and perplexity, base vs ResMem, and the memory's
-            residual storage against what dense rows would take
+  evaluate  next-token accuracy and perplexity, base vs kNN-LM vs ResMem, and the
+            memory's residual storage against what dense rows would take
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from resmem_ray.core.resmem import kernel_weights, softmax
+from resmem_ray.core.resmem import kernel_weights, knn_interpolation, softmax
 from resmem_ray.core.sparse import corrected_probs, encode, token_metrics
 from resmem_ray.errors import ResMemError
 from resmem_ray.runtime.embedding import map_with_model
@@ -66,10 +66,11 @@ def residual_storage(manifest: dict) -> dict:
 
 
 def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, batch: int = 1024) -> dict:
-    """Next-token accuracy and perplexity of the base model (T=1) and of ResMem (its
-    clipped, renormalised distribution over the base probabilities at resmem.temperature)."""
+    """Next-token accuracy and perplexity of the base model (T=1), of kNN-LM ((1 - lambda) p
+    + lambda p_kNN over the same k neighbours' next tokens, resmem.knn_lambda / knn_tau) and of
+    ResMem (its clipped, renormalised distribution); both over p at resmem.temperature."""
     r = cfg.resmem
-    totals = {"base": np.zeros(3), "resmem": np.zeros(3)}
+    totals = {"base": np.zeros(3), "knnlm": np.zeros(3), "resmem": np.zeros(3)}
     near = nb.first(r.k)
     for s in range(0, len(labels), batch):
         sl = slice(s, s + batch)
@@ -78,6 +79,8 @@ def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, batch: i
         q = corrected_probs(p, w, near.labels[sl], near.residual_ids[sl], near.residuals[sl], r.gate,
                             cfg.text.prob_floor)
         totals["base"] += token_metrics(softmax(logits[sl]), labels[sl])
+        totals["knnlm"] += token_metrics(knn_interpolation(p, near.labels[sl], near.distances[sl], r.knn_lambda,
+                                                           r.knn_tau), labels[sl])
         totals["resmem"] += token_metrics(q, labels[sl])
     return {m: {"accuracy": t[0] / t[2], "perplexity": float(np.exp(t[1] / t[2]))} for m, t in totals.items()}
 
@@ -90,10 +93,13 @@ def lm_report(cfg: Config, m: dict) -> str:
              f"{m['num_shards']} shard(s), embedding: {cfg.text.lm_embedding}.",
              f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate}, distance={r.distance}; "
              f"corrected distribution clipped below at {cfg.text.prob_floor} x p and renormalised.",
+             f"kNN-LM: (1 - lambda) p + lambda p_kNN over the same k={r.k} neighbours' next tokens weighted by "
+             f"softmax(-d / tau), lambda={r.knn_lambda}, tau={r.knn_tau}, p at T={r.temperature}.",
              f"Residual storage: {m['sparse_bytes'] / 2**20:.2f} MiB sparse (top-{m['top_m']}) vs "
              f"{m['dense_bytes'] / 2**20:.2f} MiB dense.", "",
              "| method | next-token accuracy (%) | perplexity |", "| --- | ---: | ---: |",
              f"| base model | {100 * m['base_accuracy']:.2f} | {m['base_perplexity']:.2f} |",
+             f"| kNN-LM | {100 * m['knnlm_accuracy']:.2f} | {m['knnlm_perplexity']:.2f} |",
              f"| ResMem | {100 * m['resmem_accuracy']:.2f} | {m['resmem_perplexity']:.2f} |"]
     return "\n".join(lines) + "\n"
 
@@ -158,5 +164,5 @@ class TokenLM(TextTask):
 
     def done_info(self, metrics: dict) -> dict:
         return {"accuracy": metrics["accuracy"],
-                "perplexity": {m: metrics[f"{m}_perplexity"] for m in ("base", "resmem")}}
+                "perplexity": {m: metrics[f"{m}_perplexity"] for m in ("base", "knnlm", "resmem")}}
 
