@@ -196,7 +196,11 @@ class LowPrecisionFlatIndex(TorchFlatIndex):
     on CUDA, by `precision`), each chunk of rows keeps max(2k, k + margin) candidates,
     and the candidates are re-ranked exactly in float32. The answer is float32 exact
     search's whenever the true top k are among the candidates; ties go to the smaller row.
-    Holds the float32 rows beside the low-precision copy (1.5x the memory of `torch`)."""
+
+    For L2 the multiply yields the ranking key ||x||^2 - 2 q.x itself: rows carry their
+    squared norm (as two low-precision parts, summed by the float32 accumulator) and
+    queries a matching 1, so no pass over the score matrix adds the norms. Holds the
+    float32 rows beside the low-precision copy (1.5x the memory of `torch`; 2x for tf32)."""
 
     def __init__(self, vectors: np.ndarray, inner_product: bool, device: str,
                  max_scores: int | None = None, precision: str = "bfloat16", margin: int = 32):
@@ -208,19 +212,37 @@ class LowPrecisionFlatIndex(TorchFlatIndex):
             raise ResMemError(f"precision=tf32 is a CUDA matrix-multiply mode, not available on {device}")
         super().__init__(vectors, inner_product, device, max_scores)
         self.precision, self.margin = precision, margin
-        self.low = self.db if precision == "tf32" else self.db.to(getattr(torch, precision))
+        self.dtype = torch.float32 if precision == "tf32" else getattr(torch, precision)
+        rows = self.db
+        if not inner_product:  # [x, hi, lo, 0...] with hi + lo = ||x||^2; width a multiple of 8
+            hi = self.sq_norms.to(torch.bfloat16 if precision == "tf32" else self.dtype).float()
+            rows = self._augment(rows, hi, self.sq_norms - hi)
+        self.low = rows.to(self.dtype)
+
+    def _augment(self, x, hi, lo):
+        import torch
+
+        pad = -(x.shape[1] + 2) % 8
+        return torch.cat([x, hi[:, None], lo[:, None], x.new_zeros(len(x), pad)], 1)
+
+    def _low_queries(self, q):
+        """Queries in the scan's precision: [-2q, 1, 1, 0...] for L2 (q.x + its norms)."""
+        import torch
+
+        if not self.inner_product:
+            ones = torch.ones(len(q), device=q.device)
+            q = self._augment(-2 * q, ones, ones)
+        return q.to(self.dtype)
 
     def _scores(self, q, start: int, stop: int):
-        """float32 ranking keys from the low-precision product: the inner product, or the
-        squared L2 distance less ||q||^2 (the same for every row of a query)."""
+        """Ranking keys from the low-precision multiply: the inner product, or the squared
+        L2 distance less ||q||^2 (the same for every row of a query)."""
         import torch
 
         rows = self.low[start:stop].T
-        if q.is_cuda and q.dtype != torch.float32:  # float32 accumulator kept, not rounded
-            s = torch.mm(q, rows, out_dtype=torch.float32)
-        else:  # the host's bfloat16 product is rounded to bfloat16; the margin absorbs it
-            s = (q @ rows).float()
-        return s if self.inner_product else self.sq_norms[start:stop] - 2 * s
+        if q.is_cuda and q.dtype != torch.float32:  # float32 output: the accumulator, not rounded
+            return torch.mm(q, rows, out_dtype=torch.float32)
+        return q @ rows  # on the host, keys rounded to bfloat16: the margin absorbs it
 
     def _exact(self, q, rows):
         """float32 scores of each query against its candidate rows, elementwise (a matrix
@@ -235,7 +257,7 @@ class LowPrecisionFlatIndex(TorchFlatIndex):
         with torch.inference_mode():
             q = self._queries(queries)
             with _tf32(self.precision == "tf32"):
-                rows = self._topk(q.to(self.low.dtype), keep)[1]
+                rows = self._topk(self._low_queries(q), keep)[1]
             block = max(1, self.max_scores // (4 * keep * q.shape[1]))  # bounds the gathered rows
             exact = torch.cat([self._exact(q[a:a + block], rows[a:a + block]) for a in range(0, len(q), block)])
         s, i = exact.cpu().numpy(), rows.cpu().numpy()
