@@ -200,7 +200,7 @@ class LowPrecisionFlatIndex(TorchFlatIndex):
     For L2 the multiply yields the ranking key ||x||^2 - 2 q.x itself: rows carry their
     squared norm (as two low-precision parts, summed by the float32 accumulator) and
     queries a matching 1, so no pass over the score matrix adds the norms. Holds the
-    float32 rows beside the low-precision copy (1.5x the memory of `torch`; 2x for tf32)."""
+    float32 rows beside the low-precision copy (1.5x the memory of `torch`; tf32 with L2: 2x)."""
 
     def __init__(self, vectors: np.ndarray, inner_product: bool, device: str,
                  max_scores: int | None = None, precision: str = "bfloat16", margin: int = 32):
