@@ -12,9 +12,12 @@ from resmem_ray import versions
 
 
 def machine() -> str:
+    import torch
+
     with open("/proc/meminfo") as f:
         total = int(f.readline().split()[1]) * 1024
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {total / 2**30:.0f} GiB, no GPU"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {total / 2**30:.0f} GiB, {gpu}"
 
 
 def section(title: str, *intro: str) -> list[str]:

@@ -30,7 +30,7 @@ CHOICES = {
     "text.tokenizer": ("pretrained", "bpe"),
     "text.lm_embedding": ("final", "last_block_input"),
     "resmem.distance": ("l2", "sqeuclidean", "cosine"),
-    "index.backend": ("faiss", "torch"),
+    "index.backend": ("faiss", "torch", "torch_lowp"),
     "index.residual_dtype": ("float32", "float16"),
     "tune.search": ("grid", "random", "optuna"),
 }

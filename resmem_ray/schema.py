@@ -88,6 +88,7 @@ class IndexConfig:
     nprobe: int = 16  # IVF: inverted lists visited per query
     ef_search: int = 64  # HNSW: breadth of the search
     backend: str = "faiss"  # faiss | torch (exact: matrix multiply + top-k, GPU when present)
+    #                         | torch_lowp (exact too: a bfloat16 scan, its candidates re-ranked in float32)
     use_gpu: bool = resource(False)  # shard actors ask Ray for a GPU; CPU fallback (logged) without one
     replicas: int = resource(1)  # actors per shard; query batches are balanced across them
     cpus_per_shard: float = resource(0.5)  # CPU share of each shard actor (also its FAISS threads)

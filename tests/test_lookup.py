@@ -124,6 +124,74 @@ def test_torch_backend_on_gpu_equals_faiss_flat():
     assert (got == want).mean() > 0.999
 
 
+
+def exact_topk(emb, queries, k, inner_product):
+    """float64 brute force: (scores like FAISS, row numbers), ties to the smaller row."""
+    x, q = emb.astype(np.float64), queries.astype(np.float64)
+    scores = q @ x.T if inner_product else (q * q).sum(1)[:, None] + (x * x).sum(1) - 2 * q @ x.T
+    rows = np.broadcast_to(np.arange(len(x)), scores.shape)
+    order = np.lexsort((rows, -scores if inner_product else scores), axis=-1)[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+@pytest.mark.parametrize("n, d", [(20_000, 64), (5_000, 512)])
+@pytest.mark.parametrize("inner_product", [False, True])
+def test_low_precision_backend_equals_float32_exact_search(n, d, inner_product):
+    import torch
+
+    from resmem_ray.core.knn import LowPrecisionFlatIndex
+
+    rng = np.random.default_rng(n + d)
+    emb, queries = rng.normal(size=(n, d)).astype(np.float32), rng.normal(size=(300, d)).astype(np.float32)
+    want_s, want_i = exact_topk(emb, queries, 30, inner_product)
+    index = LowPrecisionFlatIndex(emb, inner_product, "cpu", max_scores=300 * 3000)  # several chunks
+    got_s, got_i = index.search(queries, 30)
+    assert got_s.dtype == np.float32 and got_i.dtype == np.int64
+    assert np.mean([len(set(a) & set(b)) / 30 for a, b in zip(got_i, want_i)]) == 1.0
+    # the exact order, up to rows whose distances float32 cannot tell apart (rare: < 0.1%)
+    assert (got_i == want_i).mean() > 0.999
+    x, q = emb[got_i].astype(np.float64), queries[:, None].astype(np.float64)
+    np.testing.assert_allclose((q * x).sum(-1) if inner_product else ((q - x) ** 2).sum(-1), want_s,
+                               rtol=1e-6, atol=1e-6 * np.abs(want_s).max())
+    np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=1e-4 * np.abs(want_s).max())
+    # the bfloat16 scan alone orders them otherwise: the float32 re-rank is what makes it exact
+    rough = index._topk(index._low_queries(torch.from_numpy(queries)), 30)[1].numpy()
+    assert (rough == want_i).mean() < 0.99
+
+
+def test_low_precision_backend_breaks_ties_by_row_and_takes_small_shards():
+    from resmem_ray.core.knn import LowPrecisionFlatIndex
+
+    emb = np.repeat(np.eye(4, dtype=np.float32), 3, axis=0)  # every row three times
+    s, i = LowPrecisionFlatIndex(emb, False, "cpu", max_scores=8).search(emb[[6, 0]], 5)
+    assert i.tolist() == [[6, 7, 8, 0, 1], [0, 1, 2, 3, 4]]
+    np.testing.assert_array_equal(s, [[0, 0, 0, 2, 2], [0, 0, 0, 2, 2]])
+    with pytest.raises(ResMemError, match="precision=tf32 is a CUDA matrix-multiply mode"):
+        LowPrecisionFlatIndex(emb, False, "cpu", precision="tf32")
+
+
+def test_low_precision_backend_needs_flat():
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.core.knn import check_index_config
+
+    with pytest.raises(ResMemError, match="index.backend=torch_lowp is exact search: it needs index.factory=Flat"):
+        check_index_config(IndexConfig(factory="IVF16,Flat", backend="torch_lowp"), 100, 8, "l2")
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bfloat16", "float16", "tf32"])
+def test_low_precision_backend_on_gpu_recalls_exact_search(precision):
+    from resmem_ray.core.knn import LowPrecisionFlatIndex
+
+    rng = np.random.default_rng(7)
+    emb, queries = rng.normal(size=(50_000, 128)).astype(np.float32), rng.normal(size=(500, 128)).astype(np.float32)
+    for inner_product in (False, True):
+        want_s, want_i = exact_topk(emb, queries, 30, inner_product)
+        got_s, got_i = LowPrecisionFlatIndex(emb, inner_product, "cuda", max_scores=500 * 8000,
+                                             precision=precision).search(queries, 30)
+        assert np.mean([len(set(a) & set(b)) / 30 for a, b in zip(got_i, want_i)]) == 1.0
+        np.testing.assert_allclose(got_s, want_s, rtol=1e-4, atol=1e-4 * np.abs(want_s).max())
+
 # --- the sharded service: actors, replicas, failover --------------------------------------
 
 def shard_dir(tmp_path, emb, rows, shards):
@@ -223,3 +291,29 @@ def test_float16_residuals_halve_storage_and_keep_predictions(ray_session, tmp_p
     np.testing.assert_allclose(answers["float16"][0], answers["float32"][0], atol=2e-4)
     assert answers["float16"][0].argmax(1).tolist() == answers["float32"][0].argmax(1).tolist()
     assert answers["float16"][1] < 0.6 * answers["float32"][1]
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_low_precision_backend_through_actors_equals_faiss(ray_session, tmp_path, distance):
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.runtime.shards import ShardedMemory, write_shards
+
+    emb, rows, queries = memory(n=3000, d=32)
+    emb, queries = prepare_queries(emb, distance, False), prepare_queries(queries, distance, False)
+    folder = tmp_path / "index"
+    folder.mkdir()
+    manifest = write_shards(folder, emb, rows["ids"], rows["labels"], rows["residuals"],
+                            IndexConfig(num_shards=2), distance, False, 1.0)
+    answers = {}
+    for backend in ("faiss", "torch_lowp"):
+        with ShardedMemory(folder, manifest, IndexConfig(backend=backend, cpus_per_shard=0.25)) as sharded:
+            answers[backend] = sharded.search(queries, 20)
+            placement = sharded.placement
+    assert placement == ["torch_lowp-cpu", "torch_lowp-cpu"]
+    want, got = answers["faiss"], answers["torch_lowp"]
+    np.testing.assert_array_equal(np.sort(got.ids, 1), np.sort(want.ids, 1))
+    same = got.ids == want.ids  # the rest: neighbours whose distances float32 cannot tell apart
+    assert same.mean() > 0.99
+    np.testing.assert_allclose(got.distances, want.distances, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(got.labels[same], want.labels[same])
+    np.testing.assert_array_equal(got.residuals[same], want.residuals[same])

@@ -8,6 +8,7 @@ is the Ray shell around them).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import faiss
@@ -37,8 +38,8 @@ def check_index_config(cfg: IndexConfig, rows: int, dim: int, distance: str) -> 
                           f"for {dim}-dim vectors: {str(e).strip().splitlines()[-1]}") from None
     if cfg.num_shards > rows:
         raise ResMemError(f"index.num_shards={cfg.num_shards} is more than the memory's {rows} rows")
-    if cfg.backend == "torch" and cfg.factory != "Flat":
-        raise ResMemError(f"index.backend=torch is exact search: it needs index.factory=Flat, "
+    if cfg.backend in ("torch", "torch_lowp") and cfg.factory != "Flat":
+        raise ResMemError(f"index.backend={cfg.backend} is exact search: it needs index.factory=Flat, "
                           f"got {cfg.factory!r}")
 
 
@@ -138,36 +139,142 @@ class TorchFlatIndex:
         self.sq_norms = (self.db * self.db).sum(1)
         self.ntotal = len(vectors)
 
+    def _queries(self, queries: np.ndarray):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+
+    def _scores(self, q, start: int, stop: int):
+        """Scores of the queries against memory rows [start, stop)."""
+        scores = q @ self.db[start:stop].T
+        if not self.inner_product:  # ||q - x||^2 = ||q||^2 + ||x||^2 - 2 q.x
+            scores = (q * q).sum(1, keepdim=True) + self.sq_norms[start:stop] - 2 * scores
+        return scores
+
+    def _topk(self, q, keep: int):
+        """The best `keep` rows per query: a top-k per chunk of memory rows, then a top-k
+        over the best so far and the chunk's. Returns (scores, row numbers)."""
+        import torch
+
+        chunk = max(keep, self.max_scores // max(len(q), 1))
+        best_s = best_i = None
+        for start in range(0, self.ntotal, chunk):
+            scores = self._scores(q, start, start + chunk)
+            s, i = torch.topk(scores, min(keep, scores.shape[1]), dim=1, largest=self.inner_product)
+            i += start
+            if best_s is not None:
+                s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                s, pos = torch.topk(s, min(keep, s.shape[1]), dim=1, largest=self.inner_product)
+                i = torch.gather(i, 1, pos)
+            best_s, best_i = s, i
+        return best_s, best_i
+
     def search(self, queries: np.ndarray, k: int):
         import torch
 
-        q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
-        chunk = max(k, self.max_scores // max(len(q), 1))
-        best_s = best_i = None
         with torch.inference_mode():
-            for start in range(0, self.ntotal, chunk):
-                scores = q @ self.db[start:start + chunk].T
-                if not self.inner_product:  # ||q - x||^2 = ||q||^2 + ||x||^2 - 2 q.x
-                    scores = (q * q).sum(1, keepdim=True) + self.sq_norms[start:start + chunk] - 2 * scores
-                s, i = torch.topk(scores, min(k, scores.shape[1]), dim=1, largest=self.inner_product)
-                i += start
-                if best_s is not None:
-                    s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
-                    s, pos = torch.topk(s, min(k, s.shape[1]), dim=1, largest=self.inner_product)
-                    i = torch.gather(i, 1, pos)
-                best_s, best_i = s, i
-        return best_s.cpu().numpy(), best_i.cpu().numpy()
+            s, i = self._topk(self._queries(queries), k)
+        return s.cpu().numpy(), i.cpu().numpy()
+
+
+@contextmanager
+def _tf32(on: bool):
+    """CUDA float32 matrix multiplies in TF32 inside the block (process-wide flag, restored)."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on or before
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+class LowPrecisionFlatIndex(TorchFlatIndex):
+    """Exact search with the scan in reduced precision (index.backend=torch_lowp): the
+    memory is scored in bfloat16 (tensor cores on a GPU; float16, or float32 rows in TF32
+    on CUDA, by `precision`), each chunk of rows keeps max(2k, k + margin) candidates,
+    and the candidates are re-ranked exactly in float32. The answer is float32 exact
+    search's whenever the true top k are among the candidates; ties go to the smaller row.
+
+    For L2 the multiply yields the ranking key ||x||^2 - 2 q.x itself: rows carry their
+    squared norm (as two low-precision parts, summed by the float32 accumulator) and
+    queries a matching 1, so no pass over the score matrix adds the norms. Holds the
+    float32 rows beside the low-precision copy (1.5x the memory of `torch`; tf32 with L2: 2x)."""
+
+    def __init__(self, vectors: np.ndarray, inner_product: bool, device: str,
+                 max_scores: int | None = None, precision: str = "bfloat16", margin: int = 32):
+        import torch
+
+        if precision not in ("bfloat16", "float16", "tf32"):
+            raise ResMemError(f"precision={precision!r}: choose bfloat16, float16 or tf32")
+        if precision == "tf32" and not device.startswith("cuda"):
+            raise ResMemError(f"precision=tf32 is a CUDA matrix-multiply mode, not available on {device}")
+        super().__init__(vectors, inner_product, device, max_scores)
+        self.precision, self.margin = precision, margin
+        self.dtype = torch.float32 if precision == "tf32" else getattr(torch, precision)
+        rows = self.db
+        if not inner_product:  # [x, hi, lo, 0...] with hi + lo = ||x||^2; width a multiple of 8
+            hi = self.sq_norms.to(torch.bfloat16 if precision == "tf32" else self.dtype).float()
+            rows = self._augment(rows, hi, self.sq_norms - hi)
+        self.low = rows.to(self.dtype)
+
+    def _augment(self, x, hi, lo):
+        import torch
+
+        pad = -(x.shape[1] + 2) % 8
+        return torch.cat([x, hi[:, None], lo[:, None], x.new_zeros(len(x), pad)], 1)
+
+    def _low_queries(self, q):
+        """Queries in the scan's precision: [-2q, 1, 1, 0...] for L2 (q.x + its norms)."""
+        import torch
+
+        if not self.inner_product:
+            ones = torch.ones(len(q), device=q.device)
+            q = self._augment(-2 * q, ones, ones)
+        return q.to(self.dtype)
+
+    def _scores(self, q, start: int, stop: int):
+        """Ranking keys from the low-precision multiply: the inner product, or the squared
+        L2 distance less ||q||^2 (the same for every row of a query)."""
+        import torch
+
+        rows = self.low[start:stop].T
+        if q.is_cuda and q.dtype != torch.float32:  # float32 output: the accumulator, not rounded
+            return torch.mm(q, rows, out_dtype=torch.float32)
+        return q @ rows  # on the host, keys rounded to bfloat16: the margin absorbs it
+
+    def _exact(self, q, rows):
+        """float32 scores of each query against its candidate rows, elementwise (a matrix
+        multiply could run in TF32)."""
+        x = self.db[rows]  # (queries, candidates, dim)
+        return (q[:, None] * x).sum(-1) if self.inner_product else ((q[:, None] - x) ** 2).sum(-1)
+
+    def search(self, queries: np.ndarray, k: int):
+        import torch
+
+        keep = min(self.ntotal, max(2 * k, k + self.margin))
+        with torch.inference_mode():
+            q = self._queries(queries)
+            with _tf32(self.precision == "tf32"):
+                rows = self._topk(self._low_queries(q), keep)[1]
+            block = max(1, self.max_scores // (4 * keep * q.shape[1]))  # bounds the gathered rows
+            exact = torch.cat([self._exact(q[a:a + block], rows[a:a + block]) for a in range(0, len(q), block)])
+        s, i = exact.cpu().numpy(), rows.cpu().numpy()
+        order = np.lexsort((i, -s if self.inner_product else s), axis=-1)[:, :k]
+        return np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
 
 def place_index(index, backend: str, use_gpu: bool):
-    """The shard's searchable index: FAISS on CPU or GPU, or the torch exact backend.
+    """The shard's searchable index: FAISS on CPU or GPU, or a torch exact backend.
     Returns (index, where) with `where` a word for the logs."""
     import torch
 
-    if backend == "torch":
+    if backend in ("torch", "torch_lowp"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
         vectors = index.reconstruct_n(0, index.ntotal)
-        return TorchFlatIndex(vectors, index.metric_type == faiss.METRIC_INNER_PRODUCT, device), f"torch-{device}"
+        exact = TorchFlatIndex if backend == "torch" else LowPrecisionFlatIndex
+        return exact(vectors, index.metric_type == faiss.METRIC_INNER_PRODUCT, device), f"{backend}-{device}"
     if use_gpu:
         if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             resources = faiss.StandardGpuResources()  # one per searching thread: the actor's
