@@ -48,6 +48,20 @@ def verbose() -> bool:
     return os.environ.get("RESMEM_VERBOSE") == "1"
 
 
+def worker_loader(cache: dict, split: str, epoch: int, dataset: Callable[[], Any], batch_size: int):
+    """A torch DataLoader over `dataset()` for this worker: built once (kept in `cache`),
+    sharded across the workers by Ray Train, reshuffled every epoch for the train split."""
+    import ray.train
+    import ray.train.torch
+
+    if split not in cache:
+        cache[split] = ray.train.torch.prepare_data_loader(
+            torch.utils.data.DataLoader(dataset(), batch_size=batch_size, shuffle=split == "train"))
+    if split == "train" and ray.train.get_context().get_world_size() > 1:
+        cache[split].sampler.set_epoch(epoch)
+    return cache[split]
+
+
 def _all_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -57,20 +57,14 @@ def recipe(cfg: Config, meta: dict, data_ref) -> trainer.Recipe:
         return model, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.epochs)
 
     def batches(split: str, epoch: int):
-        import ray.train
-        import ray.train.torch
-
         data = loaded["data"][split]
         if split == "val":  # plain slices: no DataLoader, no draw from the random stream
             return ([torch.as_tensor(data[key][i:i + 1024]) for key in (*INPUTS, "target")]
                     for i in range(0, len(data["target"]), 1024))
-        if "train" not in loaded:
-            train = torch.utils.data.TensorDataset(*model_inputs(data, "cpu"), torch.as_tensor(data["target"]))
-            loaded["train"] = ray.train.torch.prepare_data_loader(
-                torch.utils.data.DataLoader(train, batch_size=s.batch_size, shuffle=True))
-        if ray.train.get_context().get_world_size() > 1:
-            loaded["train"].sampler.set_epoch(epoch)
-        return loaded["train"]
+        return trainer.worker_loader(
+            loaded, split, epoch,
+            lambda: torch.utils.data.TensorDataset(*model_inputs(data, "cpu"), torch.as_tensor(data["target"])),
+            s.batch_size)
 
     def step(model, batch, device, training):
         *inputs, target = [t.to(device) for t in batch]

@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from resmem_ray.errors import ConfigError, ResMemError
 from resmem_ray.runtime.embedding import map_with_model
-from resmem_ray.runtime.trainer import Recipe
+from resmem_ray.runtime.trainer import Recipe, worker_loader
 from resmem_ray.schema import Config, ModelConfig
 from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
@@ -89,16 +89,8 @@ def recipe(cfg: Config) -> Recipe:
         return model, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
 
     def batches(split: str, epoch: int):
-        import ray.train
-        import ray.train.torch
-
-        if split not in held:
-            dl = torch.utils.data.DataLoader(SplitDataset(held["splits"][split], held["info"].image_size),
-                                             batch_size=t.batch_size, shuffle=split == "train")
-            held[split] = ray.train.torch.prepare_data_loader(dl)
-        if split == "train" and ray.train.get_context().get_world_size() > 1:
-            held[split].sampler.set_epoch(epoch)
-        return held[split]
+        return worker_loader(held, split, epoch, lambda: SplitDataset(held["splits"][split], held["info"].image_size),
+                             t.batch_size)
 
     def step(model, batch, device, training):
         images, labels, _ = batch

@@ -28,7 +28,7 @@ from torch import nn
 
 from resmem_ray.core.resmem import apply_correction, memory_correction
 from resmem_ray.runtime.embedding import map_with_model
-from resmem_ray.runtime.trainer import Recipe
+from resmem_ray.runtime.trainer import Recipe, worker_loader
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
@@ -85,17 +85,9 @@ def recipe(cfg: Config, splits: dict, info: DatasetInfo) -> Recipe:
         return model, torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay), None
 
     def batches(split: str, epoch: int):
-        import ray.train
-        import ray.train.torch
-
-        if split not in held:
-            x, y = data[split]
-            dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
-                                             batch_size=t.batch_size, shuffle=split == "train")
-            held[split] = ray.train.torch.prepare_data_loader(dl)
-        if split == "train" and ray.train.get_context().get_world_size() > 1:
-            held[split].sampler.set_epoch(epoch)
-        return held[split]
+        return worker_loader(held, split, epoch,
+                             lambda: torch.utils.data.TensorDataset(*(torch.from_numpy(a) for a in data[split])),
+                             t.batch_size)
 
     def step(model, batch, device, training):
         x, y = (b.to(device) for b in batch)
