@@ -59,7 +59,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("memorize", "add labelled examples (--examples FILE) to the memory, no retraining",
           "resmem_ray.stages.memorize:memorize", reads=("train", "embed", "index"),
           options=(("--examples", "the examples: for image runs an .npz with images (N, C, H, W) uint8 and "
-                                  "labels (N,)"),)),
+                                  "labels (N,); for text classification runs a .jsonl or .csv of text and label"),)),
     Stage("sweep", "Ray Tune + ASHA over the base model (sweep.width, sweep.lr): the pipeline per trial",
           "resmem_ray.stages.sweep:sweep"),
 )}

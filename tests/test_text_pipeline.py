@@ -4,6 +4,7 @@ News and a from-scratch GPT-2 with token-level, sparse ResMem."""
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from resmem_ray.cli import main
@@ -12,6 +13,7 @@ from resmem_ray.pipeline import stage_keys
 from resmem_ray.store.artifacts import read_split
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.text import load_tokenizer, minilm_dir
+from resmem_ray.tasks.text_data import load_splits as load_text_splits
 
 FAST = ["train.epochs=1", "train.num_workers=1", "embed.num_actors=1", "index.num_shards=2", "data.limit=24"]
 
@@ -47,7 +49,23 @@ def test_text_classification_run(ray_session, tiny_bert, tmp_path, capsys):
     assert metrics["num_test"] == 24 and metrics["memory_rows"] == 24
     assert set(metrics["accuracy"]) == {"base", "knn_1", "knn_5", "knn_interp", "resmem", "oracle_gate"}
     assert main(["memorize", *args, "--examples", str(tmp_path / "x.npz")]) == 2
-    assert "resmem memorize takes images" in capsys.readouterr().err
+    assert "a text run memorizes a .jsonl or .csv of text and label" in capsys.readouterr().err
+
+    # memorize: test articles under new labels; with a narrow kernel ResMem follows them
+    cfg = load_config(args[1], tuple(args[2:]))
+    texts = load_text_splits(cfg.data, cfg.seed, cfg.text)[0]["test"]
+    new_labels = (texts.labels + 1) % 5
+    examples = tmp_path / "relabelled.jsonl"
+    examples.write_text("".join(json.dumps({"text": t, "label": int(y)}) + "\n" for t, y in zip(texts.texts, new_labels)))
+    assert main(["memorize", *args, "--examples", str(examples)]) == 0
+    assert main(["evaluate", *args, "resmem.sigma=0.001", "resmem.k=1"]) == 0
+    preds = pq.read_table(run.report / "predictions.parquet").to_pandas().set_index("id")
+    assert (preds.loc[texts.ids, "resmem"].to_numpy() == new_labels).mean() >= 0.9
+    assert (preds.loc[texts.ids, "base"].to_numpy() == new_labels).mean() <= 0.5
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nsome article,7\n")
+    assert main(["memorize", *args, "--examples", str(bad)]) == 2
+    assert "labels must lie in [0, 5), got 7..7" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(400)

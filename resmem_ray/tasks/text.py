@@ -30,7 +30,7 @@ from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.classification import ClassificationTask
 from resmem_ray.tasks.registry import Task, register
 from resmem_ray.tasks.splits import Split
-from resmem_ray.tasks.text_data import TEXT_SOURCES, load_splits, package_dir
+from resmem_ray.tasks.text_data import TEXT_SOURCES, load_splits, package_dir, read_labelled_texts
 
 TOKENIZE_CPUS = 0.25  # Ray Data tokenisation tasks run beside the train workers
 
@@ -285,3 +285,11 @@ class TextClassification(TextTask, ClassificationTask):
     def embed_rows(self, cfg: Config, run: RunDir, split: Split, split_name: str, meta: dict):
         return map_with_model(self.token_rows(cfg, run, split, meta), TextEmbedder, {"run_dir": run.location},
                               cfg.embed)
+
+    def read_examples(self, path: str, meta: dict) -> Split:
+        """A .jsonl or .csv of text and label (a class number of the run)."""
+        texts, labels = read_labelled_texts(path)
+        if labels.min() < 0 or labels.max() >= meta["num_classes"]:
+            raise ResMemError(f"{path}: labels must lie in [0, {meta['num_classes']}), "
+                              f"got {labels.min()}..{labels.max()}")
+        return Split(ids=np.zeros(len(labels), np.int64), labels=labels, texts=texts)

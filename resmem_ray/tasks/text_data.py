@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,36 @@ def hf(text: TextConfig):
 
 
 TEXT_SOURCES = {"bbc_news": bbc_news, "tweets": tweets, "hf": hf}
+
+
+def read_labelled_texts(path: str) -> tuple[list[str], np.ndarray]:
+    """Texts and integer labels from a .jsonl file (one {"text": ..., "label": ...} object
+    a line) or a .csv file with columns text and label (`resmem memorize` for text)."""
+    p = Path(path)
+    if p.suffix not in (".jsonl", ".csv"):
+        raise ResMemError(f"{path}: a text run memorizes a .jsonl or .csv of text and label, not {p.suffix or 'this'}")
+    if not p.is_file():
+        raise ResMemError(f"{path}: no such file")
+    try:
+        with open(p, encoding="utf-8", newline="") as f:
+            if p.suffix == ".csv":
+                rows = list(csv.DictReader(f))
+            else:
+                rows = [json.loads(line) for line in f if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise ResMemError(f"{path}: not readable as {p.suffix[1:]}: {str(e).splitlines()[0]}") from None
+    texts, labels = [], []
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict) or not str(row.get("text") or "").strip() or row.get("label") in (None, ""):
+            raise ResMemError(f"{path}: row {number} needs a non-empty text and a label")
+        try:
+            labels.append(int(row["label"]))
+        except (TypeError, ValueError):
+            raise ResMemError(f"{path}: row {number}: label {row['label']!r} is not a class number") from None
+        texts.append(str(row["text"]))
+    if not texts:
+        raise ResMemError(f"{path}: holds no examples")
+    return texts, np.asarray(labels, dtype=np.int64)
 
 
 def load_splits(cfg: DataConfig, seed: int, text: TextConfig | None = None) -> tuple[dict[str, Split], DatasetInfo]:
