@@ -51,6 +51,7 @@ def test_run_writes_report_and_artifacts(digits_run):
     assert acc["oracle_gate"] >= max(acc["base"], acc["knn_1"])
     report = (run.report / "report.md").read_text()
     assert "| ResMem |" in report and "| 30-NN |" in report and "| oracle gate" in report
+    assert "449 examples (one example is 0.22 points)" in report
     # the kNN interpolation baseline: its own row, after the k-NN rows and before ResMem
     assert report.index("| 30-NN |") < report.index("| kNN interpolation |") < report.index("| ResMem |")
     assert metrics["knn_interp"] == {"lambda": cfg.resmem.knn_lambda, "tau": cfg.resmem.knn_tau,

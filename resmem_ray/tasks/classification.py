@@ -147,8 +147,8 @@ def write_report(folder, cfg: Config, metrics: dict, title: str) -> None:
     knn = metrics["knn_interp"]
     lines = [f"# ResMem report: {cfg.data.name}, {title}", ""]
     lines += [line for w in metrics.get("warnings", []) for line in (f"> **Warning:** {w}", "")]
-    lines += [f"Test split: {metrics['num_test']} examples; memory: {metrics['memory_rows']} training "
-              f"examples in {metrics['num_shards']} shard(s).",
+    lines += [f"Test split: {metrics['num_test']} examples (one example is {100 / metrics['num_test']:.2f} "
+              f"points); memory: {metrics['memory_rows']} training examples in {metrics['num_shards']} shard(s).",
               f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate} "
               f"(where max p < {r.gate_threshold}), "
               f"distance={r.distance}, normalize={r.normalize}.",
