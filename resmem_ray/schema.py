@@ -21,7 +21,7 @@ def resource(default):
 class DataConfig:
     name: str = "digits"  # a dataset of the task (tasks/): digits, fashion_mnist, cifar10, bbc_news, diabetes, ...
     root: Optional[str] = None  # dataset folder (fashion_mnist, cifar*, imagefolder)
-    download: bool = False  # torchvision datasets only; machines here have no network
+    download: bool = False  # torchvision datasets only; needs network access
     val_fraction: float = 0.1  # of the source train split, held out of training and memory
     test_fraction: float = 0.2  # only for datasets without an official test split (digits)
     limit: Optional[int] = None  # cap on examples per split, for quick runs

@@ -72,7 +72,7 @@ def cifar_resnet(depth: int, in_channels: int, num_classes: int, width: int = 1)
 
 
 def torchvision_resnet(name: str, in_channels: int, num_classes: int) -> EmbedHead:
-    """torchvision resnet18/50 (random init: no hub here), its fc split off as the head."""
+    """torchvision resnet18/50 (random init: no weights are downloaded), its fc split off as the head."""
     import torchvision
 
     net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
