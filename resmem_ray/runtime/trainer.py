@@ -38,7 +38,8 @@ class Recipe:
     build: Callable[[], tuple]  # () -> (model, optimizer, scheduler or None), on each worker
     batches: Callable[[str, int], Any]  # (split "train" | "val", epoch) -> iterable of batches, on each worker
     step: Callable  # (model, batch, device, training) -> (mean loss tensor, score sum, count)
-    score: str = "acc"  # what the score sum over count is: acc | next-token acc | mse
+    score: str = "acc"  # what the score sum over count is (metric keys train_<score>, val_<score>): acc | mse
+    score_name: str = ""  # how the epoch line calls it (default: score), e.g. "next-token acc"
     seed_by_rank: bool = True  # False: every rank draws the same random numbers
     prepare: Callable[[], None] | None = None  # once per worker before building (e.g. load data)
 
@@ -130,7 +131,7 @@ def worker_loop(config: dict) -> None:
         history.append(metrics)
         if rank == 0:
             # not print(): Ray Train V2 patches it in workers and the line reaches the driver twice
-            name = {"acc": "acc", "mse": "mse"}.get(recipe.score, recipe.score)
+            name = recipe.score_name or recipe.score
             sys.stdout.write(f"[{recipe.stage}] epoch {epoch + 1}/{recipe.epochs}  loss {metrics['train_loss']:.4f}  "
                              f"train {name} {metrics[f'train_{recipe.score}']:.4f}  val loss {metrics['val_loss']:.4f}"
                              f"  val {name} {metrics[f'val_{recipe.score}']:.4f}  ({metrics['epoch_s']:.1f}s)\n")

@@ -104,11 +104,6 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def tasks() -> dict[str, Task]:
-    _discover()
-    return dict(_TASKS)
-
-
 def task_for(cfg: "Config") -> Task:
     """The task that cfg.model.name picks, after checking that data.name fits it."""
     _discover()

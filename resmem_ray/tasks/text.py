@@ -168,7 +168,7 @@ def text_recipe(cfg: Config, num_classes: int, tokenizer: str, lm: bool) -> Reci
         return batch_stats(model, {k: batch[k] for k in ("input_ids", "attention_mask", "label")}, lm)
 
     return Recipe(stage="train", epochs=cfg.train.epochs, seed=cfg.seed, build=build, batches=batches, step=step,
-                  score="next-token acc" if lm else "acc", seed_by_rank=False)  # the same fresh head on every rank
+                  score_name="next-token acc" if lm else "", seed_by_rank=False)  # the same fresh head on every rank
 
 
 def check_cpus(cfg: Config) -> None:
