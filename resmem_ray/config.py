@@ -23,7 +23,7 @@ import yaml
 from resmem_ray.errors import ConfigError, ResMemError
 from resmem_ray.schema import (Config, DataConfig, EmbedConfig, EvaluateConfig, IndexConfig,  # noqa: F401
                                ModelConfig, NeighbourTransformerConfig, ResMemConfig, SweepConfig, TextConfig,
-                               TrainConfig, TuneConfig)
+                               TrainConfig, TuneConfig, get_key)
 from resmem_ray.tasks.registry import task_for
 
 CHOICES = {
@@ -160,30 +160,23 @@ def _coerce(tp, value, key: str):
     return value
 
 
-def _get(cfg: Config, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
-
-
 def _check_values(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
-        if _get(cfg, key) not in allowed:
-            raise ConfigError(f"config key {key}: unknown value {_get(cfg, key)!r} "
+        if get_key(cfg, key) not in allowed:
+            raise ConfigError(f"config key {key}: unknown value {get_key(cfg, key)!r} "
                               f"(choose from {', '.join(allowed)})")
     for key in NON_EMPTY:
-        if not _get(cfg, key):
+        if not get_key(cfg, key):
             raise ConfigError(f"config key {key} must be a non-empty list, got []")
     for key, interval in RANGES.items():
-        value = _get(cfg, key)
+        value = get_key(cfg, key)
         for v in value if isinstance(value, list) else [value]:
             if v is not None and not _in_range(v, interval):
                 word = "positive" if interval == "(0, inf)" else f"in {interval}"
                 raise ConfigError(f"config key {key} must be {word}, got {v}")
     for key, allowed in (("tune.distance", CHOICES["resmem.distance"]), ("tune.normalize", (True, False))):
-        if any(v not in allowed for v in _get(cfg, key)):
-            raise ConfigError(f"config key {key} must be a non-empty list of {allowed}, got {_get(cfg, key)}")
+        if any(v not in allowed for v in get_key(cfg, key)):
+            raise ConfigError(f"config key {key} must be a non-empty list of {allowed}, got {get_key(cfg, key)}")
     if cfg.neighbour_transformer.d_model % cfg.neighbour_transformer.heads:
         raise ConfigError("config key neighbour_transformer.d_model must be a multiple of "
                           "neighbour_transformer.heads")

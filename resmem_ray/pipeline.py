@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from resmem_ray.schema import Config, leaf_keys
+from resmem_ray.schema import Config, get_key, leaf_keys
 from resmem_ray.stage_table import STAGES, Stage
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
@@ -21,12 +21,7 @@ def enabled(stage: Stage, cfg: Config) -> bool:
     """Whether `resmem run` runs this stage with this config."""
     if not stage.in_pipeline:
         return False
-    if stage.enabled_by is None:
-        return True
-    node = cfg
-    for part in stage.enabled_by.split("."):
-        node = getattr(node, part)
-    return bool(node)
+    return stage.enabled_by is None or bool(get_key(cfg, stage.enabled_by))
 
 
 def _expand(keys) -> list[str]:

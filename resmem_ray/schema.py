@@ -189,6 +189,14 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def get_key(cfg: Config, key: str):
+    """The value of a dotted key, e.g. get_key(cfg, "resmem.sigma")."""
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def leaf_keys(cls=Config, prefix: str = "") -> list[tuple[str, bool]]:
     """Every leaf key of the schema as (dotted key, is a resource key), in declaration order."""
     out = []

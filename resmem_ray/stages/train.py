@@ -24,7 +24,7 @@ def train(cfg: Config, until_epoch: int | None = None) -> dict:
     t = cfg.train
     state, history = trainer.fit(run, recipe, t.num_workers, t.cpus_per_worker, t.use_gpu, datasets, until_epoch)
     with atomic_dir(run.model) as tmp:
-        meta = task.save_model(cfg, run, tmp, state, info)
+        meta = task.save_model(cfg, run, tmp, state, splits, info)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         (tmp / "history.json").write_text(json.dumps(history, indent=2))
     run.mark_done("train", cfg.to_dict(), files=file_hashes(run.model), history=history, epochs_done=len(history))

@@ -122,7 +122,7 @@ class ImageClassification(ClassificationTask):
     def training(self, cfg: Config, run: RunDir, splits: dict, info):
         return recipe(cfg), None
 
-    def save_model(self, cfg: Config, run: RunDir, folder, state: dict, info) -> dict:
+    def save_model(self, cfg: Config, run: RunDir, folder, state: dict, splits: dict, info) -> dict:
         torch.save(state["model"], folder / "model.pt")
         probe = build_model(cfg.model, info.in_channels, info.num_classes)
         return {"model": cfg.model.__dict__, "dataset": cfg.data.name, "num_classes": info.num_classes,

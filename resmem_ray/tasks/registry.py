@@ -50,7 +50,7 @@ class Task:
         """(runtime.trainer.Recipe, Ray datasets for the trainer or None)."""
         raise NotImplementedError
 
-    def save_model(self, cfg: "Config", run: "RunDir", folder, state: dict, info) -> dict:
+    def save_model(self, cfg: "Config", run: "RunDir", folder, state: dict, splits: dict, info) -> dict:
         """Write the trained model into `folder`; return its meta.json content (with
         num_classes and embedding_dim)."""
         raise NotImplementedError

@@ -140,9 +140,8 @@ class Regression(Task):
     def training(self, cfg: Config, run: RunDir, splits: dict, info):
         return recipe(cfg, splits, info), None
 
-    def save_model(self, cfg: Config, run: RunDir, folder, state: dict, info) -> dict:
+    def save_model(self, cfg: Config, run: RunDir, folder, state: dict, splits: dict, info) -> dict:
         torch.save(state["model"], folder / "model.pt")
-        splits, _ = self.load_splits(cfg)
         dim = info.in_channels if cfg.model.name == "linear" else cfg.model.width
         return {"model": cfg.model.__dict__, "dataset": cfg.data.name, "num_classes": 1, "in_features": info.in_channels,
                 "embedding_dim": dim, **scaling(splits["train"])}

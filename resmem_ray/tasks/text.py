@@ -234,7 +234,7 @@ class TextTask(Task):
                     for s in ("train", "val")}
         return text_recipe(cfg, info.num_classes, tokenizer, self.lm), datasets
 
-    def save_model(self, cfg: Config, run: RunDir, folder, state: dict, info) -> dict:
+    def save_model(self, cfg: Config, run: RunDir, folder, state: dict, splits: dict, info) -> dict:
         tokenizer = self.tokenizer(cfg, run)
         model = build_text_model(cfg, info.num_classes, tokenizer)
         model.load_state_dict(state["model"])
