@@ -96,9 +96,18 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
     assert metrics["base_perplexity"] < 300
     assert 1 < metrics["knnlm_perplexity"] < np.inf and 0 <= metrics["knnlm_accuracy"] <= 1
     assert set(metrics["accuracy"]) == {"base", "knnlm", "resmem"} and "| kNN-LM |" in out
-    assert main(["tune", *args]) == 2  # tune reweights dense rows: a clear refusal, not a crash
-    assert "token memory with sparse residuals" in capsys.readouterr().err
     # a deeper LM is a new base model: the run reruns from train, not a reprinted old report
     deeper = load_config(args[1], (*args[2:], "text.lm_layers=4"))
     assert run.stale_reason("train", deeper.to_dict(), stage_keys("train", deeper)) == "config changed"
     assert run.stale_reason("evaluate", run.manifest()["config"], stage_keys("evaluate", deeper)) is None
+    # tune: the sparse rows reweighted by val perplexity, then evaluate at the chosen setting
+    grid = ["tune.k=[4,16]", "tune.sigma=[0.02,0.3]", "tune.gate=[0.2,1.0]", "tune.knn_lambda=[0.25,0.5]",
+            "tune.knn_tau=[0.1,1.0]", "tune.cpus_per_trial=0.5"]
+    assert main(["tune", *args, *grid]) == 0
+    summary = json.loads((run_dir / "tune" / "best.json").read_text())
+    assert summary["trials"] == 8 and summary["objective"] == "val perplexity"
+    assert summary["best_val_perplexity"] < summary["untuned"]["val_perplexity"] < summary["base_val_perplexity"]
+    assert min(t["val_perplexity"] for t in summary["top"]) == pytest.approx(summary["best_val_perplexity"])
+    tuned = json.loads((run.report / "metrics.json").read_text())
+    assert tuned["resmem"]["k"] == summary["best"]["k"] and tuned["resmem"]["knn_lambda"] == summary["best"]["knn_lambda"]
+    assert "## Chosen by `resmem tune`" in (run.report / "report.md").read_text()

@@ -1,4 +1,5 @@
-"""Stage tune: Ray Tune over k, sigma, T, the gate and the distance, scored on val.
+"""Stage tune: Ray Tune over k, sigma, T, the gate and the distance, scored on val (a
+token memory's sparse rows: stages/tune_lm.py, by val perplexity).
 
 Which neighbours a query has does not depend on sigma, T or the gate. So the val
 queries are searched once per (distance, normalize) pair at the largest k of the space;
@@ -22,7 +23,7 @@ import uuid
 import numpy as np
 
 from resmem_ray.core.gates import fit_learned_gate, gate_features, learned_gate
-from resmem_ray.core.knn import prepare_queries
+from resmem_ray.core.knn import Neighbours, prepare_queries
 from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_interpolation, memory_correction,
                                     residuals, softmax)
 from resmem_ray.errors import ResMemError
@@ -31,6 +32,7 @@ from resmem_ray.schema import Config, TuneConfig
 from resmem_ray.stages.evaluate import evaluate
 from resmem_ray.stages.index import build_index
 from resmem_ray.stages.transformer import train_neighbour_transformer
+from resmem_ray.stages.tune_lm import tune_token_memory
 from resmem_ray.store.artifacts import read_index_manifest, read_split
 from resmem_ray.store.files import write_json
 from resmem_ray.store.rundir import RunDir
@@ -43,9 +45,10 @@ def memory_key(distance: str, normalize: bool) -> str:
     return f"{distance}/{'normalized' if normalize else 'raw'}"
 
 
-def neighbour_table(cfg: Config, run: RunDir) -> dict:
-    """The val split's k_max nearest memory rows in the current index, with what every
-    trial needs (neighbours' logits, not residuals, so that T can change)."""
+def neighbour_table(cfg: Config, run: RunDir, k_max: int | None = None) -> dict:
+    """The val split's k_max (default: the largest tune.k) nearest memory rows in the
+    current index, with what every trial needs (neighbours' logits, not residuals, so that
+    T can change)."""
     manifest = read_index_manifest(run, needed_by="tune")
     check_dense(manifest, cfg)
     if manifest.get("memorized"):
@@ -53,15 +56,16 @@ def neighbour_table(cfg: Config, run: RunDir) -> dict:
                           "be searched: run `resmem index` (train split only) before `resmem tune`")
     val = read_split(run, "val", "tune", ("id", "label", "embedding", "logits"))
     train = read_split(run, "train", "tune", ("id", "logits"))
-    k_max = max(cfg.tune.k)
+    k_max = k_max or max(cfg.tune.k)
     if k_max > manifest["rows"]:
-        raise ResMemError(f"config key tune.k: {k_max} is larger than the memory ({manifest['rows']} rows)")
+        raise ResMemError(f"config key tune.k (or evaluate.knn_ks): {k_max} is larger than the memory ({manifest['rows']} rows)")
     queries = prepare_queries(val["embedding"], manifest["distance"], manifest["normalize"])
     print(f"[tune] searching {len(queries)} val queries once at k={k_max} "
           f"({memory_key(manifest['distance'], manifest['normalize'])})", flush=True)
     with ShardedMemory(run.index, manifest, cfg.index) as memory:
         nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
     return {"token": uuid.uuid4().hex, "distances": nb.distances, "neighbour_labels": nb.labels,
+            "neighbour_ids": nb.ids,
             "neighbour_logits": train["logits"][np.searchsorted(train["id"], nb.ids)],
             "logits": val["logits"], "labels": val["label"]}
 
@@ -100,6 +104,12 @@ def neighbour_residuals(table: dict, temperature: float) -> np.ndarray:
         _RESIDUALS[key] = residuals(table["neighbour_logits"].reshape(-1, c),
                                     table["neighbour_labels"].ravel(), temperature).reshape(n, k, c)
     return _RESIDUALS[key]
+
+
+def table_neighbours(table: dict, temperature: float) -> Neighbours:
+    """The table's neighbours with their residual rows at T."""
+    return Neighbours(table["distances"], table["neighbour_ids"], table["neighbour_labels"],
+                      neighbour_residuals(table, temperature))
 
 
 def corrected(table: dict, k: int, sigma: float, temperature: float) -> tuple[np.ndarray, np.ndarray]:
@@ -258,43 +268,56 @@ def tune_knn_interp(table: dict, best: dict, t: TuneConfig) -> dict:
 
 def check_dense(manifest: dict, cfg: Config) -> None:
     if manifest.get("codec", "dense") != "dense":
-        kind = "token memory" if manifest["codec"] == "sparse" else "memory"
-        raise ResMemError(f"resmem tune reweights dense residual rows; this is a {kind} with {manifest['codec']} "
-                          f"residuals (model.name={cfg.model.name}): set resmem.k / sigma / gate and run "
-                          "`resmem evaluate`")
+        raise ResMemError(f"resmem tune reweights dense or sparse residual rows; this memory holds "
+                          f"{manifest['codec']} residuals (model.name={cfg.model.name}): set resmem.k / sigma / "
+                          "gate and run `resmem evaluate`")
+
+
+def tuning_summary(cfg: Config, table: dict, best: dict, best_val_accuracy: float, trials: int, search: str,
+                   top: list[dict]) -> dict:
+    """What evaluate reports of a search: the chosen setting and, from the same neighbour
+    table, the kNN interpolation baseline's (lambda, tau) and the learned gate."""
+    summary = {"best": best, "best_val_accuracy": best_val_accuracy,
+               "base_val_accuracy": float((table["logits"].argmax(1) == table["labels"]).mean()),
+               "trials": trials, "search": search, "top": top,
+               "knn_interp": tune_knn_interp(table, best, cfg.tune)}
+    if cfg.tune.learned_gate:
+        summary["learned_gate"] = fit_gate_on_val(table, best)
+    return summary
+
+
+def evaluate_chosen(cfg: Config, run: RunDir, summary: dict) -> dict | None:
+    """Rebuild the index for the chosen setting if needed, train the neighbour Transformer
+    when enabled, and evaluate once on test (tune.evaluate). Returns evaluate's metrics."""
+    final = dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, **summary["best"]))
+    ensure_index(final, run)  # the memory the best setting needs
+    if cfg.neighbour_transformer.enabled:
+        train_neighbour_transformer(final)
+    return evaluate(final, tuning=summary) if cfg.tune.evaluate else None
 
 
 def tune_resmem(cfg: Config) -> dict:
     run = RunDir(cfg.run_dir)
-    check_dense(read_index_manifest(run, needed_by="tune"), cfg)  # before any index is rebuilt
+    manifest = read_index_manifest(run, needed_by="tune")
+    if manifest.get("codec") == "sparse":
+        return tune_token_memory(cfg, run, manifest)
+    check_dense(manifest, cfg)  # before any index is rebuilt
     tables = neighbour_tables(cfg, run)
     run.mark_running("tune", cfg.to_dict())
-    first = next(iter(tables.values()))
-    base = float((first["logits"].argmax(1) == first["labels"]).mean())
     frame = run_search(cfg, run, tables)
     top = frame.iloc[0]
     best = {p: top[p].item() for p in TUNED}  # per column: a row would upcast k
     best.update(distance=str(top["distance"]), normalize=bool(top["normalize"]))
-    summary = {"best": best, "best_val_accuracy": top["val_accuracy"].item(), "base_val_accuracy": base,
-               "trials": len(frame), "search": cfg.tune.search,
-               "top": frame.drop(columns="memory").head(10).to_dict("records")}
-    summary["knn_interp"] = tune_knn_interp(tables[top["memory"]], best, cfg.tune)
-    if cfg.tune.learned_gate:
-        summary["learned_gate"] = fit_gate_on_val(tables[top["memory"]], best)
+    summary = tuning_summary(cfg, tables[top["memory"]], best, top["val_accuracy"].item(), len(frame),
+                             cfg.tune.search, frame.drop(columns="memory").head(10).to_dict("records"))
     write_json(run.root / "tune" / "best.json", summary)
     plot_search(run.root / "tune", frame)
     knn = summary["knn_interp"]
     print(f"[tune] {len(frame)} trials; best on val: {best} -> {summary['best_val_accuracy']:.4f} "
-          f"(base {base:.4f}; kNN interpolation lambda={knn['knn_lambda']}, tau={knn['knn_tau']} -> "
-          f"{knn['val_accuracy']:.4f})", flush=True)
-    final = dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, **best))
-    ensure_index(final, run)  # the memory the best setting needs
-    if cfg.neighbour_transformer.enabled:
-        train_neighbour_transformer(final)
-    if cfg.tune.evaluate:  # the one look at test, with the chosen setting
-        evaluate(final, tuning=summary)
+          f"(base {summary['base_val_accuracy']:.4f}; kNN interpolation lambda={knn['knn_lambda']}, "
+          f"tau={knn['knn_tau']} -> {knn['val_accuracy']:.4f})", flush=True)
+    evaluate_chosen(cfg, run, summary)
     # last: rebuilding the index invalidates the stages after it, tune included
     run.mark_done("tune", cfg.to_dict(), best=best, best_val_accuracy=summary["best_val_accuracy"],
                   trials=len(frame))
     return summary
-

@@ -101,6 +101,19 @@ def lm_report(cfg: Config, m: dict) -> str:
              f"| base model | {100 * m['base_accuracy']:.2f} | {m['base_perplexity']:.2f} |",
              f"| kNN-LM | {100 * m['knnlm_accuracy']:.2f} | {m['knnlm_perplexity']:.2f} |",
              f"| ResMem | {100 * m['resmem_accuracy']:.2f} | {m['resmem_perplexity']:.2f} |"]
+    t = m.get("tuning")
+    if t:
+        u = t["untuned"]
+        lines += ["", f"## Chosen by `resmem tune` on the validation split ({t['trials']} {t['search']} trials over "
+                  "k, sigma and the gate, by val perplexity)", "",
+                  "| setting | k | sigma | gate | val perplexity |", "| --- | ---: | ---: | ---: | ---: |",
+                  f"| base model | | | | {t['base_val_perplexity']:.2f} |",
+                  f"| the config's ResMem | {u['k']} | {u['sigma']:g} | {u['gate']:g} | {u['val_perplexity']:.2f} |",
+                  f"| chosen ResMem (evaluated above) | {t['best']['k']} | {t['best']['sigma']:g} | "
+                  f"{t['best']['gate']:g} | {t['best_val_perplexity']:.2f} |", "",
+                  f"kNN-LM, tuned on val from the same neighbours ({t['knn_lm']['trials']} settings of "
+                  f"tune.knn_lambda x tune.knn_tau at k={t['knn_lm']['k']}): lambda={t['knn_lm']['knn_lambda']:g}, "
+                  f"tau={t['knn_lm']['knn_tau']:g}, val perplexity {t['knn_lm']['val_perplexity']:.2f}."]
     return "\n".join(lines) + "\n"
 
 
@@ -149,6 +162,9 @@ class TokenLM(TextTask):
                                             f"(top-{extra['top_m']}) vs {sizes['dense_bytes'] / 2**20:.2f} MiB as "
                                             "dense rows"]}}
 
+    def token_scores(self, cfg: Config, logits, labels, nb) -> dict[str, dict]:
+        return lm_metrics(logits, labels, nb, cfg)
+
     def evaluate(self, cfg: Config, run: RunDir, test: dict, queries, nb, manifest: dict, folder,
                  tuning: dict | None = None) -> dict:
         scores = lm_metrics(test["logits"], test["label"], nb, cfg)
@@ -158,7 +174,7 @@ class TokenLM(TextTask):
                    "top_m": manifest["top_m"], **sizes,
                    **{f"{m}_{k}": v for m, d in scores.items() for k, v in d.items()},
                    "accuracy": {m: d["accuracy"] for m, d in scores.items()}, "resmem": cfg.resmem.__dict__,
-                   "prob_floor": cfg.text.prob_floor}
+                   "prob_floor": cfg.text.prob_floor, "tuning": tuning}
         (folder / "report.md").write_text(lm_report(cfg, metrics))
         return metrics
 

@@ -82,6 +82,14 @@ class Task:
         tune`'s summary when the config evaluates its chosen setting."""
         raise NotImplementedError
 
+    def method_accuracies(self, cfg: "Config", logits, labels, nb, tuning: dict | None) -> dict[str, float]:
+        """Every method's accuracy on rows (logits, labels) whose neighbours are nb."""
+        raise ResMemError(f"the {self.name} task has no per-method accuracies (model.name={cfg.model.name})")
+
+    def token_scores(self, cfg: "Config", logits, labels, nb) -> dict[str, dict]:
+        """{method: {accuracy, perplexity}} of next-token predictions with neighbours nb."""
+        raise ResMemError(f"the {self.name} task does not predict tokens (model.name={cfg.model.name})")
+
     def done_info(self, metrics: dict) -> dict:
         """What evaluate records in the manifest."""
         return {"accuracy": metrics["accuracy"]}
