@@ -60,8 +60,8 @@ RANGES = {
     "neighbour_transformer.epochs": "(0, inf)", "neighbour_transformer.batch_size": "(0, inf)",
     "neighbour_transformer.lr": "(0, inf)", "neighbour_transformer.num_workers": "(0, inf)",
     "neighbour_transformer.cpus_per_worker": "(0, inf)",
-    "sweep.width": "(0, inf)", "sweep.lr": "(0, inf)", "sweep.rungs": "(0, inf)", "sweep.reduction_factor": "(1, inf)",
-    "sweep.max_concurrent": "(0, inf)", "sweep.cpus_per_trial": "(0, inf)",
+    "sweep.width": "(0, inf)", "sweep.lr": "(0, inf)", "sweep.seeds": "[0, inf)", "sweep.rungs": "(0, inf)",
+    "sweep.reduction_factor": "(1, inf)", "sweep.max_concurrent": "(0, inf)", "sweep.cpus_per_trial": "(0, inf)",
     "evaluate.knn_ks": "(0, inf)", "evaluate.batch_size": "(0, inf)",
 }
 NON_EMPTY = ("tune.k", "tune.sigma", "tune.temperature", "tune.gate", "tune.gate_threshold", "tune.gate_softness",

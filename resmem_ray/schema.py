@@ -156,6 +156,7 @@ class SweepConfig:
 
     width: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     lr: list[float] = field(default_factory=list)  # empty: train.lr
+    seeds: list[int] = field(default_factory=list)  # empty: seed; each seed is a trial per width and lr
     rungs: list[int] = field(default_factory=lambda: [3, 10])  # epochs at which ASHA may stop a trial
     reduction_factor: int = 2
     tune_resmem: bool = True  # per trial, ResMem's setting is the best of the tune.* grid on val

@@ -7,28 +7,58 @@ import numpy as np
 import pytest
 
 from resmem_ray.cli import main
+from resmem_ray.stages.sweep import aggregate
 
 from .conftest import DIGITS_ARGS
 
 
 @pytest.mark.timeout(900)
-def test_width_sweep_runs_the_pipeline_per_width_and_draws_its_plot(ray_session, tmp_path):
+def test_width_sweep_over_seeds_reports_every_method_as_mean_and_spread(ray_session, tmp_path):
     run_dir = tmp_path / "sweep"
     assert main(["sweep", "--config", "jobs/configs/digits_sweep.yaml", f"run_dir={run_dir}",
-                 "sweep.width=[2,4]", "sweep.rungs=[1,2]", "tune.k=[5,10]"]) == 0
+                 "sweep.width=[4]", "sweep.seeds=[0,1]", "sweep.rungs=[1,2]", "tune.k=[5,10]"]) == 0
     summary = run_dir / "sweep" / "summary"
-    rows = json.loads((summary / "results.json").read_text())
-    assert [row["width"] for row in rows] == [2, 4]
+    results = json.loads((summary / "results.json").read_text())
+    rows = results["trials"]
+    assert [(row["width"], row["seed"]) for row in rows] == [(4, 0), (4, 1)]
     assert all(0 < row["val_base"] <= 1 and 0 < row["val_resmem"] <= 1 for row in rows)
     finished = [row for row in rows if row["epochs"] == 2]
-    assert finished and all(row["test_resmem"] is not None for row in finished)
-    # each trial is a whole run directory of its own: trained to the last rung it reached
+    assert finished and all(set(row["test"]) >= {"base", "knn_1", "knn_30", "knn_interp", "resmem",
+                                                  "learned_gate", "oracle_gate"} for row in finished)
+    assert all(set(row["val"]) >= {"base", "knn_30", "knn_interp", "resmem"} for row in finished)
+    for group in results["groups"]:  # mean and spread over the seeds that finished
+        mine = [row for row in finished if row["width"] == group["width"]]
+        assert group["seeds"] == [row["seed"] for row in mine]
+        if mine:
+            values = np.array([row["test"]["resmem"] for row in mine])
+            assert group["test"]["resmem"]["mean"] == pytest.approx(values.mean())
+            assert group["test"]["resmem"]["std"] == pytest.approx(values.std(ddof=1) if len(mine) > 1 else 0.0)
+            gains = np.array([row["test"]["resmem"] - row["test"]["base"] for row in mine])
+            assert group["test_gain"]["mean"] == pytest.approx(gains.mean())
+    # each trial is a whole run directory of its own: trained to the last rung it reached, with its seed
     for row in rows:
-        manifest = json.loads((run_dir / "sweep" / f"width{row['width']}_lr0.05" / "manifest.json").read_text())
+        run = run_dir / "sweep" / f"width{row['width']}_lr0.05_seed{row['seed']}"
+        manifest = json.loads((run / "manifest.json").read_text())
         assert manifest["stages"]["train"]["epochs_done"] == row["epochs"]
-        assert manifest["config"]["model"]["width"] == row["width"]
+        assert manifest["config"]["model"]["width"] == row["width"] and manifest["config"]["seed"] == row["seed"]
     assert (summary / "width_sweep.png").stat().st_size > 1000
-    assert "| width | lr | epochs |" in (summary / "report.md").read_text()
+    report = (summary / "report.md").read_text()
+    assert "## Test accuracy (%), mean ± standard deviation over seeds" in report
+    assert "| kNN interpolation |" in report and "| ResMem - base (points) |" in report
+
+
+def test_sweep_summary_is_mean_and_spread_per_width_over_the_seeds_that_finished():
+    def trial(width, seed, base, resmem):
+        scores = None if base is None else {"base": base, "resmem": resmem, "knn_1": 0.5}
+        return {"width": width, "lr": 0.1, "seed": seed, "test": scores, "val": scores}
+
+    rows = [trial(2, 0, 0.5, 0.7), trial(2, 1, 0.6, 0.7), trial(2, 2, None, None), trial(8, 0, 0.9, 0.9)]
+    narrow, wide = aggregate(rows)
+    assert narrow["seeds"] == [0, 1] and narrow["stopped"] == 1
+    assert narrow["test"]["resmem"] == {"mean": pytest.approx(0.7), "std": pytest.approx(0.0), "n": 2}
+    assert narrow["test_gain"]["mean"] == pytest.approx(0.15)
+    assert narrow["test_gain"]["std"] == pytest.approx(np.std([0.2, 0.1], ddof=1))
+    assert wide["test"]["base"]["n"] == 1 and wide["test"]["base"]["std"] == 0.0
 
 
 @pytest.mark.timeout(600)

@@ -52,6 +52,13 @@ class ClassificationTask(Task):
                  tuning: dict | None = None) -> dict:
         return evaluate_classification(cfg, run, test, queries, nb, manifest, folder, self.model_title(cfg), tuning)
 
+    def method_accuracies(self, cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbours,
+                          tuning: dict | None) -> dict[str, float]:
+        """Every method's accuracy but the neighbour Transformer's on rows with neighbours nb
+        (`resmem sweep` scores val this way; evaluate scores test)."""
+        preds = predictions(cfg, logits, labels, nb, (tuning or {}).get("learned_gate"), knn_setting(cfg, tuning))
+        return {m: float((p == labels).mean()) for m, p in preds.items()}
+
     def model_title(self, cfg: Config) -> str:
         return cfg.model.name
 
@@ -155,14 +162,33 @@ def write_report(folder, cfg: Config, metrics: dict, title: str) -> None:
               f"kNN interpolation: (1 - lambda) p + lambda p_kNN over the same k={knn['k']} neighbours, "
               f"p_kNN their labels weighted by softmax(-d / tau); lambda={knn['lambda']:.4g}, tau={knn['tau']:.4g} "
               f"({'chosen by `resmem tune` on val' if knn['chosen_by'] == 'tune' else 'from resmem.knn_lambda, resmem.knn_tau'}).",
-              "", "| method | test accuracy (%) |", "| --- | ---: |"]
-    lines += [f"| {method_name(m)} | {100 * a:.2f} |" for m, a in acc.items()]
-    lines += ["", "Oracle gate: per example, the base model's or the 1-NN prediction, whichever is "
+              "", "| method | test accuracy (%) | vs base (points, 95% CI) | fixed / broken |",
+              "| --- | ---: | ---: | ---: |"]
+    for m, a in acc.items():
+        c = metrics["vs_base"].get(m)
+        vs = " | " if c is None else (f"{100 * c['change']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}] | "
+                                      f"{c['fixed']} / {c['broken']}")
+        lines.append(f"| {method_name(m)} | {100 * a:.2f} | {vs} |")
+    lines += ["", "vs base: the change in test accuracy, with a 95% interval over the test examples "
+              "(paired: each example is right or wrong under both); an interval that excludes 0 is a "
+              "change beyond the test set's sampling noise. Fixed / broken: test examples the base model "
+              "got wrong and the method right, and the reverse.",
+              "", "Oracle gate: per example, the base model's or the 1-NN prediction, whichever is "
               "right; an upper bound for any gate between the two, not a usable method."]
     lines += per_class_lines(metrics["per_class"], cfg)
     if metrics.get("tuning"):
         lines += tuning_lines(metrics["tuning"])
     (folder / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def paired_change(right: np.ndarray, base_right: np.ndarray) -> dict:
+    """A method's change in accuracy over the base model on the same examples, with a 95%
+    normal interval of the mean paired difference (per example -1, 0 or +1)."""
+    diff = right.astype(np.float64) - base_right
+    half = 1.96 * diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    change = float(diff.mean())
+    return {"change": change, "low": change - half, "high": change + half,
+            "fixed": int((diff > 0).sum()), "broken": int((diff < 0).sum())}
 
 
 def training_warnings(run: RunDir, num_classes: int) -> list[str]:
@@ -242,7 +268,9 @@ def evaluate_classification(cfg: Config, run: RunDir, test: dict, queries: np.nd
     preds = dict(sorted(preds.items(), key=lambda item: report_rank(item[0])))
     train_counts = np.bincount(read_split(run, "train", "evaluate", ("id", "label"))["label"],
                                minlength=test["logits"].shape[1])
-    metrics = {"accuracy": {m: float((p == labels).mean()) for m, p in preds.items()},
+    right = {m: p == labels for m, p in preds.items()}
+    metrics = {"accuracy": {m: float(r.mean()) for m, r in right.items()},
+               "vs_base": {m: paired_change(r, right["base"]) for m, r in right.items() if m != "base"},
                "num_test": int(len(labels)), "memory_rows": manifest["rows"],
                "num_shards": len(manifest["shards"]), "resmem": cfg.resmem.__dict__, "tuning": tuning,
                "knn_interp": knn, "warnings": training_warnings(run, test["logits"].shape[1]),
