@@ -145,7 +145,9 @@ def _pct(x) -> str:
 
 
 def _mean_std(s: dict | None) -> str:
-    return "" if s is None else f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+    if s is None:
+        return ""
+    return f"{100 * s['mean']:.2f}" + (f" ± {100 * s['std']:.2f}" if s["n"] > 1 else "")
 
 
 def report(rows: list[dict], groups: list[dict], cfg: Config) -> str:
@@ -168,8 +170,9 @@ def report(rows: list[dict], groups: list[dict], cfg: Config) -> str:
         lines += [f"| {method_name(m)} | " + " | ".join(_mean_std(g[split].get(m)) for g in groups) + " |"
                   for m in methods]
         lines.append("| ResMem - base (points) | " + " | ".join(
-            "" if f"{split}_gain" not in g else f"{100 * g[f'{split}_gain']['mean']:+.2f} ± "
-            f"{100 * g[f'{split}_gain']['std']:.2f}" for g in groups) + " |")
+            "" if f"{split}_gain" not in g else f"{100 * g[f'{split}_gain']['mean']:+.2f}"
+            + (f" ± {100 * g[f'{split}_gain']['std']:.2f}" if g[f"{split}_gain"]["n"] > 1 else "")
+            for g in groups) + " |")
         lines.append("| seeds | " + " | ".join(f"{len(g['seeds'])}" + (f" ({g['stopped']} stopped)" if g["stopped"]
                                                                           else "") for g in groups) + " |")
         lines.append("")

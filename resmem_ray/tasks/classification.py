@@ -102,8 +102,10 @@ METHOD_NAMES = {"base": "base model", "resmem": "ResMem", "oracle_gate": "oracle
 ORDER = ("base", "knn", "knn_interp", "nbr_transformer", "resmem", "learned_gate", "oracle_gate")
 
 
-def report_rank(key: str) -> int:
-    return ORDER.index("knn" if key.removeprefix("knn_").isdigit() else key)
+def report_rank(key: str) -> tuple[int, int]:
+    """Where a method's row goes in a report: ORDER, k-NN rows by k."""
+    k = key.removeprefix("knn_")
+    return (ORDER.index("knn"), int(k)) if k.isdigit() else (ORDER.index(key), 0)
 
 
 def method_name(key: str) -> str:
