@@ -65,12 +65,12 @@ def test_submit_pipeline_to_s3_then_rerun_skips_finished_stages(ray_head, s3, tm
     assert all(f"== {s}: finished, outputs match the manifest: skipped ==" in again.stdout for s in STAGES)
     assert "| ResMem |" in again.stdout
     # a new k changes evaluate's inputs only: evaluate reruns and its report reaches S3
-    again = subprocess.run([RESMEM, *args, "resmem.k=5"], env=env, cwd=ROOT, capture_output=True, text=True,
+    again = subprocess.run([RESMEM, *args, "resmem.k=7"], env=env, cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     skipped = [s for s in STAGES if f"== {s}: finished" in again.stdout]
     assert skipped == ["train", "embed", "index"] and "== evaluate done" in again.stdout
-    assert "k=5," in s3.read("runs/digits/report/report.md").decode()
+    assert "k=7," in s3.read("runs/digits/report/report.md").decode()
 
 
 def test_submit_with_a_wrong_token_is_refused(ray_head, tmp_path):
