@@ -43,8 +43,6 @@ def init_ray(verbose: bool = False) -> None:
         for name in ("ray", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # its warnings speak of its progress bars
-        # bars on a terminal; in a log file they would be a line per update
-        ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
 
 
 def preflight(command: str, cfg, run: RunDir) -> None:
