@@ -8,7 +8,8 @@ import numpy as np
 from resmem_ray.config import load_config
 from resmem_ray.runtime.trainer import chance_warning
 from resmem_ray.store.rundir import RunDir
-from resmem_ray.tasks.classification import per_class, report_rank, training_warnings, write_report
+from resmem_ray.tasks.classification import (paired_change, per_class, report_rank, training_warnings,
+                                             write_report)
 
 
 def history(*train_acc):
@@ -36,7 +37,9 @@ def fake_report(tmp_path, train_acc):
     labels = np.arange(20) % 10
     preds = {m: labels for m in ("base", "knn_1", "knn_10", "knn_interp", "resmem", "oracle_gate")}
     preds = dict(sorted(preds.items(), key=lambda item: report_rank(item[0])))
-    metrics = {"accuracy": {m: 1.0 for m in preds}, "num_test": 20, "memory_rows": 100, "num_shards": 2,
+    right = np.ones(20, bool)
+    metrics = {"accuracy": {m: 1.0 for m in preds}, "vs_base": {m: paired_change(right, right) for m in preds},
+               "num_test": 20, "memory_rows": 100, "num_shards": 2,
                "knn_interp": {"lambda": 0.25, "tau": 0.1, "k": 10, "chosen_by": "config"},
                "warnings": training_warnings(run, 10), "per_class": per_class(labels, preds, np.full(10, 10))}
     write_report(tmp_path, cfg, metrics, "small_cnn")

@@ -127,7 +127,7 @@ def test_leftovers_of_a_killed_writer_are_removed(run_copy):
 
 ZERO_IS_FINE = {"seed", "data.val_fraction", "data.test_fraction", "train.momentum", "train.weight_decay",
                 "text.prob_floor", "embed.gpus_per_actor", "resmem.gate", "resmem.gate_softness",
-                "tune.gate_softness", "resmem.knn_lambda", "tune.knn_lambda"}
+                "tune.gate_softness", "resmem.knn_lambda", "tune.knn_lambda", "sweep.seeds"}
 
 
 def numeric_keys() -> list[tuple[str, bool]]:
@@ -235,7 +235,7 @@ def test_status_table(digits_run, capsys):
     out = capsys.readouterr().out
     for stage in ("train", "embed", "index", "evaluate"):
         assert f"| {stage} | done |" in out
-    assert main(["status", str(digits_run), *DIGITS_ARGS, "resmem.k=5"]) == 0
+    assert main(["status", str(digits_run), *DIGITS_ARGS, "resmem.k=7"]) == 0
     assert "| evaluate | stale | config changed: resmem.k |" in capsys.readouterr().out
 
 

@@ -80,4 +80,4 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
 
 def test_tune_k_larger_than_memory(run_copy, capsys):
     assert main(["tune", *DIGITS_ARGS, f"run_dir={run_copy}", "tune.k=[5,99999]"]) == 2
-    assert "config key tune.k: 99999 is larger than the memory" in capsys.readouterr().err
+    assert "config key tune.k (or evaluate.knn_ks): 99999 is larger than the memory" in capsys.readouterr().err
