@@ -194,7 +194,8 @@ def render() -> None:
              "What memorizing residuals does on real data, measured with the suite's own commands. "
              "Every table below is written by `python benchmarks/results_doc.py` from the runs' own reports "
              "(`docs/results/<name>.json` keeps each run's figures and wall times). "
-             "Every ResMem setting is chosen on a validation split; the test split chose nothing.", ""]
+             "Every ResMem setting is chosen on a validation split; the test split chose nothing. "
+             "Wall times are upper bounds: the 2-core machine that measured them ran other jobs beside them.", ""]
     for name, record in records.items():
         lines += [f"## {record['title']}", "", *commands_lines(record)]
         if name == "fashion_mnist_sweep":
