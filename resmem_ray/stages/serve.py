@@ -136,7 +136,7 @@ class Ingress:
 def read_token(s: ServeConfig) -> str | None:
     """The bearer token of POST /memorize: serve.token_file's first line, or serve.token."""
     if s.token_file:
-        path = Path(s.token_file)
+        path = Path(s.token_file).expanduser()
         if not path.is_file():
             raise ConfigError(f"config key serve.token_file: no such file {path}")
         token = path.read_text().strip().splitlines()[0] if path.read_text().strip() else ""
