@@ -111,6 +111,33 @@ def test_the_client_prints_a_table(app, tmp_path, capsys):
     assert [int(line.split("|")[4]) for line in out[2:]] == [a["resmem"]["class"] for a in answers]
 
 
+def test_a_killed_model_replica_loses_no_request(app):
+    import threading
+
+    import ray
+
+    images, results = app["test"].images[:40], {}
+
+    def client(worker: int):
+        for i in range(worker, len(images), 4):
+            results[i] = http(app["url"] + "/predict", {"examples": [images[i].tolist()]})
+
+    expected = predict(app, images)
+    threads = [threading.Thread(target=client, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    while len(results) < 5:
+        threading.Event().wait(0.05)
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "#Model#" in a["name"]]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    for t in threads:
+        t.join()
+    assert sorted(results) == list(range(len(images)))
+    assert all(status == 200 for status, _ in results.values())
+    assert [results[i][1]["predictions"][0]["resmem"]["class"] for i in range(len(images))] == \
+        [a["resmem"]["class"] for a in expected]
+
+
 def manifest_hash(app) -> str:
     return sha256(app["run"] / "index" / "manifest.json")
 

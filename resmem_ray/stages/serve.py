@@ -25,6 +25,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from resmem_ray.errors import ConfigError, ResMemError
 from resmem_ray.runtime.serving import Memory, Model
@@ -35,6 +36,7 @@ from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
 
 APP = "resmem"
+PREDICT_ATTEMPTS = 5  # a model replica that dies mid-batch: its requests go to another one (or its successor)
 app = FastAPI(title="resmem serve")
 
 
@@ -74,7 +76,12 @@ class Ingress:
             inputs, _ = await self._examples(request, labelled=False)
         except (Refused, ResMemError) as e:
             return _refusal(e)
-        return {"predictions": await self.model.predict.remote(inputs)}
+        for attempt in range(PREDICT_ATTEMPTS):  # a prediction is idempotent: a dead replica's is sent again
+            try:
+                return {"predictions": await self.model.predict.remote(inputs)}
+            except (RayActorError, ActorUnavailableError):
+                if attempt == PREDICT_ATTEMPTS - 1:
+                    raise
 
     @app.post("/memorize")
     async def memorize(self, request: Request):
