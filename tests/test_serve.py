@@ -35,7 +35,11 @@ def http(url: str, body=None, content_type="application/json", token=None, metho
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
+        body = e.read()
+        try:
+            return e.code, json.loads(body)
+        except ValueError:  # a 500 from the framework is plain text
+            return e.code, {"error": body.decode(errors="replace")}
 
 
 def png(image: np.ndarray) -> bytes:
