@@ -19,6 +19,8 @@ memory are runtime/serving.py.
 
 import hmac
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -171,12 +173,17 @@ def start(cfg: Config) -> str:
         raise ResMemError(f"resmem.k={cfg.resmem.k} is larger than the memory ({manifest['rows']} rows)")
     s = cfg.serve
     token = read_token(s)
-    serve.start(http_options={"host": s.host, "port": s.port})
-    memory = Memory.options(ray_actor_options={"num_cpus": 0.1}).bind(run.location, cfg)
+    # Serve's INFO lines (replicas starting, each request) go to its log files unless --verbose
+    logs = None if os.environ.get("RESMEM_VERBOSE") == "1" else {"log_level": "WARNING"}
+    if logs:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": s.host, "port": s.port}, logging_config=logs)
+    memory = Memory.options(ray_actor_options={"num_cpus": 0.1}, logging_config=logs).bind(run.location, cfg)
     model = Model.options(num_replicas=s.replicas, max_ongoing_requests=max(128, 4 * s.max_batch_size),
-                          ray_actor_options={"num_cpus": s.cpus, "num_gpus": s.gpus}).bind(
+                          ray_actor_options={"num_cpus": s.cpus, "num_gpus": s.gpus}, logging_config=logs).bind(
         task, run.location, cfg, memory, max(1, int(s.cpus)))
-    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1}).bind(task, meta, s, token, model, memory)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1}, logging_config=logs).bind(
+        task, meta, s, token, model, memory)
     serve.run(ingress, name=APP, route_prefix="/", blocking=False)
     url = f"http://{s.host}:{s.port}"
     print(f"[serve] {url}: POST /predict, POST /memorize ({'open' if s.open_memorize else 'token' if token else 'closed'}), "
@@ -186,8 +193,8 @@ def start(cfg: Config) -> str:
 
 def serve_run(cfg: Config) -> None:
     """The stage: start the application and keep it up until Ctrl-C."""
-    start(cfg)
     try:
+        start(cfg)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
