@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="YAML config to compare the run with (default: the run's own)")
     p.add_argument("run_and_overrides", nargs="+", metavar="RUN [key=value ...]",
                    help="the run directory (a path or URI), then dotted overrides of the config compared with")
+    p = sub.add_parser("predict", help="send examples to a `resmem serve` application, print its answers as a table")
+    p.add_argument("--url", required=True, help="the application, e.g. http://127.0.0.1:8000")
+    p.add_argument("files", nargs="+", metavar="FILE", help=".png images, an .npz of images (N, C, H, W) uint8, "
+                   "or a text file (text runs), one example a line")
     p = sub.add_parser("submit", usage=SUBMIT_USAGE,
                        help="run a stage (or `run`) as a Ray job on a cluster, stream its logs, return its status")
     p.add_argument("--address", help="Ray dashboard / jobs address, e.g. http://127.0.0.1:8265 "
@@ -86,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         args.run_and_overrides += extra
     if args.command == "submit":
         return _submit(args)
+    if args.command == "predict":
+        from resmem_ray.client import predict, table
+
+        try:
+            print(table(predict(args.url, args.files)))
+        except ResMemError as e:
+            print(f"resmem: error: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         if args.command == "status":
             from resmem_ray.status import print_status

@@ -22,8 +22,8 @@ import yaml
 
 from resmem_ray.errors import ConfigError, ResMemError
 from resmem_ray.schema import (Config, DataConfig, EmbedConfig, EvaluateConfig, IndexConfig,  # noqa: F401
-                               ModelConfig, NeighbourTransformerConfig, ResMemConfig, SweepConfig, TextConfig,
-                               TrainConfig, TuneConfig, get_key)
+                               ModelConfig, NeighbourTransformerConfig, ResMemConfig, ServeConfig, SweepConfig,
+                               TextConfig, TrainConfig, TuneConfig, get_key)
 from resmem_ray.tasks.registry import task_for
 
 CHOICES = {
@@ -63,6 +63,9 @@ RANGES = {
     "sweep.width": "(0, inf)", "sweep.lr": "(0, inf)", "sweep.seeds": "[0, inf)", "sweep.rungs": "(0, inf)",
     "sweep.reduction_factor": "(1, inf)", "sweep.max_concurrent": "(0, inf)", "sweep.cpus_per_trial": "(0, inf)",
     "evaluate.knn_ks": "(0, inf)", "evaluate.batch_size": "(0, inf)",
+    "serve.port": "(0, 65535]", "serve.replicas": "(0, inf)", "serve.cpus": "(0, inf)", "serve.gpus": "[0, inf)",
+    "serve.max_batch_size": "(0, inf)", "serve.batch_wait_timeout_s": "[0, inf)",
+    "serve.max_request_bytes": "(0, inf)", "serve.max_examples": "(0, inf)",
 }
 NON_EMPTY = ("tune.k", "tune.sigma", "tune.temperature", "tune.gate", "tune.gate_threshold", "tune.gate_softness",
              "tune.distance", "tune.normalize", "tune.knn_lambda", "tune.knn_tau", "sweep.width", "sweep.rungs",

@@ -171,6 +171,26 @@ class EvaluateConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`resmem serve`: the Ray Serve application over a finished run (no stage's outputs
+    follow from these keys)."""
+
+    host: str = resource("127.0.0.1")  # where the HTTP proxy listens; 0.0.0.0 exposes it to the network
+    port: int = resource(8000)
+    replicas: int = resource(1)  # model replicas (each embeds and scores batches)
+    cpus: float = resource(0.25)  # per model replica
+    gpus: float = resource(0.0)  # per model replica
+    max_batch_size: int = resource(32)  # requests a model replica embeds together (serve.batch)
+    batch_wait_timeout_s: float = resource(0.005)  # how long a replica waits to fill a batch
+    token: Optional[str] = resource(None)  # the bearer token of POST /memorize (prefer token_file:
+    #                                        a config is recorded in the run's manifest by other stages)
+    token_file: Optional[str] = resource(None)  # a file holding the token (its first line)
+    open_memorize: bool = resource(False)  # true: POST /memorize without a token (trusted networks only)
+    max_request_bytes: int = resource(8 * 2**20)  # larger request bodies get 413
+    max_examples: int = resource(256)  # examples per request; more get 413
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/digits"
     seed: int = 0
@@ -185,6 +205,7 @@ class Config:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     text: TextConfig = field(default_factory=TextConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -60,6 +60,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "resmem_ray.stages.memorize:memorize", reads=("train", "embed", "index"),
           options=(("--examples", "the examples: for image runs an .npz with images (N, C, H, W) uint8 and "
                                   "labels (N,); for text classification runs a .jsonl or .csv of text and label"),)),
+    Stage("serve", "a Ray Serve application over the run: POST /predict answers from the sharded memory, "
+          "POST /memorize adds labelled examples live (serve.*)", "resmem_ray.stages.serve:serve_run",
+          reads=("train", "index")),
     Stage("sweep", "Ray Tune + ASHA over the base model (sweep.width, sweep.lr): the pipeline per trial",
           "resmem_ray.stages.sweep:sweep"),
 )}

@@ -34,6 +34,9 @@ def test_defaults_and_overrides(tmp_path):
     ("", ("tune.knn_tau=[0.1,0]",), "config key tune.knn_tau must be positive, got 0.0"),
     ("", ("data.name=imagefolder",), "data.root is required"),
     ("", ("train.epochs",), "must look like section.key=value"),
+    ("", ("serve.port=0",), "config key serve.port must be in (0, 65535], got 0"),
+    ("", ("serve.max_batch_size=0",), "config key serve.max_batch_size must be positive"),
+    ("", ("serve.open_memorize=1",), "config key serve.open_memorize must be bool"),
     ("- a\n- b\n", (), "mapping at the top level"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, overrides, message):

@@ -22,7 +22,7 @@ from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check
 from resmem_ray.errors import ResMemError
 from resmem_ray.schema import IndexConfig
 from resmem_ray.store.artifacts import load_shard
-from resmem_ray.store.files import sha256
+from resmem_ray.store.files import sha256, write_json
 from resmem_ray.store.remote import uri_of
 from resmem_ray.store.rundir import RunDir
 
@@ -69,6 +69,42 @@ def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: 
     return {"dim": int(dim), "rows": int(n), "num_classes": int(residual_rows.shape[1]),
             "factory": cfg.factory, "distance": distance, "normalize": normalize,
             "temperature": temperature, "residual_dtype": cfg.residual_dtype, "shards": shards}
+
+
+def add_shard(run: RunDir, manifest: dict, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray,
+              residual_rows: np.ndarray, record: dict, residual_ids: np.ndarray | None = None,
+              write_shard: bool = False) -> tuple[dict, faiss.Index]:
+    """Add rows (embeddings prepared, ids past every id in the memory) as one new exact
+    shard, built in this process: a few examples cannot train IVF / PQ clusters. The
+    shard's files go in place first, then the index manifest (the commit), then the run
+    manifest's hashes, so a reader sees the old memory or the new one. `write_shard`:
+    the new shard is `resmem serve`'s write shard (manifest["serve_shard"]) and holds the
+    rows of the previous one too, which is dropped from the manifest and then deleted.
+    `record` goes to manifest["memorized"]. Returns the new manifest and the shard's index."""
+    first = max(s["shard"] for s in manifest["shards"]) + 1
+    built = _build_shard_files(embeddings, ids, labels, residual_rows,
+                               IndexConfig(num_shards=1, factory="Flat", residual_dtype=manifest["residual_dtype"]),
+                               manifest["distance"], first, residual_ids)
+    entry = {"shard": first, "rows": built["rows"], "files": {}, "bytes": {}}
+    for name, data in built["data"].items():
+        tmp = run.index / f".{name}.{os.getpid()}.tmp"  # removed by the next lock holder if this dies
+        tmp.write_bytes(data)
+        entry["files"][name], entry["bytes"][name] = sha256(tmp), len(data)
+        os.replace(tmp, run.index / name)
+    replaces = manifest.get("serve_shard") if write_shard else None
+    old = [s for s in manifest["shards"] if s["shard"] == replaces]
+    manifest = {**manifest, "shards": [s for s in manifest["shards"] if s["shard"] != replaces] + [entry]}
+    manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
+    manifest["next_id"] = max(manifest["next_id"], int(ids.max()) + 1)
+    manifest["memorized"] = [{**m, "shard": first} if m["shard"] == replaces else m
+                             for m in manifest.get("memorized", [])] + [{**record, "shard": first}]
+    if write_shard:
+        manifest["serve_shard"] = first
+    write_json(run.index / "manifest.json", manifest)
+    for name in (n for s in old for n in s["files"]):
+        (run.index / name).unlink(missing_ok=True)
+    run.update_outputs("index")  # the run's manifest vouches for the shards (and a URI run gets them)
+    return manifest, faiss.deserialize_index(np.frombuffer(built["data"][f"shard-{first:05d}.faiss"], np.uint8))
 
 
 class ShardActor:

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from resmem_ray.core.gates import gate_features, learned_gate
 from resmem_ray.core.knn import Neighbours
+from resmem_ray.errors import ResMemError
 from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_interpolation, knn_vote, memory_correction,
                                     residuals, softmax)
 from resmem_ray.runtime.trainer import chance_warning
@@ -62,6 +63,31 @@ class ClassificationTask(Task):
     def model_title(self, cfg: Config) -> str:
         return cfg.model.name
 
+    def serve_labels(self, labels, count: int, meta: dict) -> np.ndarray:
+        if not isinstance(labels, list) or len(labels) != count:
+            raise ResMemError(f"labels must be a list of {count} class numbers, one per example")
+        for i, y in enumerate(labels):
+            if not isinstance(y, int) or isinstance(y, bool) or not 0 <= y < meta["num_classes"]:
+                raise ResMemError(f"labels[{i}]={y!r} is not a class of this run (0..{meta['num_classes'] - 1})")
+        return np.asarray(labels, dtype=np.int64)
+
+    def serve_answers(self, cfg: Config, logits: np.ndarray, nb: Neighbours) -> list[dict]:
+        probs = softmax(logits, cfg.resmem.temperature)
+        corrected, gate = resmem_prediction(cfg, probs, nb.first(cfg.resmem.k))
+        return [{"base": {"class": int(p.argmax()), "probs": p.tolist()},
+                 "resmem": {"class": int(c.argmax()), "probs": c.tolist()}, "gate": float(g),
+                 "neighbours": [{"id": int(i), "label": int(y), "distance": float(d)}
+                                for i, y, d in zip(nb.ids[n], nb.labels[n], nb.distances[n])]}
+                for n, (p, c, g) in enumerate(zip(probs, corrected, gate))]
+
+
+def resmem_prediction(cfg: Config, probs: np.ndarray, near: Neighbours) -> tuple[np.ndarray, np.ndarray]:
+    """ResMem's probabilities p + gate * sum_i w_i r_i over the neighbours `near`, and the
+    gate applied to each row (resmem.gate, gate_threshold, gate_softness)."""
+    r = cfg.resmem
+    gate = confidence_gate(probs, r.gate, r.gate_threshold, r.gate_softness)
+    return apply_correction(probs, memory_correction(near.residuals, near.distances, r.sigma), gate), gate
+
 
 def knn_setting(cfg: Config, tuning: dict | None) -> dict:
     """The kNN interpolation's lambda and tau: `resmem tune`'s choice on val when this
@@ -85,10 +111,9 @@ def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbo
     near = nb.first(r.k)
     knn = knn or knn_setting(cfg, None)
     preds["knn_interp"] = knn_interpolation(probs, near.labels, near.distances, knn["lambda"], knn["tau"]).argmax(1)
-    correction = memory_correction(near.residuals, near.distances, r.sigma)
-    gate = confidence_gate(probs, r.gate, r.gate_threshold, r.gate_softness)
-    preds["resmem"] = apply_correction(probs, correction, gate).argmax(1)
+    preds["resmem"] = resmem_prediction(cfg, probs, near)[0].argmax(1)
     if gate_params is not None:
+        correction = memory_correction(near.residuals, near.distances, r.sigma)
         g = learned_gate(gate_params, gate_features(probs, near.labels, near.distances, correction))
         preds["learned_gate"] = apply_correction(probs, correction, g).argmax(1)
     one_nn = nb.labels[:, 0]

@@ -18,7 +18,8 @@ from resmem_ray.schema import Config, ModelConfig
 from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.classification import ClassificationTask
-from resmem_ray.tasks.image_data import SOURCES, SplitDataset, augment_batch, decode_images, load_splits, normalize
+from resmem_ray.tasks.image_data import (SOURCES, SplitDataset, augment_batch, decode_images, load_splits, normalize,
+                                         request_image)
 from resmem_ray.tasks.registry import register
 from resmem_ray.tasks.splits import Split
 from resmem_ray.tasks.vision_models import EmbedHead, build_model
@@ -171,3 +172,16 @@ class ImageClassification(ClassificationTask):
         if not len(labels):
             raise ResMemError(f"{path}: holds no examples")
         return Split(ids=np.zeros(len(labels), np.int64), labels=labels.astype(np.int64), images=images)
+
+    def serve_inputs(self, items: list, meta: dict) -> list[np.ndarray]:
+        return [request_image(item, i, meta["in_channels"], meta["image_size"]) for i, item in enumerate(items)]
+
+    def serve_encoder(self, run_dir: str, num_threads: int):
+        embedder = Embedder(run_dir, num_threads)
+
+        def encode(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+            zeros = np.zeros(len(images), np.int64)
+            rows = embedder({"id": zeros, "label": zeros, "image": np.stack(images)})
+            return rows["embedding"], rows["logits"]
+
+        return encode

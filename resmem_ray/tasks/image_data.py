@@ -147,6 +147,52 @@ def normalize(images: np.ndarray | torch.Tensor, dataset: str) -> torch.Tensor:
     return (x - mean) / std
 
 
+def request_image(item, number: int, channels: int, size: int) -> np.ndarray:
+    """One served example as uint8 (C, H, W): PNG bytes, a base64 PNG string, or an
+    array of integers 0..255 (nested lists, (C, H, W), or (H, W) for one channel)."""
+    import base64
+    import binascii
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    want = f"the model takes {size}x{size} images with {channels} channel(s)"
+    if isinstance(item, str):
+        try:
+            item = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise ResMemError(f"example {number}: a string that is not base64 (send a base64 PNG or an array)") from None
+    if isinstance(item, bytes):
+        try:
+            image = Image.open(io.BytesIO(item))
+        except (UnidentifiedImageError, OSError):
+            raise ResMemError(f"example {number}: not a readable image (send PNG bytes)") from None
+        if image.size != (size, size):  # checked before decoding: no large image is ever decoded
+            raise ResMemError(f"example {number}: a {image.size[0]}x{image.size[1]} image; {want}")
+        try:
+            pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+        except (OSError, ValueError):
+            raise ResMemError(f"example {number}: a truncated or corrupt image") from None
+        return np.ascontiguousarray(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1))
+    if not isinstance(item, list):
+        raise ResMemError(f"example {number}: a {type(item).__name__}; send an array of pixel values or a "
+                          "base64 PNG string")
+    try:
+        pixels = np.asarray(item)
+    except ValueError:
+        pixels = None
+    if pixels is None or pixels.dtype.kind not in "iu":
+        raise ResMemError(f"example {number}: not an array of integer pixel values (ragged, or not integers)")
+    if pixels.ndim == 2 and channels == 1:
+        pixels = pixels[None]
+    if pixels.shape != (channels, size, size):
+        raise ResMemError(f"example {number}: an array of shape {pixels.shape}; {want}, shape "
+                          f"({channels}, {size}, {size})")
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise ResMemError(f"example {number}: pixel values must lie in 0..255, got {pixels.min()}..{pixels.max()}")
+    return pixels.astype(np.uint8)
+
+
 def decode_images(paths: list[str], size: int) -> np.ndarray:
     """Read image files into uint8 (N, 3, size, size): resize the short side, centre-crop."""
     from PIL import Image

@@ -101,6 +101,26 @@ class Task:
                           "add examples yet")
 
 
+    # --- serve ----------------------------------------------------------------------------
+    def serve_inputs(self, items: list, meta: dict) -> list:
+        """Request examples (JSON values, or one raw image's bytes) as model inputs, one per
+        example; a ResMemError naming the first bad one."""
+        raise ResMemError(f"the {self.name} task (model.name={self.models[0]}) is not served by `resmem serve`: "
+                          "it serves image and text classification runs")
+
+    def serve_labels(self, labels, count: int, meta: dict):
+        """The labels of POST /memorize as an int64 array, checked against the run's classes."""
+        raise ResMemError(f"the {self.name} task is not served by `resmem serve`")
+
+    def serve_encoder(self, run_dir: str, num_threads: int):
+        """A callable: a list of model inputs (serve_inputs') -> (embeddings, logits)."""
+        raise ResMemError(f"the {self.name} task is not served by `resmem serve`")
+
+    def serve_answers(self, cfg: "Config", logits, nb) -> list[dict]:
+        """Per example: base and ResMem class and probabilities, the gate, the neighbours."""
+        raise ResMemError(f"the {self.name} task is not served by `resmem serve`")
+
+
 def register(cls: type[Task]) -> type[Task]:
     """Class decorator: make a task available by its name and its models' names."""
     task = cls()

@@ -293,3 +293,22 @@ class TextClassification(TextTask, ClassificationTask):
             raise ResMemError(f"{path}: labels must lie in [0, {meta['num_classes']}), "
                               f"got {labels.min()}..{labels.max()}")
         return Split(ids=np.zeros(len(labels), np.int64), labels=labels, texts=texts)
+
+    def serve_inputs(self, items: list, meta: dict) -> list[str]:
+        for i, text in enumerate(items):
+            if not isinstance(text, str) or not text.strip():
+                raise ResMemError(f"example {i}: a text run takes non-empty strings, got {text!r:.40}")
+        return items
+
+    def serve_encoder(self, run_dir: str, num_threads: int):
+        embedder = TextEmbedder(run_dir, num_threads)
+        tokenizer = str(RunDir(run_dir).model)
+
+        def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+            zeros = np.zeros(len(texts), np.int64)
+            batch = tokenize_batch({"id": zeros, "label": zeros, "text": np.asarray(texts, dtype=object)}, tokenizer,
+                                   embedder.meta["max_length"])
+            rows = embedder(batch)
+            return rows["embedding"], rows["logits"]
+
+        return encode

@@ -1,0 +1,202 @@
+"""`resmem serve`: a Ray Serve application over a finished run that answers from the
+sharded memory and memorizes new labelled examples live.
+
+  GET  /healthz    the ingress is up
+  GET  /readyz     the memory answers (its rows and shards)
+  POST /predict    {"examples": [...]} (image runs: arrays or base64 PNG strings; text
+                   runs: strings), or one PNG body (Content-Type: image/png)
+                   -> {"predictions": [{base, resmem, gate, neighbours}, ...]}
+  POST /memorize   {"examples": [...], "labels": [...]} (or a PNG body and ?label=N),
+                   with `Authorization: Bearer <serve.token>` unless serve.open_memorize
+                   -> {"ids": [...], "memory_rows": N}
+
+The ingress here checks every request before anything reaches the model or the memory:
+a bad one is a 4xx with {"error": one line} and adds nothing. The model replicas and the
+memory are runtime/serving.py.
+"""
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request)
+# at runtime, and Serve's ingress wrapper cannot resolve them from strings.
+
+import hmac
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from resmem_ray.errors import ConfigError, ResMemError
+from resmem_ray.runtime.serving import Memory, Model
+from resmem_ray.schema import Config, ServeConfig
+from resmem_ray.stages.evaluate import check_matches_index
+from resmem_ray.store.artifacts import read_index_manifest, read_model_meta
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.registry import task_for
+
+APP = "resmem"
+PREDICT_ATTEMPTS = 5  # a model replica that dies mid-batch: its requests go to another one (or its successor)
+app = FastAPI(title="resmem serve")
+
+
+class Refused(Exception):
+    """A request answered with a 4xx and one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _refusal(e: Exception) -> JSONResponse:
+    return JSONResponse({"error": str(e)}, status_code=getattr(e, "status", 400))
+
+
+@serve.deployment(max_ongoing_requests=256)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, task, meta: dict, settings: ServeConfig, token: str | None, model, memory):
+        self.task, self.meta, self.settings, self.token = task, meta, settings, token
+        self.model, self.memory = model, memory
+
+    @app.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(self):
+        try:
+            return {"status": "ready", **await self.memory.ready.remote()}
+        except Exception as e:  # noqa: BLE001: any failure of the memory means not ready
+            return JSONResponse({"status": "not ready", "error": str(e).splitlines()[0]}, status_code=503)
+
+    @app.post("/predict")
+    async def predict(self, request: Request):
+        try:
+            inputs, _ = await self._examples(request, labelled=False)
+        except (Refused, ResMemError) as e:
+            return _refusal(e)
+        for attempt in range(PREDICT_ATTEMPTS):  # a prediction is idempotent: a dead replica's is sent again
+            try:
+                return {"predictions": await self.model.predict.remote(inputs)}
+            except (RayActorError, ActorUnavailableError):
+                if attempt == PREDICT_ATTEMPTS - 1:
+                    raise
+
+    @app.post("/memorize")
+    async def memorize(self, request: Request):
+        try:
+            self._authorize(request)
+            inputs, labels = await self._examples(request, labelled=True)
+        except (Refused, ResMemError) as e:
+            return _refusal(e)
+        ids = await self.model.memorize.remote(inputs, labels)
+        return {"ids": ids, "memory_rows": (await self.memory.ready.remote())["rows"]}
+
+    def _authorize(self, request: Request) -> None:
+        if self.settings.open_memorize:
+            return
+        if self.token is None:
+            raise Refused(403, "POST /memorize is closed: set serve.token_file (or serve.token), or "
+                               "serve.open_memorize: true")
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            raise Refused(401, "POST /memorize needs the header Authorization: Bearer <token>")
+        if not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            raise Refused(403, "POST /memorize: the bearer token is wrong")
+
+    async def _examples(self, request: Request, labelled: bool):
+        """(model inputs, labels or None) of a request, or Refused / ResMemError naming the problem."""
+        limit = self.settings.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise Refused(413, f"the request body is {declared} bytes, over serve.max_request_bytes={limit}")
+        body = await request.body()
+        if len(body) > limit:
+            raise Refused(413, f"the request body is {len(body)} bytes, over serve.max_request_bytes={limit}")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind in ("image/png", "application/octet-stream"):
+            items, labels = [body], None
+            if labelled:
+                label = request.query_params.get("label", "")
+                if not label.lstrip("-").isdigit():
+                    raise Refused(400, "a PNG body to /memorize needs its class as ?label=N")
+                labels = [int(label)]
+        else:
+            try:
+                payload = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise Refused(400, f"the request body is not valid JSON: {e}") from None
+            if not isinstance(payload, dict) or not isinstance(payload.get("examples"), list):
+                raise Refused(400, 'the request body must be a JSON object {"examples": [...]'
+                                   + (', "labels": [...]}' if labelled else "}"))
+            items, labels = payload["examples"], payload.get("labels")
+        if not items:
+            raise Refused(400, "the request holds no examples (an empty examples list)")
+        if len(items) > self.settings.max_examples:
+            raise Refused(413, f"{len(items)} examples in one request, over serve.max_examples="
+                               f"{self.settings.max_examples}")
+        inputs = self.task.serve_inputs(items, self.meta)
+        return inputs, self.task.serve_labels(labels, len(items), self.meta) if labelled else None
+
+
+def read_token(s: ServeConfig) -> str | None:
+    """The bearer token of POST /memorize: serve.token_file's first line, or serve.token."""
+    if s.token_file:
+        path = Path(s.token_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config key serve.token_file: no such file {path}")
+        token = path.read_text().strip().splitlines()[0] if path.read_text().strip() else ""
+        if not token:
+            raise ConfigError(f"config key serve.token_file: {path} is empty")
+        return token
+    if s.token is not None and not s.token.strip():
+        raise ConfigError("config key serve.token must not be empty")
+    return s.token
+
+
+def start(cfg: Config) -> str:
+    """Check the run, deploy the application (Serve's HTTP proxy on serve.host:serve.port),
+    return its URL once every replica is up."""
+    task = task_for(cfg)
+    run = RunDir(cfg.run_dir)
+    manifest = read_index_manifest(run, needed_by="serve")
+    meta = read_model_meta(run, needed_by="serve")
+    task.serve_inputs([], meta)  # a task that is not served says so here
+    if manifest.get("codec", "dense") != task.codec:
+        raise ResMemError(f"{run.index} holds {manifest.get('codec', 'dense')} residuals, the {task.name} task "
+                          f"reads {task.codec} ones: rerun `resmem index`")
+    check_matches_index(cfg, manifest)
+    if cfg.resmem.k > manifest["rows"]:
+        raise ResMemError(f"resmem.k={cfg.resmem.k} is larger than the memory ({manifest['rows']} rows)")
+    s = cfg.serve
+    token = read_token(s)
+    # Serve's INFO lines (replicas starting, each request) go to its log files unless --verbose
+    logs = None if os.environ.get("RESMEM_VERBOSE") == "1" else {"log_level": "WARNING"}
+    if logs:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": s.host, "port": s.port}, logging_config=logs)
+    memory = Memory.options(ray_actor_options={"num_cpus": 0.1}, logging_config=logs).bind(run.location, cfg)
+    model = Model.options(num_replicas=s.replicas, max_ongoing_requests=max(128, 4 * s.max_batch_size),
+                          ray_actor_options={"num_cpus": s.cpus, "num_gpus": s.gpus}, logging_config=logs).bind(
+        task, run.location, cfg, memory, max(1, int(s.cpus)))
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.1}, logging_config=logs).bind(
+        task, meta, s, token, model, memory)
+    serve.run(ingress, name=APP, route_prefix="/", blocking=False)
+    url = f"http://{s.host}:{s.port}"
+    print(f"[serve] {url}: POST /predict, POST /memorize ({'open' if s.open_memorize else 'token' if token else 'closed'}), "
+          f"GET /healthz, /readyz; {manifest['rows']} memory rows, {s.replicas} model replica(s)", flush=True)
+    return url
+
+
+def serve_run(cfg: Config) -> None:
+    """The stage: start the application and keep it up until Ctrl-C."""
+    try:
+        start(cfg)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(APP)
+        print("[serve] stopped", flush=True)
