@@ -174,7 +174,7 @@ class ShardedMemory:
     def search_batches(self, queries: np.ndarray, k: int, batch_size: int) -> Neighbours:
         """`search` over many queries, `batch_size` per round trip, with progress."""
         parts, t0 = [], time.time()
-        for start in range(0, len(queries), batch_size):
+        for start in range(0, max(len(queries), 1), batch_size):  # no queries: one empty answer
             parts.append(self.search(queries[start:start + batch_size], k))
             done = min(start + batch_size, len(queries))
             print(f"[lookup] {done}/{len(queries)} queries ({done / max(time.time() - t0, 1e-9):.0f}/s)",
