@@ -317,3 +317,25 @@ def test_low_precision_backend_through_actors_equals_faiss(ray_session, tmp_path
     np.testing.assert_allclose(got.distances, want.distances, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got.labels[same], want.labels[same])
     np.testing.assert_array_equal(got.residuals[same], want.residuals[same])
+
+
+def test_merge_equals_a_full_sort_with_ties_and_missing_hits():
+    """The partition-then-sort merge gives a full lexsort's answer, also where the k-th
+    distance is tied across shards and where shards return fewer than k hits (inf, -1)."""
+    rng = np.random.default_rng(4)
+    n, k, C = 200, 6, 3
+    parts = []
+    for s in range(4):
+        dist = np.sort(rng.integers(0, 8, (n, k)).astype(np.float32), 1)  # small integers: many ties
+        dist[rng.random((n, k)) < 0.05] = np.inf  # a missing hit reads as inf
+        dist = np.sort(dist, 1)
+        ids = rng.permutation(10_000)[:n * k].reshape(n, k) + 10_000 * s
+        parts.append((dist, ids, ids % 7, rng.normal(size=(n, k, C)).astype(np.float32),
+                      rng.integers(0, 50, (n, k, 2)).astype(np.int32)))
+    got = merge_topk(parts, k)
+    cat = [np.concatenate([p[j] for p in parts], axis=1) for j in range(5)]
+    order = np.lexsort((cat[1], cat[0]), axis=-1)[:, :k]
+    for name, j in (("distances", 0), ("ids", 1), ("labels", 2), ("residuals", 3), ("residual_ids", 4)):
+        want = np.take_along_axis(cat[j], order if cat[j].ndim == 2 else order[..., None], axis=1)
+        np.testing.assert_array_equal(getattr(got, name), want, err_msg=name)
+    assert merge_topk(parts, 100).ids.shape == (n, 4 * k)  # k over the candidates: all of them, sorted

@@ -77,6 +77,17 @@ def open_gate(p: np.ndarray, r: ResMemConfig) -> np.ndarray:
     return confidence_gate(p, 1.0, r.gate_threshold, r.gate_softness)
 
 
+def resmem_probs(p: np.ndarray, g: np.ndarray, distances, labels, residual_ids, residuals, cfg: Config) -> np.ndarray:
+    """ResMem's distribution for tokens with probabilities p (at resmem.temperature) and
+    confidence gate g (open_gate): corrected where g > 0, p where it is closed. The
+    neighbour arrays (resmem.k per token) are those of the open tokens only, in order."""
+    found = g > 0
+    q = p.copy()
+    q[found] = corrected_probs(p[found], kernel_weights(distances, cfg.resmem.sigma), labels, residual_ids, residuals,
+                               cfg.resmem.gate * g[found], cfg.text.prob_floor)
+    return q
+
+
 def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: np.ndarray | None = None,
                batch: int = 1024) -> dict:
     """Next-token accuracy and perplexity of the base model (T=1), of kNN-LM ((1 - lambda) p
@@ -97,11 +108,9 @@ def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: n
             raise ResMemError("the neighbours do not cover every token whose confidence gate is open "
                               "(resmem.gate_threshold, resmem.gate_softness)")
         at = row[s + found]
-        w = kernel_weights(near.distances[at], r.sigma)
-        q, knn = p.copy(), p.copy()
-        q[found] = corrected_probs(p[found], w, near.labels[at], near.residual_ids[at], near.residuals[at],
-                                   r.gate * g[found], cfg.text.prob_floor)
+        knn = p.copy()
         knn[found] = knn_interpolation(p[found], near.labels[at], near.distances[at], r.knn_lambda, r.knn_tau)
+        q = resmem_probs(p, g, near.distances[at], near.labels[at], near.residual_ids[at], near.residuals[at], cfg)
         totals["base"] += token_metrics(softmax(logits[sl]), labels[sl])
         totals["knnlm"] += token_metrics(knn, labels[sl])
         totals["resmem"] += token_metrics(q, labels[sl])
