@@ -78,8 +78,8 @@ def corrected_probs(p: np.ndarray, weights: np.ndarray, labels: np.ndarray, ids:
     rows, cols, vals = sparse_correction(weights, labels, ids, probs)
     q = np.array(p, dtype=np.float64)
     gate = np.broadcast_to(np.asarray(gate, dtype=np.float64), (len(p),))
-    # one bincount over flat positions: repeated (row, col) add up, as np.add.at, and faster
-    q += np.bincount(rows * q.shape[1] + cols, gate[rows] * vals, minlength=q.size).reshape(q.shape)
+    # flat positions: numpy's fast path for add.at (repeated positions add up)
+    np.add.at(q.reshape(-1), rows * q.shape[1] + cols, gate[rows] * vals)
     return clip_renormalise(q, p, floor)
 
 
