@@ -3,8 +3,8 @@ the LM with ResMem lookups, over a finished token-LM run's test split, in one pr
 
 Both read the same pre-tokenised batches of test texts and end with a next-token
 distribution for every position: the plain LM's softmax, or ResMem's corrected one
-(tasks/lm.py resmem_probs). Per sequence batch, ResMem does one forward (with hidden
-states), one batched search of the tokens whose confidence gate is open
+(tasks/lm.py corrected_token_probs). Per sequence batch, ResMem does one forward (with
+hidden states), one batched search of the tokens whose confidence gate is open
 (resmem.gate_threshold: the others never read the memory), one fetch of their
 neighbours' sparse rows and the correction. Each setting is a memory index (the run's
 memory rows re-indexed with a FAISS factory and nprobe, as `resmem index` with
@@ -41,7 +41,7 @@ from resmem_ray.core.sparse import token_metrics  # noqa: E402
 from resmem_ray.errors import ResMemError  # noqa: E402
 from resmem_ray.store.artifacts import load_shard, read_index_manifest  # noqa: E402
 from resmem_ray.store.rundir import RunDir  # noqa: E402
-from resmem_ray.tasks.lm import open_gate, resmem_probs  # noqa: E402
+from resmem_ray.tasks.lm import corrected_token_probs, open_gate  # noqa: E402
 from resmem_ray.tasks.registry import task_for  # noqa: E402
 from resmem_ray.tasks.text import load_text_model, tokenize_batch  # noqa: E402
 
@@ -109,7 +109,7 @@ def with_memory(model, b: dict, index, rows: dict, cfg, layer: int, nprobe: int)
     queries = prepare_queries(hidden[torch.from_numpy(found).to(hidden.device)].float().cpu().numpy(),
                               r.distance, r.normalize)
     dist, _, labels, residuals, residual_ids = search_shard(index, rows, queries, r.k, r.distance)
-    return resmem_probs(p, g, dist, labels, residual_ids, residuals, cfg), int(found.sum())
+    return corrected_token_probs(p, g, dist, labels, residual_ids, residuals, cfg), int(found.sum())
 
 
 def main() -> None:
@@ -180,7 +180,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     lines = section("Token memory throughput", f"{run.root.name}: GPT-2 LM ({cfg.text.lm_layers} layers, "
                     f"{cfg.text.lm_dim} dims), {tokens:,} test tokens in batches of {args.batch} sequences, on "
-                    f"{device}; load average {os.getloadavg()[0]:.1f} at the end; memory {vectors.shape[0]:,} x {vectors.shape[1]} ({manifest['distance']}), "
+                    f"{device}; load average {os.getloadavg()[0]:.1f} at the end; memory {vectors.shape[0]:,} x "
+                    f"{vectors.shape[1]} ({manifest['distance']}), "
                     f"sigma={cfg.resmem.sigma}, gate={cfg.resmem.gate}. Tokens/s: best of "
                     f"{args.repeats} passes in turns (a setting under 0.25x: one pass).", "",
                     "| setting | tokens/s | vs plain | perplexity | accuracy (%) | tokens reading the memory |",

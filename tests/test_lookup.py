@@ -216,7 +216,12 @@ def test_sharded_actors_equal_one_exact_index(ray_session, tmp_path, shards):
     folder, manifest = shard_dir(tmp_path, emb, rows, shards)
     with ShardedMemory(folder, manifest, IndexConfig(cpus_per_shard=0.25)) as sharded:
         nb = sharded.search(queries, 12)
+        batched = sharded.search_batches(queries, 12, batch_size=7)  # pipelined: next batch sent before a merge
+        empty = sharded.search_batches(queries[:0], 12, batch_size=7)
     np.testing.assert_array_equal(nb.ids, whole[1])
+    for name in ("distances", "ids", "labels", "residuals"):
+        np.testing.assert_array_equal(getattr(batched, name), getattr(nb, name))
+    assert empty.ids.shape == (0, 12) and empty.residuals.shape == (0, 12, 5)
     probs = softmax(np.random.default_rng(1).normal(size=(len(queries), 5)))
     np.testing.assert_allclose(resmem_probs(probs, nb.residuals, nb.distances, 0.5),
                                resmem_probs(probs, whole[3], whole[0], 0.5), rtol=1e-6)

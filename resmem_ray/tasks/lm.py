@@ -77,7 +77,8 @@ def open_gate(p: np.ndarray, r: ResMemConfig) -> np.ndarray:
     return confidence_gate(p, 1.0, r.gate_threshold, r.gate_softness)
 
 
-def resmem_probs(p: np.ndarray, g: np.ndarray, distances, labels, residual_ids, residuals, cfg: Config) -> np.ndarray:
+def corrected_token_probs(p: np.ndarray, g: np.ndarray, distances, labels, residual_ids, residuals,
+                          cfg: Config) -> np.ndarray:
     """ResMem's distribution for tokens with probabilities p (at resmem.temperature) and
     confidence gate g (open_gate): corrected where g > 0, p where it is closed. The
     neighbour arrays (resmem.k per token) are those of the open tokens only, in order."""
@@ -110,7 +111,8 @@ def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: n
         at = row[s + found]
         knn = p.copy()
         knn[found] = knn_interpolation(p[found], near.labels[at], near.distances[at], r.knn_lambda, r.knn_tau)
-        q = resmem_probs(p, g, near.distances[at], near.labels[at], near.residual_ids[at], near.residuals[at], cfg)
+        q = corrected_token_probs(p, g, near.distances[at], near.labels[at], near.residual_ids[at],
+                                  near.residuals[at], cfg)
         totals["base"] += token_metrics(softmax(logits[sl]), labels[sl])
         totals["knnlm"] += token_metrics(knn, labels[sl])
         totals["resmem"] += token_metrics(q, labels[sl])
