@@ -48,8 +48,8 @@ from resmem_ray.tasks.text import load_text_model, tokenize_batch  # noqa: E402
 # (factory, nprobe, resmem.gate_threshold, resmem.k; None: the config's): the run's exact
 # memory, then the levers
 SETTINGS = [("Flat", 0, 1.0, None), ("IVF1024,Flat", 8, 1.0, None), ("IVF1024,Flat", 2, 1.0, None),
-            ("IVF1024,Flat", 2, 0.05, None), ("IVF1024,Flat", 2, 1.0, 10), ("IVF1024,Flat", 2, 0.05, 10),
-            ("IVF1024,Flat", 1, 0.05, 10)]
+            ("IVF1024,Flat", 2, 0.05, None), ("IVF1024,Flat", 1, 0.05, 10), ("IVF1024,Flat", 1, 0.03, 10),
+            ("IVF1024,Flat", 1, 0.02, 10)]
 
 
 def test_batches(cfg, run: RunDir, meta: dict, batch: int, device: str) -> list[dict]:

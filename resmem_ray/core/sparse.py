@@ -78,8 +78,8 @@ def corrected_probs(p: np.ndarray, weights: np.ndarray, labels: np.ndarray, ids:
     rows, cols, vals = sparse_correction(weights, labels, ids, probs)
     q = np.array(p, dtype=np.float64)
     gate = np.broadcast_to(np.asarray(gate, dtype=np.float64), (len(p),))
-    # flat positions: numpy's fast path for add.at (repeated positions add up)
-    np.add.at(q.reshape(-1), rows * q.shape[1] + cols, gate[rows] * vals)
+    flat = rows * q.shape[1] + cols  # flat positions: numpy's fast path for add.at (repeats add up)
+    np.add.at(q.reshape(-1), flat, gate[rows] * vals)
     return clip_renormalise(q, p, floor)
 
 

@@ -81,9 +81,10 @@ def corrected_token_probs(p: np.ndarray, g: np.ndarray, distances, labels, resid
                           cfg: Config) -> np.ndarray:
     """ResMem's distribution for tokens with probabilities p (at resmem.temperature) and
     confidence gate g (open_gate): corrected where g > 0, p where it is closed. The
-    neighbour arrays (resmem.k per token) are those of the open tokens only, in order."""
+    neighbour arrays (resmem.k per token) are those of the open tokens only, in order.
+    Written into p (one pass fewer over a vocabulary-wide array) and returned."""
     found = g > 0
-    q = p.copy()
+    q = p
     q[found] = corrected_probs(p[found], kernel_weights(distances, cfg.resmem.sigma), labels, residual_ids, residuals,
                                cfg.resmem.gate * g[found], cfg.text.prob_floor)
     return q
@@ -109,7 +110,7 @@ def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: n
             raise ResMemError("the neighbours do not cover every token whose confidence gate is open "
                               "(resmem.gate_threshold, resmem.gate_softness)")
         at = row[s + found]
-        knn = p.copy()
+        knn = p.copy()  # before corrected_token_probs writes into p
         knn[found] = knn_interpolation(p[found], near.labels[at], near.distances[at], r.knn_lambda, r.knn_tau)
         q = corrected_token_probs(p, g, near.distances[at], near.labels[at], near.residual_ids[at],
                                   near.residuals[at], cfg)
