@@ -1,8 +1,12 @@
 """Lookup throughput and recall.
 
-1. Exact search QPS of the sharded service (S = 1, 2, 4 shard actors) against one plain
-   FAISS Flat index in the same process, over the same memory and queries, in one run.
-   Both return the same thing: top-k distances, ids and the neighbours' residual rows.
+1. Exact search QPS of the sharded service (S = 1, 2, 4, 8 shard actors, each with
+   index.cpus_per_shard = cores / S and so max(1, round(cores / S)) FAISS threads) against
+   one plain FAISS Flat index in the same process using every core, over the same memory
+   and queries, in one run, timed in turns. Both return the same thing: top-k distances, ids and the
+   neighbours' residual rows. The service is called as evaluate and tune call it
+   (search_batches: batch i + 1 goes out to the shards before batch i is merged); the
+   merge's own time per batch is measured beside it.
 2. recall@k of IVF-Flat, IVF-PQ and HNSW against Flat on real embeddings (a finished
    run's train split as memory, its val split as queries).
 
@@ -14,6 +18,7 @@ Appends a section to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -28,7 +33,7 @@ from resmem_ray.config import IndexConfig
 from resmem_ray.core.knn import build_shard, prepare_queries
 from resmem_ray.runtime.shards import write_shards
 from resmem_ray.runtime.shards import ShardedMemory
-from resmem_ray.core.knn import search_shard, set_search_params
+from resmem_ray.core.knn import merge_topk, search_shard, set_search_params
 
 DIM, CLASSES, K = 64, 10, 30
 
@@ -40,18 +45,18 @@ def mixture(n: int, dim: int, seed: int, centres: int = 100) -> np.ndarray:
     return (means[rng.integers(0, centres, n)] + rng.normal(size=(n, dim)).astype(np.float32))
 
 
-def timed_qps(fn, queries: np.ndarray, batch: int, repeats: int = 3) -> float:
-    fn(queries[:batch])  # warm-up
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for s in range(0, len(queries), batch):
-            fn(queries[s:s + batch])
-        best = max(best, len(queries) / (time.perf_counter() - t0))
-    return best
+def one_pass(fn, queries: np.ndarray, batch: int) -> float:
+    t0 = time.perf_counter()
+    for s in range(0, len(queries), batch):
+        fn(queries[s:s + batch])
+    return len(queries) / (time.perf_counter() - t0)
 
 
-def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int]) -> list[dict]:
+def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int], repeats: int = 3) -> list[dict]:
+    """Plain FAISS and every S, all set up at once and timed in turns (best of `repeats`
+    passes), so a busy moment of a shared machine hits each alike."""
+    import ray
+
     emb = prepare_queries(mixture(rows, DIM, seed=0), "l2", True)
     queries = prepare_queries(mixture(num_queries, DIM, seed=1), "l2", True)
     rng = np.random.default_rng(2)
@@ -59,20 +64,33 @@ def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int])
                    "residuals": rng.normal(size=(rows, CLASSES)).astype(np.float32)}
     faiss.omp_set_num_threads(os.cpu_count())
     plain = build_shard(emb, "Flat", "l2")
-    results = [{"rows": rows, "setup": "plain FAISS Flat, in process",
-                "qps": timed_qps(lambda q: search_shard(plain, memory_rows, q, K, "l2"), queries, batch)}]
-    plain = None  # free the memory before the sharded runs
-    for shards in shard_counts:
-        with tempfile.TemporaryDirectory() as d:
-            manifest = write_shards(Path(d), emb, memory_rows["ids"], memory_rows["labels"],
-                                    memory_rows["residuals"], IndexConfig(num_shards=shards), "l2", True, 1.0)
+    results = [{"rows": rows, "setup": "plain FAISS Flat, in process", "qps": 0.0,
+                "fn": lambda q: search_shard(plain, memory_rows, q, K, "l2"), "batch": batch}]
+    with contextlib.ExitStack() as stack:
+        for shards in shard_counts:
+            d = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            manifest = write_shards(d, emb, memory_rows["ids"], memory_rows["labels"], memory_rows["residuals"],
+                                    IndexConfig(num_shards=shards), "l2", True, 1.0)
             settings = IndexConfig(num_shards=shards, cpus_per_shard=os.cpu_count() / shards)
-            with ShardedMemory(Path(d), manifest, settings) as memory:
-                qps = timed_qps(lambda q: memory.search(q, K), queries, batch)
-        results.append({"rows": rows, "setup": f"sharded, S={shards} actors", "qps": qps})
+            memory = stack.enter_context(ShardedMemory(d, manifest, settings))
+            parts = ray.get([reps[0].search.remote(queries[:batch], K) for reps in memory.actors])
+            t0 = time.perf_counter()
+            for _ in range(5):
+                merge_topk(parts, K)
+            threads = max(1, round(settings.cpus_per_shard))
+            # search_batches, as evaluate and tune call it: the next batch is out while one is merged
+            results.append({"rows": rows, "setup": f"sharded, S={shards} actors x {threads} FAISS thread(s)",
+                            "qps": 0.0, "merge_ms": (time.perf_counter() - t0) / 5 * 1000, "batch": len(queries),
+                            "fn": lambda q, memory=memory: memory.search_batches(q, K, batch)})
+        for r in results:
+            r["fn"](queries[:batch])  # warm-up
+        for _ in range(repeats):
+            for r in results:
+                r["qps"] = max(r["qps"], one_pass(r["fn"], queries, r["batch"]))
     for r in results:
+        del r["fn"], r["batch"]
         r["vs_plain"] = r["qps"] / results[0]["qps"]
-        print(f"{r['rows']:>9} rows  {r['setup']:<32} {r['qps']:>9.0f} q/s  {r['vs_plain']:.2f}x", flush=True)
+        print(f"{r['rows']:>9} rows  {r['setup']:<40} {r['qps']:>9.0f} q/s  {r['vs_plain']:.2f}x", flush=True)
     return results
 
 
@@ -113,18 +131,22 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=2048)
-    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--real", nargs="*", default=["runs/digits", "runs/fashion_mnist"])
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
     args = parser.parse_args()
-    ray.init(include_dashboard=False, log_to_driver=False)
+    # logical CPUs: every S's service placed at once, each actor keeping its cores / S share
+    ray.init(num_cpus=os.cpu_count() * (1 + len(args.shards)), include_dashboard=False, log_to_driver=False)
     tp = [r for rows in args.rows for r in throughput(rows, args.queries, args.batch, args.shards)]
     rc = [r for run in args.real if Path(run, "embeddings").exists() for r in recall(run)]
     lines = section("Lookup", f"Exact search, {DIM}-dim clustered embeddings, k={K}, {args.queries} queries "
                     f"in batches of {args.batch}; each answer includes the neighbours' {CLASSES}-class "
-                    "residual rows.", "", "| memory rows | setup | queries/s | vs plain |",
-                    "| ---: | --- | ---: | ---: |")
-    lines += [f"| {r['rows']:,} | {r['setup']} | {r['qps']:,.0f} | {r['vs_plain']:.2f}x |" for r in tp]
+                    "residual rows. Merge: the driver's global top-k over one batch's shard answers.", "",
+                    "| memory rows | setup | queries/s | vs plain | merge (ms / batch) |",
+                    "| ---: | --- | ---: | ---: | ---: |")
+    lines += [f"| {r['rows']:,} | {r['setup']} | {r['qps']:,.0f} | {r['vs_plain']:.2f}x | "
+              f"{r['merge_ms']:.1f} |" if "merge_ms" in r else
+              f"| {r['rows']:,} | {r['setup']} | {r['qps']:,.0f} | {r['vs_plain']:.2f}x | |" for r in tp]
     if rc:
         lines += ["", f"Approximate indices against Flat, recall@{K} (memory: train split, queries: "
                   "val split; nprobe=16, efSearch=64):", "",

@@ -216,7 +216,12 @@ def test_sharded_actors_equal_one_exact_index(ray_session, tmp_path, shards):
     folder, manifest = shard_dir(tmp_path, emb, rows, shards)
     with ShardedMemory(folder, manifest, IndexConfig(cpus_per_shard=0.25)) as sharded:
         nb = sharded.search(queries, 12)
+        batched = sharded.search_batches(queries, 12, batch_size=7)  # pipelined: next batch sent before a merge
+        empty = sharded.search_batches(queries[:0], 12, batch_size=7)
     np.testing.assert_array_equal(nb.ids, whole[1])
+    for name in ("distances", "ids", "labels", "residuals"):
+        np.testing.assert_array_equal(getattr(batched, name), getattr(nb, name))
+    assert empty.ids.shape == (0, 12) and empty.residuals.shape == (0, 12, 5)
     probs = softmax(np.random.default_rng(1).normal(size=(len(queries), 5)))
     np.testing.assert_allclose(resmem_probs(probs, nb.residuals, nb.distances, 0.5),
                                resmem_probs(probs, whole[3], whole[0], 0.5), rtol=1e-6)
@@ -317,3 +322,25 @@ def test_low_precision_backend_through_actors_equals_faiss(ray_session, tmp_path
     np.testing.assert_allclose(got.distances, want.distances, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(got.labels[same], want.labels[same])
     np.testing.assert_array_equal(got.residuals[same], want.residuals[same])
+
+
+def test_merge_equals_a_full_sort_with_ties_and_missing_hits():
+    """The partition-then-sort merge gives a full lexsort's answer, also where the k-th
+    distance is tied across shards and where shards return fewer than k hits (inf, -1)."""
+    rng = np.random.default_rng(4)
+    n, k, C = 200, 6, 3
+    parts = []
+    for s in range(4):
+        dist = np.sort(rng.integers(0, 8, (n, k)).astype(np.float32), 1)  # small integers: many ties
+        dist[rng.random((n, k)) < 0.05] = np.inf  # a missing hit reads as inf
+        dist = np.sort(dist, 1)
+        ids = rng.permutation(10_000)[:n * k].reshape(n, k) + 10_000 * s
+        parts.append((dist, ids, ids % 7, rng.normal(size=(n, k, C)).astype(np.float32),
+                      rng.integers(0, 50, (n, k, 2)).astype(np.int32)))
+    got = merge_topk(parts, k)
+    cat = [np.concatenate([p[j] for p in parts], axis=1) for j in range(5)]
+    order = np.lexsort((cat[1], cat[0]), axis=-1)[:, :k]
+    for name, j in (("distances", 0), ("ids", 1), ("labels", 2), ("residuals", 3), ("residual_ids", 4)):
+        want = np.take_along_axis(cat[j], order if cat[j].ndim == 2 else order[..., None], axis=1)
+        np.testing.assert_array_equal(getattr(got, name), want, err_msg=name)
+    assert merge_topk(parts, 100).ids.shape == (n, 4 * k)  # k over the candidates: all of them, sorted

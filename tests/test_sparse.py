@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from resmem_ray.config import load_config
-from resmem_ray.tasks.lm import lm_metrics
+from resmem_ray.errors import ResMemError
+from resmem_ray.tasks.lm import lm_metrics, token_reads
 from resmem_ray.core.knn import Neighbours
 from resmem_ray.core.resmem import kernel_weights, residuals, softmax
 from resmem_ray.core.sparse import (clip_renormalise, corrected_probs, dense_residuals, encode,
@@ -143,3 +144,52 @@ def test_lm_metrics_knnlm_matches_loops():
         nll -= np.log(mixed[labels[q]])
     assert got["accuracy"] == pytest.approx(correct / n)
     assert got["perplexity"] == pytest.approx(np.exp(nll / n))
+
+
+def test_lm_confidence_gate_never_reads_the_memory_for_confident_tokens():
+    """With resmem.gate_threshold < 1 the tokens whose max p (at T) reaches it are never
+    searched: scoring from the neighbours of the other tokens alone equals searching every
+    token and gating afterwards, and both equal a dense one-token-at-a-time computation
+    (base p kept where the gate is closed, for ResMem and kNN-LM alike)."""
+    rng = np.random.default_rng(3)
+    n, k, m, vocab, T, thr, gate, floor, lam, tau = 60, 4, 5, 9, 2.0, 0.4, 0.7, 0.01, 0.3, 0.2
+    logits = rng.normal(size=(n, vocab)) * rng.uniform(0.5, 8.0, (n, 1))  # confident and unsure tokens
+    labels = rng.integers(0, vocab, n)
+    ids, probs = encode(rng.normal(size=(n * k, vocab)), m)
+    nb = Neighbours(distances=np.sort(rng.random((n, k)), 1).astype(np.float32), ids=np.arange(n * k).reshape(n, k),
+                    labels=rng.integers(0, vocab, (n, k)), residuals=probs.reshape(n, k, m),
+                    residual_ids=ids.reshape(n, k, m))
+    cfg = load_config("jobs/configs/bbc_lm.yaml", (f"resmem.k={k}", "resmem.sigma=0.2", f"resmem.gate={gate}",
+                                                   f"resmem.temperature={T}", f"resmem.gate_threshold={thr}",
+                                                   f"resmem.knn_lambda={lam}", f"resmem.knn_tau={tau}",
+                                                   f"text.prob_floor={floor}"))
+    reads = token_reads(logits, cfg.resmem, batch=16)
+    p = softmax(logits, T)
+    np.testing.assert_array_equal(reads, p.max(1) < thr)
+    assert 10 < reads.sum() < n - 10
+    searched = Neighbours(*(getattr(nb, f)[reads] for f in ("distances", "ids", "labels", "residuals",
+                                                            "residual_ids")))
+    skipped = lm_metrics(logits, labels, searched, cfg, reads, batch=7)
+    unskipped = lm_metrics(logits, labels, nb, cfg, batch=7)
+    want = {"resmem": [], "knnlm": []}
+    for t in range(n):
+        q, knn = p[t], p[t]
+        if reads[t]:
+            w = kernel_weights(nb.distances[t:t + 1], 0.2)[0]
+            r = dense_residuals(nb.labels[t], nb.residual_ids[t], nb.residuals[t], vocab)
+            q = clip_renormalise((p[t] + gate * w @ r)[None], p[t:t + 1], floor)[0]
+            e = np.exp(-nb.distances[t].astype(np.float64) / tau)
+            knn = (1 - lam) * p[t] + lam * np.bincount(nb.labels[t], e / e.sum(), minlength=vocab)
+        want["resmem"].append(q)
+        want["knnlm"].append(knn)
+    for method, rows in want.items():
+        q = np.array(rows)
+        expected = {"accuracy": (q.argmax(1) == labels).mean(),
+                    "perplexity": np.exp(-np.log(q[np.arange(n), labels]).mean())}
+        for got in (skipped, unskipped):
+            assert got[method] == pytest.approx(expected), method
+    assert skipped["base"] == pytest.approx(unskipped["base"])
+    with pytest.raises(ResMemError, match="gate_threshold"):  # neighbours that miss an open token
+        lm_metrics(logits, labels, searched, cfg, reads & (np.arange(n) != np.argmax(reads)), batch=7)
+    always = load_config("jobs/configs/bbc_lm.yaml", ("resmem.gate_threshold=1.0",))
+    assert token_reads(logits, always.resmem).all()  # the default reads the memory for every token

@@ -111,3 +111,14 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
     tuned = json.loads((run.report / "metrics.json").read_text())
     assert tuned["resmem"]["k"] == summary["best"]["k"] and tuned["resmem"]["knn_lambda"] == summary["best"]["knn_lambda"]
     assert "## Chosen by `resmem tune`" in (run.report / "report.md").read_text()
+    # the confidence gate in evaluate: only the tokens below resmem.gate_threshold are searched
+    test_logits = read_split(run, "test", "test", columns=("id", "logits"))["logits"]
+    top = np.exp(test_logits - test_logits.max(1, keepdims=True))
+    top = (top / top.sum(1, keepdims=True)).max(1)
+    threshold = float(np.median(top))
+    capsys.readouterr()
+    assert main(["evaluate", *args, f"resmem.gate_threshold={threshold}"]) == 0
+    gated = json.loads((run.report / "metrics.json").read_text())
+    assert gated["memory_read_fraction"] == pytest.approx((top < threshold).mean())
+    assert f"{(top < threshold).sum()} of {len(top)} test queries" in capsys.readouterr().out
+    assert gated["base_perplexity"] == pytest.approx(metrics["base_perplexity"])

@@ -102,12 +102,39 @@ def merge_topk(parts: list[tuple], k: int) -> Neighbours:
     not depend on how the memory was sharded."""
     dist = np.concatenate([p[0] for p in parts], axis=1)
     ids = np.concatenate([p[1] for p in parts], axis=1)
-    order = np.lexsort((ids, dist), axis=-1)[:, :k]
+    order = topk_order(dist, ids, k)
     take = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
-    labels = np.concatenate([p[2] for p in parts], axis=1)
-    rows = [np.take_along_axis(np.concatenate([p[j] for p in parts], axis=1), order[..., None], axis=1)
-            for j in range(3, len(parts[0]))]  # residual rows, and residual ids when sparse
-    return Neighbours(take(dist), take(ids), take(labels), *rows)
+    # labels, residual rows (and residual ids when sparse): each part's winners copied
+    # straight to their places, never the concatenation of every part's rows
+    rows = [np.empty(order.shape + a.shape[2:], dtype=a.dtype) for a in parts[0][2:]]
+    start = 0
+    for part in parts:
+        width = part[0].shape[1]
+        r, c = np.nonzero((order >= start) & (order < start + width))
+        local = order[r, c] - start
+        for out, a in zip(rows, part[2:]):
+            out[r, c] = a[r, local]
+        start += width
+    return Neighbours(take(dist), take(ids), *rows)
+
+
+def topk_order(dist: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Per row, the columns of the k smallest (distance, id) pairs in that order: a
+    partition finds the k nearest, and only those are sorted; rows with a tie at the
+    k-th distance are sorted whole."""
+    n, total = dist.shape
+    k = min(k, total)
+    if k == total:
+        return np.lexsort((ids, dist), axis=-1)
+    inside = dist <= np.partition(dist, k - 1, axis=1)[:, k - 1:k]  # the k nearest and ties at the k-th
+    tied = inside.sum(1) != k
+    order = np.empty((n, k), dtype=np.int64)
+    cand = np.nonzero(inside[~tied])[1].reshape(-1, k)
+    sub = lambda a: np.take_along_axis(a[~tied], cand, axis=1)  # noqa: E731
+    order[~tied] = np.take_along_axis(cand, np.lexsort((sub(ids), sub(dist)), axis=-1), axis=1)
+    if tied.any():
+        order[tied] = np.lexsort((ids[tied], dist[tied]), axis=-1)[:, :k]
+    return order
 
 
 FAISS_GPU_MAX_K = 2048  # FAISS GPU's k and nprobe limit (without cuVS)

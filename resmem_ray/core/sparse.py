@@ -71,12 +71,15 @@ def clip_renormalise(q: np.ndarray, p: np.ndarray, floor: float) -> np.ndarray:
 
 
 def corrected_probs(p: np.ndarray, weights: np.ndarray, labels: np.ndarray, ids: np.ndarray,
-                    probs: np.ndarray, gate: float = 1.0, floor: float = 0.0) -> np.ndarray:
+                    probs: np.ndarray, gate: float | np.ndarray = 1.0, floor: float = 0.0) -> np.ndarray:
     """ResMem's distribution for queries with base probabilities p (n, V), from their
-    neighbours' sparse rows: p + gate * sum_i w_i r_i, clipped and renormalised."""
+    neighbours' sparse rows: p + gate * sum_i w_i r_i, clipped and renormalised. `gate`:
+    one number, or one per query (n,)."""
     rows, cols, vals = sparse_correction(weights, labels, ids, probs)
     q = np.array(p, dtype=np.float64)
-    np.add.at(q, (rows, cols), gate * vals)
+    gate = np.broadcast_to(np.asarray(gate, dtype=np.float64), (len(p),))
+    flat = rows * q.shape[1] + cols  # flat positions: numpy's fast path for add.at (repeats add up)
+    np.add.at(q.reshape(-1), flat, gate[rows] * vals)
     return clip_renormalise(q, p, floor)
 
 

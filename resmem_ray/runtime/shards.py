@@ -192,6 +192,10 @@ class ShardedMemory:
         print(f"[lookup] {asked}", flush=True)
 
     def search(self, queries: np.ndarray, k: int) -> Neighbours:
+        return self._merge(self._fan_out(queries, k), k)
+
+    def _fan_out(self, queries: np.ndarray, k: int) -> tuple:
+        """Send a query batch to one replica of every shard; returns what _merge waits on."""
         import ray
 
         m = self.manifest
@@ -203,16 +207,24 @@ class ShardedMemory:
         ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
         first = self.calls % self.replicas
         self.calls += 1
-        futures = [reps[first].search.remote(ref, k) for reps in self.actors]
-        parts = [self._get(shard, future, first, ref, k) for shard, future in enumerate(futures)]
-        return merge_topk(parts, k)
+        return [reps[first].search.remote(ref, k) for reps in self.actors], first, ref
+
+    def _merge(self, sent: tuple, k: int) -> Neighbours:
+        futures, first, ref = sent
+        return merge_topk([self._get(shard, future, first, ref, k) for shard, future in enumerate(futures)], k)
 
     def search_batches(self, queries: np.ndarray, k: int, batch_size: int) -> Neighbours:
-        """`search` over many queries, `batch_size` per round trip, with progress."""
+        """`search` over many queries, `batch_size` per round trip, with progress. The next
+        batch is sent before this one is merged, so the shards search while the driver merges."""
         parts, t0 = [], time.time()
-        for start in range(0, len(queries), batch_size):
-            parts.append(self.search(queries[start:start + batch_size], k))
-            done = min(start + batch_size, len(queries))
+        starts = range(0, max(len(queries), 1), batch_size)  # no queries: one empty answer
+        sent = self._fan_out(queries[:batch_size], k)
+        for start in starts:
+            following = start + batch_size
+            ahead = self._fan_out(queries[following:following + batch_size], k) if following < len(queries) else None
+            parts.append(self._merge(sent, k))
+            sent = ahead
+            done = min(following, len(queries))
             print(f"[lookup] {done}/{len(queries)} queries ({done / max(time.time() - t0, 1e-9):.0f}/s)",
                   flush=True)
         fields = ("distances", "ids", "labels", "residuals") + (("residual_ids",) if parts[0].residual_ids is not None

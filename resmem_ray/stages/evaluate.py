@@ -55,12 +55,14 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
     if k > manifest["rows"]:
         raise ResMemError(f"k={k} (max of resmem.k, evaluate.knn_ks and neighbour_transformer.k) is "
                           f"larger than the memory ({manifest['rows']} rows)")
-    print(f"[evaluate] {len(queries)} test queries against {manifest['rows']} memory rows in "
+    reads = task.memory_reads(cfg, test)  # a confidence gate: the other rows never read the memory
+    searched = queries if reads is None else queries[reads]
+    print(f"[evaluate] {len(searched)} of {len(queries)} test queries against {manifest['rows']} memory rows in "
           f"{len(manifest['shards'])} shard(s), k={k}", flush=True)
     with ShardedMemory(run.index, manifest, cfg.index) as memory:  # the shards are checked as they load
         run.mark_running("evaluate", cfg.to_dict())
         print(f"[evaluate] shard actors search on: {', '.join(sorted(set(memory.placement)))}", flush=True)
-        nb = memory.search_batches(queries, k, cfg.evaluate.batch_size)
+        nb = memory.search_batches(searched, k, cfg.evaluate.batch_size)
     with atomic_dir(run.report) as tmp:
         metrics = task.evaluate(cfg, run, test, queries, nb, manifest, tmp, tuning)
         write_json(tmp / "metrics.json", metrics)

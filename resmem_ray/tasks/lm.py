@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from resmem_ray.core.resmem import kernel_weights, knn_interpolation, softmax
+from resmem_ray.core.resmem import confidence_gate, kernel_weights, knn_interpolation, softmax
 from resmem_ray.core.sparse import corrected_probs, encode, token_metrics
 from resmem_ray.errors import ResMemError
 from resmem_ray.runtime.embedding import map_with_model
-from resmem_ray.schema import Config
+from resmem_ray.schema import Config, ResMemConfig
 from resmem_ray.store.files import atomic_dir
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import register
@@ -65,22 +65,57 @@ def residual_storage(manifest: dict) -> dict:
     return {"sparse_bytes": rows * (8 + m * (4 + prob)), "dense_bytes": rows * vocab * prob}
 
 
-def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, batch: int = 1024) -> dict:
+def token_reads(logits: np.ndarray, r: ResMemConfig, batch: int = 4096) -> np.ndarray:
+    """The tokens whose confidence gate is open (resmem.gate_threshold, gate_softness on
+    max p at resmem.temperature): only they read the memory, the others keep p."""
+    return np.concatenate([open_gate(softmax(logits[s:s + batch], r.temperature), r) > 0
+                           for s in range(0, len(logits), batch)]) if len(logits) else np.zeros(0, bool)
+
+
+def open_gate(p: np.ndarray, r: ResMemConfig) -> np.ndarray:
+    """The confidence gate per token without resmem.gate's factor: 0 where it is closed."""
+    return confidence_gate(p, 1.0, r.gate_threshold, r.gate_softness)
+
+
+def corrected_token_probs(p: np.ndarray, g: np.ndarray, distances, labels, residual_ids, residuals,
+                          cfg: Config) -> np.ndarray:
+    """ResMem's distribution for tokens with probabilities p (at resmem.temperature) and
+    confidence gate g (open_gate): corrected where g > 0, p where it is closed. The
+    neighbour arrays (resmem.k per token) are those of the open tokens only, in order.
+    Written into p (one pass fewer over a vocabulary-wide array) and returned."""
+    found = g > 0
+    q = p
+    q[found] = corrected_probs(p[found], kernel_weights(distances, cfg.resmem.sigma), labels, residual_ids, residuals,
+                               cfg.resmem.gate * g[found], cfg.text.prob_floor)
+    return q
+
+
+def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: np.ndarray | None = None,
+               batch: int = 1024) -> dict:
     """Next-token accuracy and perplexity of the base model (T=1), of kNN-LM ((1 - lambda) p
     + lambda p_kNN over the same k neighbours' next tokens, resmem.knn_lambda / knn_tau) and of
-    ResMem (its clipped, renormalised distribution); both over p at resmem.temperature."""
+    ResMem (its clipped, renormalised distribution); both over p at resmem.temperature.
+    Where the confidence gate is closed (memory_reads), kNN-LM and ResMem keep p. `nb`
+    answers the tokens marked in `reads` (None: every token)."""
     r = cfg.resmem
     totals = {"base": np.zeros(3), "knnlm": np.zeros(3), "resmem": np.zeros(3)}
     near = nb.first(r.k)
+    row = np.arange(len(labels)) if reads is None else np.cumsum(reads) - 1  # token -> its row of nb
     for s in range(0, len(labels), batch):
         sl = slice(s, s + batch)
-        w = kernel_weights(near.distances[sl], r.sigma)
         p = softmax(logits[sl], r.temperature)
-        q = corrected_probs(p, w, near.labels[sl], near.residual_ids[sl], near.residuals[sl], r.gate,
-                            cfg.text.prob_floor)
+        g = open_gate(p, r)
+        found = np.nonzero(g > 0)[0]
+        if reads is not None and not reads[s + found].all():
+            raise ResMemError("the neighbours do not cover every token whose confidence gate is open "
+                              "(resmem.gate_threshold, resmem.gate_softness)")
+        at = row[s + found]
+        knn = p.copy()  # before corrected_token_probs writes into p
+        knn[found] = knn_interpolation(p[found], near.labels[at], near.distances[at], r.knn_lambda, r.knn_tau)
+        q = corrected_token_probs(p, g, near.distances[at], near.labels[at], near.residual_ids[at],
+                                  near.residuals[at], cfg)
         totals["base"] += token_metrics(softmax(logits[sl]), labels[sl])
-        totals["knnlm"] += token_metrics(knn_interpolation(p, near.labels[sl], near.distances[sl], r.knn_lambda,
-                                                           r.knn_tau), labels[sl])
+        totals["knnlm"] += token_metrics(knn, labels[sl])
         totals["resmem"] += token_metrics(q, labels[sl])
     return {m: {"accuracy": t[0] / t[2], "perplexity": float(np.exp(t[1] / t[2]))} for m, t in totals.items()}
 
@@ -96,7 +131,10 @@ def lm_report(cfg: Config, m: dict) -> str:
              f"kNN-LM: (1 - lambda) p + lambda p_kNN over the same k={r.k} neighbours' next tokens weighted by "
              f"softmax(-d / tau), lambda={r.knn_lambda}, tau={r.knn_tau}, p at T={r.temperature}.",
              f"Residual storage: {m['sparse_bytes'] / 2**20:.2f} MiB sparse (top-{m['top_m']}) vs "
-             f"{m['dense_bytes'] / 2**20:.2f} MiB dense.", "",
+             f"{m['dense_bytes'] / 2**20:.2f} MiB dense.",
+             f"Confidence gate: {100 * m['memory_read_fraction']:.1f}% of test tokens read the memory "
+             f"(resmem.gate_threshold={r.gate_threshold}, gate_softness={r.gate_softness}); kNN-LM and ResMem "
+             "keep p on the others.", "",
              "| method | next-token accuracy (%) | perplexity |", "| --- | ---: | ---: |",
              f"| base model | {100 * m['base_accuracy']:.2f} | {m['base_perplexity']:.2f} |",
              f"| kNN-LM | {100 * m['knnlm_accuracy']:.2f} | {m['knnlm_perplexity']:.2f} |",
@@ -165,11 +203,16 @@ class TokenLM(TextTask):
     def token_scores(self, cfg: Config, logits, labels, nb) -> dict[str, dict]:
         return lm_metrics(logits, labels, nb, cfg)
 
+    def memory_reads(self, cfg: Config, test: dict) -> np.ndarray:
+        return token_reads(test["logits"], cfg.resmem)
+
     def evaluate(self, cfg: Config, run: RunDir, test: dict, queries, nb, manifest: dict, folder,
                  tuning: dict | None = None) -> dict:
-        scores = lm_metrics(test["logits"], test["label"], nb, cfg)
+        reads = token_reads(test["logits"], cfg.resmem)
+        scores = lm_metrics(test["logits"], test["label"], nb, cfg, reads)
         sizes = residual_storage(manifest)
         metrics = {"task": "lm", "num_test_tokens": int(len(queries)), "memory_rows": manifest["rows"],
+                   "memory_read_fraction": float(reads.mean()) if len(reads) else 0.0,
                    "num_shards": len(manifest["shards"]), "vocab_size": manifest["num_classes"],
                    "top_m": manifest["top_m"], **sizes,
                    **{f"{m}_{k}": v for m, d in scores.items() for k, v in d.items()},

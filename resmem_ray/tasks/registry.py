@@ -75,6 +75,11 @@ class Task:
         """How many neighbours evaluate asks the memory for."""
         return cfg.resmem.k
 
+    def memory_reads(self, cfg: "Config", test: dict):
+        """A mask of the test rows that read the memory (the others are never searched);
+        None: every row."""
+        return None
+
     def evaluate(self, cfg: "Config", run: "RunDir", test: dict, queries, nb, manifest: dict, folder,
                  tuning: dict | None = None) -> dict:
         """Score every method on the test rows from their neighbours `nb`; write
