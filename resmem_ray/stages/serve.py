@@ -148,7 +148,8 @@ def read_token(s: ServeConfig) -> str | None:
         path = Path(s.token_file).expanduser()
         if not path.is_file():
             raise ConfigError(f"config key serve.token_file: no such file {path}")
-        token = path.read_text().strip().splitlines()[0] if path.read_text().strip() else ""
+        lines = path.read_text().strip().splitlines()
+        token = lines[0] if lines else ""
         if not token:
             raise ConfigError(f"config key serve.token_file: {path} is empty")
         return token
