@@ -1,9 +1,11 @@
 """Lookup throughput and recall.
 
-1. Exact search QPS of the sharded service (S = 1, 2, 4, 8 shard actors, each with
-   index.cpus_per_shard = cores / S and so max(1, round(cores / S)) FAISS threads) against
-   one plain FAISS Flat index in the same process using every core, over the same memory
-   and queries, in one run, timed in turns. Both return the same thing: top-k distances, ids and the
+1. Exact search QPS of the sharded service (S = 1, 2, 4, 8 shards, one shard actor each;
+   and, where S is above the core count, the same S shards held S / cores to an actor,
+   index.shards_per_actor) against one plain FAISS Flat index in the same process using
+   every core, over the same memory and queries, in one run, timed in turns. Each actor
+   has index.cpus_per_shard = cores / actors and so max(1, round(cores / actors)) FAISS
+   threads. Both return the same thing: top-k distances, ids and the
    neighbours' residual rows. The service is called as evaluate and tune call it
    (search_batches: batch i + 1 goes out to the shards before batch i is merged); the
    merge's own time per batch is measured beside it.
@@ -52,6 +54,12 @@ def one_pass(fn, queries: np.ndarray, batch: int) -> float:
     return len(queries) / (time.perf_counter() - t0)
 
 
+def layouts(shard_counts: list[int], cores: int) -> list[tuple[int, int]]:
+    """(shards, shards per actor) of each service measured: one actor per shard, and
+    cores actors sharing the shards where there are more shards than cores."""
+    return [(s, per) for s in shard_counts for per in ([1] + ([s // cores] if s > cores else []))]
+
+
 def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int], repeats: int = 3) -> list[dict]:
     """Plain FAISS and every S, all set up at once and timed in turns (best of `repeats`
     passes), so a busy moment of a shared machine hits each alike."""
@@ -67,11 +75,13 @@ def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int],
     results = [{"rows": rows, "setup": "plain FAISS Flat, in process", "qps": 0.0,
                 "fn": lambda q: search_shard(plain, memory_rows, q, K, "l2"), "batch": batch}]
     with contextlib.ExitStack() as stack:
-        for shards in shard_counts:
+        for shards, per_actor in layouts(shard_counts, os.cpu_count()):
             d = Path(stack.enter_context(tempfile.TemporaryDirectory()))
             manifest = write_shards(d, emb, memory_rows["ids"], memory_rows["labels"], memory_rows["residuals"],
                                     IndexConfig(num_shards=shards), "l2", True, 1.0)
-            settings = IndexConfig(num_shards=shards, cpus_per_shard=os.cpu_count() / shards)
+            actors = -(-shards // per_actor)
+            settings = IndexConfig(num_shards=shards, cpus_per_shard=os.cpu_count() / actors,
+                                   shards_per_actor=per_actor)
             memory = stack.enter_context(ShardedMemory(d, manifest, settings))
             parts = ray.get([reps[0].search.remote(queries[:batch], K) for reps in memory.actors])
             t0 = time.perf_counter()
@@ -79,7 +89,8 @@ def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int],
                 merge_topk(parts, K)
             threads = max(1, round(settings.cpus_per_shard))
             # search_batches, as evaluate and tune call it: the next batch is out while one is merged
-            results.append({"rows": rows, "setup": f"sharded, S={shards} actors x {threads} FAISS thread(s)",
+            held = f"{actors} actors x {per_actor} shards" if per_actor > 1 else f"{actors} actors"
+            results.append({"rows": rows, "setup": f"sharded, S={shards}: {held}, {threads} FAISS thread(s) each",
                             "qps": 0.0, "merge_ms": (time.perf_counter() - t0) / 5 * 1000, "batch": len(queries),
                             "fn": lambda q, memory=memory: memory.search_batches(q, K, batch)})
         for r in results:
@@ -90,7 +101,7 @@ def throughput(rows: int, num_queries: int, batch: int, shard_counts: list[int],
     for r in results:
         del r["fn"], r["batch"]
         r["vs_plain"] = r["qps"] / results[0]["qps"]
-        print(f"{r['rows']:>9} rows  {r['setup']:<40} {r['qps']:>9.0f} q/s  {r['vs_plain']:.2f}x", flush=True)
+        print(f"{r['rows']:>9} rows  {r['setup']:<52} {r['qps']:>9.0f} q/s  {r['vs_plain']:.2f}x", flush=True)
     return results
 
 
@@ -136,7 +147,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
     args = parser.parse_args()
     # logical CPUs: every S's service placed at once, each actor keeping its cores / S share
-    ray.init(num_cpus=os.cpu_count() * (1 + len(args.shards)), include_dashboard=False, log_to_driver=False)
+    services = len(layouts(args.shards, os.cpu_count()))
+    ray.init(num_cpus=os.cpu_count() * (1 + services), include_dashboard=False, log_to_driver=False)
     tp = [r for rows in args.rows for r in throughput(rows, args.queries, args.batch, args.shards)]
     rc = [r for run in args.real if Path(run, "embeddings").exists() for r in recall(run)]
     lines = section("Lookup", f"Exact search, {DIM}-dim clustered embeddings, k={K}, {args.queries} queries "

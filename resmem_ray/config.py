@@ -48,7 +48,7 @@ RANGES = {
     "embed.gpus_per_actor": "[0, inf)",
     "index.num_shards": "(0, inf)", "index.train_sample": "(0, inf)", "index.nprobe": "(0, inf)",
     "index.ef_search": "(0, inf)", "index.replicas": "(0, inf)", "index.cpus_per_shard": "(0, inf)",
-    "index.placement_timeout_s": "(0, inf)",
+    "index.shards_per_actor": "(0, inf)", "index.placement_timeout_s": "(0, inf)",
     "resmem.k": "(0, inf)", "resmem.sigma": "(0, inf)", "resmem.temperature": "(0, inf)", "resmem.gate": "[0, inf)",
     "resmem.gate_threshold": "(0, inf)", "resmem.gate_softness": "[0, inf)", "resmem.knn_lambda": "[0, 1]",
     "resmem.knn_tau": "(0, inf)",

@@ -92,6 +92,7 @@ class IndexConfig:
     use_gpu: bool = resource(False)  # shard actors ask Ray for a GPU; CPU fallback (logged) without one
     replicas: int = resource(1)  # actors per shard; query batches are balanced across them
     cpus_per_shard: float = resource(0.5)  # CPU share of each shard actor (also its FAISS threads)
+    shards_per_actor: int = resource(1)  # shards one actor holds: more shards than cores want several each
     placement_timeout_s: float = resource(120.0)  # fail when shard actors cannot all start in this time
     residual_dtype: str = "float32"  # float16 halves the memory's residual rows (ImageNet: 2.6 GB)
 

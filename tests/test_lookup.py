@@ -205,8 +205,8 @@ def shard_dir(tmp_path, emb, rows, shards):
     return folder, manifest
 
 
-@pytest.mark.parametrize("shards", [1, 2, 3])
-def test_sharded_actors_equal_one_exact_index(ray_session, tmp_path, shards):
+@pytest.mark.parametrize("shards,per_actor", [(1, 1), (2, 1), (3, 1), (5, 2)])
+def test_sharded_actors_equal_one_exact_index(ray_session, tmp_path, capsys, shards, per_actor):
     from resmem_ray.config import IndexConfig
     from resmem_ray.runtime.shards import ShardedMemory
     from resmem_ray.core.resmem import resmem_probs, softmax
@@ -214,10 +214,13 @@ def test_sharded_actors_equal_one_exact_index(ray_session, tmp_path, shards):
     emb, rows, queries = memory(n=400, d=8)
     whole = search_shard(build_shard(emb, "Flat", "l2"), rows, queries, 12, "l2")
     folder, manifest = shard_dir(tmp_path, emb, rows, shards)
-    with ShardedMemory(folder, manifest, IndexConfig(cpus_per_shard=0.25)) as sharded:
+    with ShardedMemory(folder, manifest, IndexConfig(cpus_per_shard=0.25, shards_per_actor=per_actor)) as sharded:
+        actors = len(sharded.actors)
         nb = sharded.search(queries, 12)
         batched = sharded.search_batches(queries, 12, batch_size=7)  # pipelined: next batch sent before a merge
         empty = sharded.search_batches(queries[:0], 12, batch_size=7)
+    assert actors == -(-shards // per_actor)  # 5 shards, 2 to an actor: 3 actors (2 + 2 + 1)
+    assert f"{shards} shards in {actors} actor(s)" in capsys.readouterr().out
     np.testing.assert_array_equal(nb.ids, whole[1])
     for name in ("distances", "ids", "labels", "residuals"):
         np.testing.assert_array_equal(getattr(batched, name), getattr(nb, name))

@@ -251,7 +251,7 @@ def test_shard_actors_that_cannot_be_placed_fail_at_once(run_copy, capsys, shard
     assert main(["evaluate", *args]) == 2
     assert time.time() - t0 < 30
     line = one_error_line(capsys)
-    assert f"{shards} shards x {replicas} replicas = {shards * replicas} shard actors" in line
+    assert f"{shards} shards in {shards} actor(s) x {replicas} replicas = {shards * replicas} shard actors" in line
     assert f"= {cpus:g} CPUs, but this Ray instance has 2 CPUs" in line
     assert "evaluate" not in RunDir(run_copy).manifest()["stages"] or \
         RunDir(run_copy).manifest()["stages"]["evaluate"]["status"] == "done"

@@ -72,6 +72,11 @@ class Neighbours:
     residuals: np.ndarray  # (n, k, C) float32; sparse codec: (n, k, m) probabilities of residual_ids
     residual_ids: np.ndarray | None = None  # (n, k, m) token ids of the sparse codec (sparse.py)
 
+    def as_part(self) -> tuple:
+        """The form of search_shard's answer, for another merge_topk."""
+        out = (self.distances, self.ids, self.labels, self.residuals)
+        return out if self.residual_ids is None else out + (self.residual_ids,)
+
     def first(self, k: int) -> "Neighbours":
         return Neighbours(self.distances[:, :k], self.ids[:, :k], self.labels[:, :k],
                           self.residuals[:, :k], None if self.residual_ids is None else self.residual_ids[:, :k])

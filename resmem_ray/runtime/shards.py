@@ -1,7 +1,9 @@
-"""The sharded memory on Ray: one Ray task builds each shard; shard actors each hold one
-FAISS shard and its residual rows; a query batch fans out to all shards in parallel and
-a merge keeps the global top-k. With exact (Flat) shards the answer equals one exact
-index over the memory.
+"""The sharded memory on Ray: one Ray task builds each shard; shard actors each hold
+index.shards_per_actor FAISS shards and their residual rows; a query batch fans out to
+all actors in parallel, each answers with the top-k over its shards, and a merge keeps
+the global top-k. With exact (Flat) shards the answer equals one exact index over the
+memory. More shards than cores are best held several to an actor: each actor's answer
+is then one top-k, not one per shard, for the object store to carry and the driver to merge.
 
 The work is core/knn.py's plain functions (build_shard, search_shard, merge_topk);
 this module is the thin Ray shell around them.
@@ -108,20 +110,23 @@ def add_shard(run: RunDir, manifest: dict, embeddings: np.ndarray, ids: np.ndarr
 
 
 class ShardActor:
-    """Holds one shard: reads it from the run directory (checked against the manifest).
-    Ray restarts a dead actor, which runs __init__ again and so reloads its shard."""
+    """Holds one or more shards: reads them from the run directory (checked against the
+    manifest) and answers a query batch with the top-k over all of them.
+    Ray restarts a dead actor, which runs __init__ again and so reloads its shards."""
 
-    def __init__(self, index_dir: str, entry: dict, distance: str, settings: IndexConfig,
+    def __init__(self, index_dir: str, entries: list[dict], distance: str, settings: IndexConfig,
                  run_uri: str | None = None):
         threads = max(1, int(round(settings.cpus_per_shard)))
         faiss.omp_set_num_threads(threads)  # the actor's CPU share, not the whole host
-        self.distance, self.error, self.where = distance, None, None
+        self.distance, self.error, self.where, self.shards = distance, None, None, []
         try:
             if run_uri:  # a URI run: this node's mirror of its index (fetched if missing)
                 index_dir = str(RunDir(run_uri, pull=("index",)).index)
-            index, self.rows = load_shard(Path(index_dir), entry)
-            set_search_params(index, settings.nprobe, settings.ef_search)
-            self.index, self.where = place_index(index, settings.backend, settings.use_gpu)
+            for entry in entries:
+                index, rows = load_shard(Path(index_dir), entry)
+                set_search_params(index, settings.nprobe, settings.ef_search)
+                index, self.where = place_index(index, settings.backend, settings.use_gpu)
+                self.shards.append((index, rows))
         except ResMemError as e:  # kept for ready(): Ray drops the cause of a failed __init__
             self.error = e
 
@@ -135,14 +140,16 @@ class ShardActor:
         if self.where == "faiss-gpu" and k > FAISS_GPU_MAX_K:
             raise ResMemError(f"k={k} is over FAISS GPU's limit of {FAISS_GPU_MAX_K}: lower k, or set "
                               "index.backend=torch or index.use_gpu=false")
-        return search_shard(self.index, self.rows, queries, k, self.distance)
+        parts = [search_shard(index, rows, queries, k, self.distance) for index, rows in self.shards]
+        return parts[0] if len(parts) == 1 else merge_topk(parts, k).as_part()
 
 
 class ShardedMemory:
-    """S shards x R replicas of shard actors behind one `search(queries, k)` call.
+    """S shards, index.shards_per_actor to an actor, x R replicas of shard actors behind
+    one `search(queries, k)` call.
 
-    Each query batch goes to one replica of every shard (round robin over replicas). A
-    replica that dies is restarted by Ray and reloads its shard; meanwhile its query is
+    Each query batch goes to one replica of every actor (round robin over replicas). A
+    replica that dies is restarted by Ray and reloads its shards; meanwhile its query is
     sent to the next replica, or, with one replica, retried by Ray once it is back.
     """
 
@@ -151,7 +158,9 @@ class ShardedMemory:
 
         settings = settings or IndexConfig()
         self.manifest, self.replicas, self.calls = manifest, settings.replicas, 0
-        num_actors = len(manifest["shards"]) * settings.replicas
+        per = settings.shards_per_actor
+        groups = [manifest["shards"][i:i + per] for i in range(0, len(manifest["shards"]), per)]
+        num_actors = len(groups) * settings.replicas
         gpus = 0.0
         if settings.use_gpu:
             available = ray.cluster_resources().get("GPU", 0)
@@ -167,16 +176,17 @@ class ShardedMemory:
             # search() sends them to another replica at once
             max_task_retries=-1 if settings.replicas == 1 else 0)
         need = num_actors * settings.cpus_per_shard
-        asked = (f"{len(manifest['shards'])} shards x {settings.replicas} replicas = {num_actors} shard actors x "
-                 f"index.cpus_per_shard={settings.cpus_per_shard:g} CPU = {need:g} CPUs")
+        held = f" ({per} shards each)" if per > 1 and len(groups) < len(manifest["shards"]) else ""
+        asked = (f"{len(manifest['shards'])} shards in {len(groups)} actor(s){held} x {settings.replicas} replicas"
+                 f" = {num_actors} shard actors x index.cpus_per_shard={settings.cpus_per_shard:g} CPU = {need:g} CPUs")
         total = ray.cluster_resources().get("CPU", 0)
         if need > total and not os.environ.get("RAY_ADDRESS"):  # a local instance: no node will join
             raise ResMemError(f"{asked}, but this Ray instance has {total:g} CPUs: lower index.num_shards, "
                               "index.replicas or index.cpus_per_shard")
         source = uri_of(index_dir)
-        self.actors = [[actor.remote(str(index_dir), entry, manifest["distance"], settings,
+        self.actors = [[actor.remote(str(index_dir), group, manifest["distance"], settings,
                                      source[0] if source else None)
-                        for _ in range(settings.replicas)] for entry in manifest["shards"]]
+                        for _ in range(settings.replicas)] for group in groups]
         try:
             self.placement = ray.get([a.ready.remote() for reps in self.actors for a in reps],
                                      timeout=settings.placement_timeout_s)
@@ -195,7 +205,7 @@ class ShardedMemory:
         return self._merge(self._fan_out(queries, k), k)
 
     def _fan_out(self, queries: np.ndarray, k: int) -> tuple:
-        """Send a query batch to one replica of every shard; returns what _merge waits on."""
+        """Send a query batch to one replica of every actor; returns what _merge waits on."""
         import ray
 
         m = self.manifest
@@ -211,7 +221,7 @@ class ShardedMemory:
 
     def _merge(self, sent: tuple, k: int) -> Neighbours:
         futures, first, ref = sent
-        return merge_topk([self._get(shard, future, first, ref, k) for shard, future in enumerate(futures)], k)
+        return merge_topk([self._get(group, future, first, ref, k) for group, future in enumerate(futures)], k)
 
     def search_batches(self, queries: np.ndarray, k: int, batch_size: int) -> Neighbours:
         """`search` over many queries, `batch_size` per round trip, with progress. The next
@@ -231,8 +241,8 @@ class ShardedMemory:
                                                                else ())
         return Neighbours(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
 
-    def _get(self, shard: int, future, replica: int, ref, k: int):
-        """The answer of one shard, failing over to its other replicas."""
+    def _get(self, group: int, future, replica: int, ref, k: int):
+        """The answer of one actor's shards, failing over to its other replicas."""
         import ray
         from ray.exceptions import RayActorError
 
@@ -243,7 +253,7 @@ class ShardedMemory:
                 if self.replicas == 1:
                     raise
                 replica = (replica + 1) % self.replicas
-                future = self.actors[shard][replica].search.remote(ref, k)
+                future = self.actors[group][replica].search.remote(ref, k)
         return ray.get(future)
 
     def close(self) -> None:
