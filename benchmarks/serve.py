@@ -7,7 +7,9 @@ prediction that uses the new rows.
 Works on a copy of the run (memorize writes into it), with its own local Ray instance
 (--cpus) and the application on a free loopback port. Each client is a thread with one
 keep-alive HTTP connection sending one test image per request, back to back, for
---seconds per level; the clients run on the same machine as the application.
+--seconds per level; the clients run on the same machine as the application. The levels
+go to the ingress replica's own port (serve.direct_ingress); 16 clients are also sent
+through Serve's HTTP proxy (serve.port) for comparison.
 """
 
 from __future__ import annotations
@@ -114,7 +116,7 @@ def main() -> None:
     from ray import serve
 
     from resmem_ray.config import config_from_dict
-    from resmem_ray.stages.serve import start
+    from resmem_ray.stages.serve import replica_urls, start
     from resmem_ray.store.files import read_json
     from resmem_ray.tasks.registry import task_for
 
@@ -123,18 +125,23 @@ def main() -> None:
         shutil.copytree(args.run, run)
         raw = read_json(run / "manifest.json")["config"]
         cfg = config_from_dict({**raw, "run_dir": str(run)})
-        port = free_port()
+        proxy = free_port()
         cfg = dataclasses.replace(cfg, serve=dataclasses.replace(
-            cfg.serve, port=port, open_memorize=True, replicas=args.replicas, max_batch_size=args.max_batch_size))
+            cfg.serve, port=proxy, open_memorize=True, replicas=args.replicas, max_batch_size=args.max_batch_size))
         test = task_for(cfg).load_splits(cfg)[0]["test"]
         images = [im.tolist() for im in test.images]
+        if cfg.serve.direct_ingress:
+            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # as `resmem serve` starts Ray
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             t0 = time.perf_counter()
             start(cfg)
             startup = time.perf_counter() - t0
+            direct = replica_urls(cfg.serve)
+            port = int(direct[0].rsplit(":", 1)[1]) if direct else proxy
             load_level(port, images, 4, 2.0)  # warm-up
             levels = [load_level(port, images, int(c), args.seconds) for c in args.clients.split(",")]
+            via_proxy = load_level(proxy, images, 16, args.seconds) if direct else None
             visible = memorize_to_visible(port, images, test.labels, trials=10)
         finally:
             serve.shutdown()
@@ -145,10 +152,12 @@ def main() -> None:
         "Serving: `resmem serve` requests/s and latency on loopback",
         f"Run: {cfg.data.name}, {cfg.model.name} (width {cfg.model.width}), memory of "
         f"{read_json_rows(args.run)} rows in {cfg.index.num_shards} exact shard(s), k={cfg.resmem.k}. "
-        f"Application: {s.replicas} model replica(s) x {s.cpus:g} CPU, serve.max_batch_size={s.max_batch_size}, "
+        f"Application: {s.replicas} model replica(s) x {s.cpus:g} CPU, memory searched "
+        f"{'by shard actors' if s.shard_actors else 'in the memory replica'}, serve.max_batch_size={s.max_batch_size}, "
         f"batch_wait_timeout_s={s.batch_wait_timeout_s:g}; a local Ray instance of {args.cpus} CPUs; started in "
         f"{startup:.1f} s. Clients: threads on the same machine, one keep-alive connection each, one test image "
-        f"per request, {args.seconds:g} s per level.",
+        f"per request, {args.seconds:g} s per level, sent to "
+        f"{'the ingress replica (direct ingress)' if direct else 'the HTTP proxy'}.",
         f"Load average at the end (1, 5, 15 min): {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}"
         + (" -- the machine was shared with other jobs while this ran, so the figures are taken under load."
            if load[0] > 2 else "."), "",
@@ -156,6 +165,10 @@ def main() -> None:
         "| ---: | ---: | ---: | ---: | ---: | ---: |")
     lines += [f"| {r['clients']} | {r['requests']} | {r['errors']} | {r['rps']:.0f} | {r['p50']:.1f} | {r['p99']:.1f} |"
               for r in levels]
+    if via_proxy:
+        r = via_proxy
+        lines += [f"| {r['clients']}, through the HTTP proxy | {r['requests']} | {r['errors']} | {r['rps']:.0f} | "
+                  f"{r['p50']:.1f} | {r['p99']:.1f} |"]
     mem, vis = np.array([v[0] for v in visible]), np.array([v[1] for v in visible])
     first = sum(v[2] == 1 for v in visible)
     at16 = next((r for r in levels if r["clients"] == 16), None)

@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, tuple(args.overrides))
         run = RunDir(cfg.run_dir)
         preflight(args.command, cfg, run)
+        if args.command == "serve" and cfg.serve.direct_ingress:
+            os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # read by the Ray instance it starts
         with run.lock(" ".join(["resmem", *(argv if argv is not None else sys.argv[1:])])):
             init_ray(args.verbose)
             if args.command == "run":

@@ -189,6 +189,11 @@ class ServeConfig:
     open_memorize: bool = resource(False)  # true: POST /memorize without a token (trusted networks only)
     max_request_bytes: int = resource(8 * 2**20)  # larger request bodies get 413
     max_examples: int = resource(256)  # examples per request; more get 413
+    # Ray Serve's throughput-optimised mode: each ingress replica also answers HTTP on its
+    # own port (from 30000, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT), skipping the proxy's hop;
+    # read when Ray starts, so a cluster sets RAY_SERVE_THROUGHPUT_OPTIMIZED=1 itself
+    direct_ingress: bool = resource(True)
+    shard_actors: bool = resource(False)  # true: shard actors (index.*) search the memory, not the memory replica
 
 
 @dataclass

@@ -7,6 +7,9 @@ import shutil
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# `resmem serve`'s default (serve.direct_ingress): Serve's throughput-optimised mode, read
+# when the session's Ray instance starts
+os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 
 
 @pytest.fixture(scope="session")

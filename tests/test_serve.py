@@ -54,7 +54,7 @@ def png(image: np.ndarray) -> bytes:
 def app(digits_run, tmp_path_factory):
     from ray import serve
 
-    from resmem_ray.stages.serve import start
+    from resmem_ray.stages.serve import replica_urls, start
     from resmem_ray.tasks.image_data import load_splits
 
     root = tmp_path_factory.mktemp("serve")
@@ -66,7 +66,10 @@ def app(digits_run, tmp_path_factory):
         f"serve.token_file={root / 'token'}", "serve.max_request_bytes=200000", "serve.max_examples=100"))
     test = load_splits(cfg.data, cfg.seed)[0]["test"]
     try:
-        yield {"url": start(cfg), "cfg": cfg, "run": run, "test": test}
+        url = start(cfg)
+        (direct,) = replica_urls(cfg.serve)  # one ingress replica, on its own port
+        assert direct != url
+        yield {"url": url, "direct": direct, "cfg": cfg, "run": run, "test": test}
     finally:
         serve.shutdown()
 
@@ -79,6 +82,7 @@ def predict(app, images) -> list[dict]:
 
 def test_health_and_readiness(app):
     assert http(app["url"] + "/healthz") == (200, {"status": "ok"})
+    assert http(app["direct"] + "/healthz") == (200, {"status": "ok"})
     status, ready = http(app["url"] + "/readyz")
     assert status == 200 and ready["rows"] == read_json(app["run"] / "index" / "manifest.json")["rows"]
 
@@ -101,6 +105,24 @@ def test_predictions_are_evaluates(app):
     assert status == 200 and one["resmem"]["class"] == first["resmem"]["class"]
     assert [n["id"] for n in one["neighbours"]] == [n["id"] for n in first["neighbours"]]
     assert np.allclose(one["resmem"]["probs"], first["resmem"]["probs"], atol=1e-5)
+    # the ingress replica's own port answers as the proxy does
+    status, answer = http(app["direct"] + "/predict", {"examples": [im.tolist() for im in test.images[:20]]})
+    assert status == 200 and [a["resmem"]["class"] for a in answer["predictions"]] == rows["resmem"].tolist()[:20]
+
+
+def test_an_application_that_cannot_be_placed_is_refused_at_once(app):
+    import dataclasses
+
+    from resmem_ray.stages.serve import start
+
+    cfg = app["cfg"]
+    too_many = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, replicas=9, cpus=0.5))
+    with pytest.raises(ResMemError, match=r"asks for 4.7 CPUs .*serve.replicas=9 x serve.cpus=0.5.* has 2"):
+        start(too_many)
+    sharded = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, shard_actors=True),
+                                  index=dataclasses.replace(cfg.index, cpus_per_shard=1.0))
+    with pytest.raises(ResMemError, match=r"shard actors 2 \(index\.\*\)"):
+        start(sharded)
 
 
 def test_the_client_prints_a_table(app, tmp_path, capsys):

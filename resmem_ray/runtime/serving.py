@@ -1,15 +1,17 @@
 """The Ray Serve side of `resmem serve`: the memory and the model replicas.
 
-  Memory  one replica: the run's shards in shard actors (ShardedMemory, as evaluate
-          searches them) plus the write shard, the rows POST /memorize added, searched
-          in-process; each batch of queries gets the global top-k over both. Added rows
-          are persisted (add_shard: files, then the index manifest) before the call
-          returns, so the next query sees them and a restart keeps them.
-  Model   serve.replicas replicas: embed and score requests in batches (serve.batch),
-          one memory lookup per batch. What embedding and scoring mean is the task's
+  Memory  one replica: the run's shards, searched in the replica (or, with
+          serve.shard_actors, in shard actors: ShardedMemory, as evaluate searches them),
+          plus the write shard, the rows POST /memorize added; each batch of queries gets
+          the global top-k over both. Added rows are persisted (add_shard: files, then the
+          index manifest) before the call returns, so the next query sees them and a
+          restart keeps them.
+  Model   serve.replicas replicas: embed and score a batch of requests, one memory
+          lookup per batch. What embedding and scoring mean is the task's
           (tasks/registry.py: serve_encoder, serve_answers); it is handed in, not imported.
 
-The HTTP ingress that checks requests and calls these is stages/serve.py.
+The HTTP ingress that checks requests, gathers them into batches (serve.batch) and calls
+these is stages/serve.py.
 """
 
 from __future__ import annotations
@@ -29,10 +31,6 @@ from resmem_ray.store.rundir import RunDir
 SERVE_SOURCE = "POST /memorize"  # manifest["memorized"]'s source of rows added by `resmem serve`
 
 
-def _parts(nb: Neighbours) -> tuple:
-    return (nb.distances, nb.ids, nb.labels, nb.residuals)
-
-
 @serve.deployment(num_replicas=1, max_ongoing_requests=64)
 class Memory:
     def __init__(self, run_dir: str, cfg: Config):
@@ -41,8 +39,11 @@ class Memory:
         write_shard = self.manifest.get("serve_shard")
         static = [s for s in self.manifest["shards"] if s["shard"] != write_shard]
         self.static_rows = sum(s["rows"] for s in static)
-        self.shards = ShardedMemory(self.run.index, {**self.manifest, "shards": static, "rows": self.static_rows},
-                                    cfg.index)
+        if cfg.serve.shard_actors:
+            self.shards = ShardedMemory(self.run.index, {**self.manifest, "shards": static, "rows": self.static_rows},
+                                        cfg.index)
+        else:  # in this replica: one hop less per batch, for a memory that fits one process
+            self.shards = LocalShards(self.run.index, static, self.manifest["distance"])
         self.lock = threading.Lock()
         self.write = None  # (FAISS index, rows, embeddings) of the write shard
         if write_shard is not None:
@@ -58,7 +59,7 @@ class Memory:
         rows = self.static_rows + (len(write[1]["ids"]) if write else 0)
         if k > rows:
             raise ResMemError(f"k={k} is larger than the memory ({rows} rows)")
-        parts = [_parts(self.shards.search(queries, min(k, self.static_rows)))]
+        parts = [self.shards.search(queries, min(k, self.static_rows)).as_part()]
         if write:
             parts.append(search_shard(write[0], write[1], queries, k, self.manifest["distance"]))
         return merge_topk(parts, k)
@@ -81,28 +82,32 @@ class Memory:
             return ids.tolist()
 
 
+class LocalShards:
+    """The run's shards searched in this process, answering as ShardedMemory does."""
+
+    def __init__(self, folder, entries: list[dict], distance: str):
+        self.shards, self.distance = [load_shard(folder, entry) for entry in entries], distance
+
+    def search(self, queries: np.ndarray, k: int) -> Neighbours:
+        return merge_topk([search_shard(index, rows, queries, k, self.distance) for index, rows in self.shards], k)
+
+
 @serve.deployment(max_ongoing_requests=128)
 class Model:
     def __init__(self, task, run_dir: str, cfg: Config, memory, threads: int):
         self.task, self.cfg, self.memory = task, cfg, memory
         self.encode = task.serve_encoder(run_dir, threads)
         self.index = read_index_manifest(RunDir(run_dir), needed_by="serve")  # distance, normalize, T
-        self.predict.set_max_batch_size(cfg.serve.max_batch_size)
-        self.predict.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
 
     def _embed(self, inputs: list) -> tuple[np.ndarray, np.ndarray]:
         embeddings, logits = self.encode(inputs)
         return prepare_queries(embeddings, self.index["distance"], self.index["normalize"]), logits
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def predict(self, requests: list[list]) -> list[list[dict]]:
-        """Each request is a list of model inputs; one embedding pass and one memory
-        lookup for the whole batch."""
-        queries, logits = self._embed([x for r in requests for x in r])
+    async def predict(self, inputs: list) -> list[dict]:
+        """The answers of a batch of model inputs: one embedding pass, one memory lookup."""
+        queries, logits = self._embed(inputs)
         nb = await self.memory.search.remote(queries, self.cfg.resmem.k)
-        answers = self.task.serve_answers(self.cfg, logits, nb)
-        bounds = np.cumsum([0] + [len(r) for r in requests])
-        return [answers[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        return self.task.serve_answers(self.cfg, logits, nb)
 
     async def memorize(self, inputs: list, labels: np.ndarray) -> list[int]:
         queries, logits = self._embed(inputs)

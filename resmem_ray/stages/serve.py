@@ -11,8 +11,12 @@ sharded memory and memorizes new labelled examples live.
                    -> {"ids": [...], "memory_rows": N}
 
 The ingress here checks every request before anything reaches the model or the memory:
-a bad one is a 4xx with {"error": one line} and adds nothing. The model replicas and the
-memory are runtime/serving.py.
+a bad one is a 4xx with {"error": one line} and adds nothing. Good ones are gathered into
+batches (serve.batch): one model call per batch. The model replicas and the memory are
+runtime/serving.py.
+
+With serve.direct_ingress (Ray Serve's throughput-optimised mode, set before Ray starts),
+each ingress replica also answers HTTP on its own port, without the HTTP proxy's hop.
 """
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request)
 # at runtime, and Serve's ingress wrapper cannot resolve them from strings.
@@ -24,6 +28,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -60,6 +65,8 @@ class Ingress:
     def __init__(self, task, meta: dict, settings: ServeConfig, token: str | None, model, memory):
         self.task, self.meta, self.settings, self.token = task, meta, settings, token
         self.model, self.memory = model, memory
+        self._predict.set_max_batch_size(settings.max_batch_size)
+        self._predict.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
     @app.get("/healthz")
     async def healthz(self):
@@ -78,12 +85,21 @@ class Ingress:
             inputs, _ = await self._examples(request, labelled=False)
         except (Refused, ResMemError) as e:
             return _refusal(e)
+        return {"predictions": await self._predict(inputs)}
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _predict(self, requests: list[list]) -> list[list[dict]]:
+        """Each request is a list of model inputs; one model call for the whole batch."""
+        inputs = [x for r in requests for x in r]
         for attempt in range(PREDICT_ATTEMPTS):  # a prediction is idempotent: a dead replica's is sent again
             try:
-                return {"predictions": await self.model.predict.remote(inputs)}
+                answers = await self.model.predict.remote(inputs)
+                break
             except (RayActorError, ActorUnavailableError):
                 if attempt == PREDICT_ATTEMPTS - 1:
                     raise
+        bounds = np.cumsum([0] + [len(r) for r in requests])
+        return [answers[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     @app.post("/memorize")
     async def memorize(self, request: Request):
@@ -174,6 +190,7 @@ def start(cfg: Config) -> str:
         raise ResMemError(f"resmem.k={cfg.resmem.k} is larger than the memory ({manifest['rows']} rows)")
     s = cfg.serve
     token = read_token(s)
+    check_fits(cfg, manifest)
     # Serve's INFO lines (replicas starting, each request) go to its log files unless --verbose
     logs = None if os.environ.get("RESMEM_VERBOSE") == "1" else {"log_level": "WARNING"}
     if logs:
@@ -189,7 +206,43 @@ def start(cfg: Config) -> str:
     url = f"http://{s.host}:{s.port}"
     print(f"[serve] {url}: POST /predict, POST /memorize ({'open' if s.open_memorize else 'token' if token else 'closed'}), "
           f"GET /healthz, /readyz; {manifest['rows']} memory rows, {s.replicas} model replica(s)", flush=True)
+    direct = replica_urls(s)
+    if direct:
+        print(f"[serve] the ingress replica(s) answer directly too, without the proxy's hop: {', '.join(direct)}",
+              flush=True)
     return url
+
+
+def check_fits(cfg: Config, manifest: dict) -> None:
+    """On a local Ray instance, refuse an application that cannot all be placed (it
+    would wait for CPUs forever), naming what it asks for."""
+    import ray
+
+    s, index = cfg.serve, cfg.index
+    shard_cpus = 0.0
+    if s.shard_actors:
+        actors = -(-len(manifest["shards"]) // index.shards_per_actor) * index.replicas
+        shard_cpus = actors * index.cpus_per_shard
+    need = 0.2 + s.replicas * s.cpus + shard_cpus
+    total = ray.cluster_resources().get("CPU", 0)
+    if need > total and not os.environ.get("RAY_ADDRESS"):
+        raise ResMemError(f"`resmem serve` asks for {need:g} CPUs (ingress and memory 0.2, serve.replicas={s.replicas}"
+                          f" x serve.cpus={s.cpus:g}" + (f", shard actors {shard_cpus:g} (index.*)" if shard_cpus else "")
+                          + f"), but this Ray instance has {total:g}: lower serve.replicas or serve.cpus"
+                          + (" or index.cpus_per_shard" if shard_cpus else ""))
+
+
+def replica_urls(s: ServeConfig) -> list[str]:
+    """The ingress replicas' own HTTP addresses in direct-ingress mode ([] without it)."""
+    import ray
+    from ray.serve.context import _get_global_client  # Serve 2.60 has no public call for them
+
+    try:
+        groups = ray.get(_get_global_client()._controller.get_target_groups.remote(APP), timeout=10)
+    except Exception:  # noqa: BLE001: an older or newer Serve: the proxy's URL still answers
+        return []
+    return sorted({f"http://{t.ip if s.host in ('0.0.0.0', '::') else s.host}:{t.port}" for g in groups
+                   if str(g.protocol).upper().endswith("HTTP") for t in g.targets if t.port != s.port})
 
 
 def serve_run(cfg: Config) -> None:
