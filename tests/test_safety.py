@@ -118,9 +118,12 @@ def test_leftovers_of_a_killed_writer_are_removed(run_copy):
     (run_copy / ".model.0123.tmp").mkdir()
     (run_copy / "embeddings" / ".train.4567.tmp").mkdir()
     (run_copy / "index" / ".manifest.json.89ab.tmp").write_text("{")
+    (run_copy / "index" / "memorized").mkdir()
+    (run_copy / "index" / "memorized" / ".000000001797.parquet.42.tmp").write_text("PAR1")
     with RunDir(run_copy).lock("test"):
         pass
     assert not list(run_copy.glob(".*.tmp")) and not list(run_copy.glob("*/.*.tmp"))
+    assert not list(run_copy.glob("index/memorized/.*.tmp"))
 
 
 # --- config values -------------------------------------------------------------------------

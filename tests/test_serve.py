@@ -218,7 +218,7 @@ def test_memorize_is_read_your_writes(app):
     app["memorized"] = (image, new, answer["ids"])
 
 
-def test_a_restart_and_evaluate_keep_memorized_rows(app, capsys):
+def test_a_restart_evaluate_and_index_keep_memorized_rows(app, capsys):
     from ray import serve
 
     from resmem_ray.cli import main
@@ -242,6 +242,12 @@ def test_a_restart_and_evaluate_keep_memorized_rows(app, capsys):
                  f"run_dir={app['run']}"]) == 0
     metrics = read_json(app["run"] / "report" / "metrics.json")
     assert metrics["memory_rows"] == manifest["rows"] == added["memory_rows"]
+    # `resmem index` rebuilds the memory from the train split and the served rows
+    assert main(["index", "--config", "jobs/configs/digits.yaml", "neighbour_transformer.enabled=false",
+                 f"run_dir={app['run']}"]) == 0
+    rebuilt = read_json(app["run"] / "index" / "manifest.json")
+    assert rebuilt["rows"] == manifest["rows"] and "serve_shard" not in rebuilt
+    assert [m["rows"] for m in rebuilt["memorized"]] == [3, 1]
 
 
 def test_a_token_lm_is_not_served():

@@ -64,9 +64,10 @@ class Memory:
             parts.append(search_shard(write[0], write[1], queries, k, self.manifest["distance"]))
         return merge_topk(parts, k)
 
-    def add(self, embeddings: np.ndarray, labels: np.ndarray, residual_rows: np.ndarray) -> list[int]:
-        """Persist rows in the write shard (rewritten whole as a new shard number), then
-        make them searchable; their new ids."""
+    def add(self, embeddings: np.ndarray, labels: np.ndarray, residual_rows: np.ndarray,
+            memorized: dict[str, np.ndarray]) -> list[int]:
+        """Persist rows in the write shard (rewritten whole as a new shard number) and their
+        embedding rows (`memorized`, without ids), then make them searchable; their new ids."""
         with self.lock:
             m = self.manifest
             ids = m["next_id"] + np.arange(len(labels), dtype=np.int64)
@@ -77,7 +78,7 @@ class Memory:
             emb = np.concatenate([old[2], embeddings]).astype(np.float32)
             record = {"source": SERVE_SOURCE, "rows": int(len(ids)), "first_id": int(ids[0])}
             manifest, index = add_shard(self.run, m, emb, rows["ids"], rows["labels"], rows["residuals"], record,
-                                        write_shard=True)
+                                        {"id": ids, **memorized}, write_shard=True)
             self.manifest, self.write = manifest, (index, rows, emb)
             return ids.tolist()
 
@@ -110,6 +111,8 @@ class Model:
         return self.task.serve_answers(self.cfg, logits, nb)
 
     async def memorize(self, inputs: list, labels: np.ndarray) -> list[int]:
-        queries, logits = self._embed(inputs)
-        memory = self.task.memory_rows(self.cfg, {"logits": logits, "label": labels}, self.index["temperature"], {})
-        return await self.memory.add.remote(queries, labels, memory["residuals"])
+        embeddings, logits = self.encode(inputs)
+        queries = prepare_queries(embeddings, self.index["distance"], self.index["normalize"])
+        rows = {"label": labels, "embedding": embeddings, "logits": logits}
+        memory = self.task.memory_rows(self.cfg, rows, self.index["temperature"], {})
+        return await self.memory.add.remote(queries, labels, memory["residuals"], rows)

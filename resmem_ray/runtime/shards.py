@@ -23,7 +23,7 @@ from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check
                                  place_index, search_shard, set_search_params)
 from resmem_ray.errors import ResMemError
 from resmem_ray.schema import IndexConfig
-from resmem_ray.store.artifacts import load_shard
+from resmem_ray.store.artifacts import load_shard, model_fingerprint, write_memorized
 from resmem_ray.store.files import sha256, write_json
 from resmem_ray.store.remote import uri_of
 from resmem_ray.store.rundir import RunDir
@@ -74,12 +74,14 @@ def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: 
 
 
 def add_shard(run: RunDir, manifest: dict, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray,
-              residual_rows: np.ndarray, record: dict, residual_ids: np.ndarray | None = None,
-              write_shard: bool = False) -> tuple[dict, faiss.Index]:
+              residual_rows: np.ndarray, record: dict, memorized: dict[str, np.ndarray],
+              residual_ids: np.ndarray | None = None, write_shard: bool = False) -> tuple[dict, faiss.Index]:
     """Add rows (embeddings prepared, ids past every id in the memory) as one new exact
     shard, built in this process: a few examples cannot train IVF / PQ clusters. The
-    shard's files go in place first, then the index manifest (the commit), then the run
-    manifest's hashes, so a reader sees the old memory or the new one. `write_shard`:
+    shard's files and the new rows' embedding rows (`memorized`: the task's memory
+    columns, which `resmem index` reads back) go in place first, then the index manifest
+    (the commit), then the run manifest's hashes, so a reader sees the old memory or the
+    new one. `write_shard`:
     the new shard is `resmem serve`'s write shard (manifest["serve_shard"]) and holds the
     rows of the previous one too, which is dropped from the manifest and then deleted.
     `record` goes to manifest["memorized"]. Returns the new manifest and the shard's index."""
@@ -93,12 +95,13 @@ def add_shard(run: RunDir, manifest: dict, embeddings: np.ndarray, ids: np.ndarr
         tmp.write_bytes(data)
         entry["files"][name], entry["bytes"][name] = sha256(tmp), len(data)
         os.replace(tmp, run.index / name)
+    record = {**record, **write_memorized(run.index, memorized), "model": model_fingerprint(run)}
     replaces = manifest.get("serve_shard") if write_shard else None
     old = [s for s in manifest["shards"] if s["shard"] == replaces]
     manifest = {**manifest, "shards": [s for s in manifest["shards"] if s["shard"] != replaces] + [entry]}
     manifest["rows"] = sum(s["rows"] for s in manifest["shards"])
     manifest["next_id"] = max(manifest["next_id"], int(ids.max()) + 1)
-    manifest["memorized"] = [{**m, "shard": first} if m["shard"] == replaces else m
+    manifest["memorized"] = [{**m, "shard": first} if m.get("shard") == replaces else m
                              for m in manifest.get("memorized", [])] + [{**record, "shard": first}]
     if write_shard:
         manifest["serve_shard"] = first

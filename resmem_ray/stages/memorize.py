@@ -6,7 +6,8 @@ as the embed stage; their residuals (at the index's T) go into a new exact shard
 the index manifest is updated atomically (runtime/shards.py: add_shard; `resmem serve`'s
 POST /memorize adds rows the same way). This is "memorize the rest" in practice: fix
 a model's errors by adding data. The stages that read the memory become stale.
-Rerunning `resmem index` rebuilds the memory from the train split alone.
+The rows' embedding rows are kept beside the shards (index/memorized/), so rerunning
+`resmem index` rebuilds the memory from the train split and them.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def memorize(cfg: Config, examples: str) -> dict:
     emb = prepare_queries(rows["embedding"], manifest["distance"], manifest["normalize"])
     memory = task.memory_rows(cfg, rows, manifest["temperature"], run.stage_output("embed", "memorize"))
     record = {"source": str(examples), "sha256": sha256(Path(examples)), "rows": len(ids), "first_id": int(ids[0])}
-    manifest, _ = add_shard(run, manifest, emb, rows["id"], rows["label"], memory["residuals"], record,
+    manifest, _ = add_shard(run, manifest, emb, rows["id"], rows["label"], memory["residuals"], record, rows,
                             memory.get("residual_ids"))
     shard = manifest["shards"][-1]["shard"]
     print(f"[memorize] added {len(ids)} rows as shard {shard} "

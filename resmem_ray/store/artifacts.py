@@ -3,17 +3,20 @@
     embeddings/<split>/*.parquet   one row per example (or token): id, label, embedding, ...
     index/manifest.json            the memory's shards: rows, files, hashes
     index/shard-NNNNN.faiss, .npz  a shard's FAISS index and rows (ids, labels, residuals)
+    index/memorized/<id>.parquet   rows memorize added (embedding rows), which `resmem index` keeps
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resmem_ray.errors import ResMemError
-from resmem_ray.store.files import atomic_dir, inside, read_json, verify_hashes
+from resmem_ray.store.files import atomic_dir, digest, inside, read_json, sha256, verify_hashes
 from resmem_ray.store.rundir import RunDir
 
 
@@ -68,6 +71,43 @@ def read_index_manifest(run: RunDir, needed_by: str) -> dict:
         raise ResMemError(f"{path} is not an index manifest (missing {', '.join(missing) or 'shards'}): "
                           "rerun `resmem index`")
     return manifest
+
+
+def model_fingerprint(run: RunDir) -> str:
+    """One hash of the trained model's files: memorized embeddings are only valid for it."""
+    return digest(run.stage_output("train", needed_by="memorize")["files"])
+
+
+def write_memorized(folder: Path, rows: dict[str, np.ndarray]) -> dict:
+    """The embedding rows of one memorize call as folder/memorized/<first id>.parquet
+    (written under a temporary name, then renamed); the fields its manifest record keeps."""
+    name = f"memorized/{int(rows['id'].min()):012d}.parquet"
+    path = folder / name
+    path.parent.mkdir(exist_ok=True)
+    columns = {c: v if v.ndim == 1 else pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+               for c, v in rows.items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # removed by the next lock holder if this dies
+    pq.write_table(pa.table(columns), tmp)
+    digest_ = sha256(tmp)
+    os.replace(tmp, path)
+    return {"file": name, "file_sha256": digest_}
+
+
+def read_memorized(folder: Path, records: list[dict], columns) -> dict[str, np.ndarray]:
+    """The memorized rows that `records` (index manifest["memorized"]) name, each file
+    checked against its hash, as arrays sorted by id."""
+    tables = []
+    for m in records:
+        path = inside(folder, m["file"])
+        if not path.is_file() or sha256(path) != m["file_sha256"]:
+            raise ResMemError(f"{path}: memorized rows of {m['source']} are "
+                              f"{'missing' if not path.is_file() else 'changed (hash mismatch)'}")
+        tables.append(pq.read_table(path, columns=list(columns)))
+    table = pa.concat_tables(tables)
+    order = np.argsort(table.column("id").to_numpy())
+    return {c: np.ascontiguousarray((table.column(c).to_numpy() if table.column(c).type.num_fields == 0
+                                     else np.stack(table.column(c).to_numpy(zero_copy_only=False)))[order])
+            for c in columns}
 
 
 def read_model_meta(run: RunDir, needed_by: str) -> dict:

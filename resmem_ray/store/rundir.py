@@ -127,7 +127,8 @@ class RunDir:
 
     def remove_leftovers(self) -> None:
         """Temporary files and folders of a writer that was killed (SIGKILL) mid-write."""
-        for folder in [self.root, *(p for p in self.root.iterdir() if p.is_dir())]:
+        folders = [self.root, *(p for p in self.root.iterdir() if p.is_dir()), self.root / "index" / "memorized"]
+        for folder in (f for f in folders if f.is_dir()):
             for p in folder.glob(".*.*.tmp"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             for p in folder.glob(".*.*.old"):
