@@ -38,6 +38,24 @@ def test_sharded_search_equals_single_index(distance, shards):
         np.testing.assert_array_equal(merged.ids, rows["ids"][np.argsort(d, axis=1, kind="stable")[:, :k]])
 
 
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_flat_shards_combined_answer_as_merged_shards(distance):
+    from resmem_ray.core.knn import combine_flat
+
+    emb, rows, queries = memory(n=500, d=8)
+    cuts = [0, 100, 250, 500]
+    shards = [(build_shard(emb[a:b], "Flat", distance), {key: v[a:b] for key, v in rows.items()})
+              for a, b in zip(cuts[:-1], cuts[1:])]
+    (combined,) = combine_flat(shards)
+    one = search_shard(*combined, queries, 12, distance)
+    merged = merge_topk([search_shard(index, r, queries, 12, distance) for index, r in shards], 12)
+    np.testing.assert_array_equal(one[1], merged.ids)
+    np.testing.assert_array_equal(one[3], merged.residuals)
+    np.testing.assert_allclose(one[0], merged.distances, rtol=1e-6)
+    ivf = [(build_shard(emb[a:b], "IVF4,Flat", distance), r) for (_, r), a, b in zip(shards, cuts[:-1], cuts[1:])]
+    assert combine_flat(ivf) == ivf  # not exact shards: searched one by one
+
+
 def test_merge_breaks_ties_by_id():
     a = (np.array([[1.0, 2.0]]), np.array([[9, 4]]), np.array([[0, 0]]), np.zeros((1, 2, 1)))
     b = (np.array([[1.0, 3.0]]), np.array([[5, 7]]), np.array([[1, 1]]), np.ones((1, 2, 1)))

@@ -62,6 +62,21 @@ def build_shard(embeddings: np.ndarray, factory: str, distance: str, train_sampl
     return index
 
 
+def combine_flat(shards: list[tuple]) -> list[tuple]:
+    """Exact (Flat) shards held by one process as one Flat index over their rows in order:
+    the same answers, from one scan instead of one per shard (a scan's fixed costs and
+    per-shard top-k are paid once). Other index types stay as they are."""
+    first = shards[0][0]
+    if len(shards) < 2 or not all(type(index) is type(first) and isinstance(index, faiss.IndexFlat)
+                                  and index.metric_type == first.metric_type for index, _ in shards):
+        return shards
+    index = faiss.IndexFlat(first.d, first.metric_type)
+    for shard, _ in shards:
+        index.add(shard.reconstruct_n(0, shard.ntotal))
+    rows = {key: np.concatenate([r[key] for _, r in shards]) for key in shards[0][1]}
+    return [(index, rows)]
+
+
 @dataclass
 class Neighbours:
     """The k nearest memory rows of each query, nearest first."""

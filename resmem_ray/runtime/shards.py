@@ -3,7 +3,8 @@ index.shards_per_actor FAISS shards and their residual rows; a query batch fans 
 all actors in parallel, each answers with the top-k over its shards, and a merge keeps
 the global top-k. With exact (Flat) shards the answer equals one exact index over the
 memory. More shards than cores are best held several to an actor: each actor's answer
-is then one top-k, not one per shard, for the object store to carry and the driver to merge.
+is then one top-k, not one per shard, for the object store to carry and the driver to
+merge, and an actor's exact shards are scanned as one index (core/knn.py: combine_flat).
 
 The work is core/knn.py's plain functions (build_shard, search_shard, merge_topk);
 this module is the thin Ray shell around them.
@@ -19,7 +20,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check_index_config, merge_topk,
+from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check_index_config, combine_flat,
+                                 merge_topk,
                                  place_index, search_shard, set_search_params)
 from resmem_ray.errors import ResMemError
 from resmem_ray.schema import IndexConfig
@@ -125,8 +127,7 @@ class ShardActor:
         try:
             if run_uri:  # a URI run: this node's mirror of its index (fetched if missing)
                 index_dir = str(RunDir(run_uri, pull=("index",)).index)
-            for entry in entries:
-                index, rows = load_shard(Path(index_dir), entry)
+            for index, rows in combine_flat([load_shard(Path(index_dir), entry) for entry in entries]):
                 set_search_params(index, settings.nprobe, settings.ef_search)
                 index, self.where = place_index(index, settings.backend, settings.use_gpu)
                 self.shards.append((index, rows))
