@@ -67,6 +67,14 @@ def test_index_keeps_memorized_rows_of_the_same_model(run_copy, tmp_path, capsys
     before = json.loads(manifest_path.read_text())
     assert main(["memorize", *args, "--examples", str(tmp_path / "new.npz")]) == 0
     memorized = json.loads(manifest_path.read_text())
+    # what the neighbour Transformer and tune read as the memory: the train split and these rows
+    from resmem_ray.store.artifacts import read_memory_split, read_split
+    from resmem_ray.store.rundir import RunDir
+
+    memory = read_memory_split(RunDir(run_copy), "evaluate", ("id", "label", "embedding"))
+    train = read_split(RunDir(run_copy), "train", "evaluate", ("id",))
+    assert len(memory["id"]) == len(train["id"]) + len(pick) and (np.diff(memory["id"]) > 0).all()
+    assert memory["label"][-len(pick):].tolist() == new_labels.tolist()
     assert main(["evaluate", *args]) == 0
     preds = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
 

@@ -14,7 +14,7 @@ from resmem_ray.errors import ResMemError
 from resmem_ray.runtime import trainer
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import read_index_manifest, read_split
+from resmem_ray.store.artifacts import read_index_manifest, read_memory_split, read_split
 from resmem_ray.store.files import atomic_dir, file_hashes
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.neighbour_model import build, model_inputs, neighbour_inputs
@@ -28,7 +28,7 @@ def _lookup_inputs(cfg: Config, run: RunDir, manifest: dict, needed_by: str, spl
     if s.k + 1 > manifest["rows"]:
         raise ResMemError(f"config key neighbour_transformer.k: {s.k} neighbours need a memory of more "
                           f"than {s.k} rows ({manifest['rows']})")
-    memory = read_split(run, "train", needed_by, ("id", "embedding"))
+    memory = read_memory_split(run, needed_by, ("id", "embedding"))  # memorized rows included
     memory_embeddings = prepare_queries(memory["embedding"], manifest["distance"], manifest["normalize"])
     out = {}
     with ShardedMemory(run.index, manifest, cfg.index) as lookup:

@@ -33,7 +33,7 @@ from resmem_ray.stages.evaluate import evaluate
 from resmem_ray.stages.index import build_index
 from resmem_ray.stages.transformer import train_neighbour_transformer
 from resmem_ray.stages.tune_lm import tune_token_memory
-from resmem_ray.store.artifacts import read_index_manifest, read_memorized, read_split
+from resmem_ray.store.artifacts import read_index_manifest, read_memory_split, read_split
 from resmem_ray.store.files import write_json
 from resmem_ray.store.rundir import RunDir
 
@@ -51,15 +51,8 @@ def neighbour_table(cfg: Config, run: RunDir, k_max: int | None = None) -> dict:
     T can change)."""
     manifest = read_index_manifest(run, needed_by="tune")
     check_dense(manifest, cfg)
-    memorized = manifest.get("memorized", [])
-    if any("file" not in m for m in memorized):
-        raise ResMemError("the memory holds memorized examples without stored logits, so T cannot "
-                          "be searched: run `resmem index` (it drops them) before `resmem tune`")
     val = read_split(run, "val", "tune", ("id", "label", "embedding", "logits"))
-    train = read_split(run, "train", "tune", ("id", "logits"))
-    if memorized:  # their ids follow every train id, so the ids stay sorted
-        extra = read_memorized(run.index, memorized, ("id", "logits"))
-        train = {c: np.concatenate([train[c], extra[c]]) for c in train}
+    train = read_memory_split(run, "tune", ("id", "logits"))  # memorized rows included
     k_max = k_max or max(cfg.tune.k)
     if k_max > manifest["rows"]:
         raise ResMemError(f"config key tune.k (or evaluate.knn_ks): {k_max} is larger than the memory ({manifest['rows']} rows)")

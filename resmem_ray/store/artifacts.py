@@ -110,6 +110,20 @@ def read_memorized(folder: Path, records: list[dict], columns) -> dict[str, np.n
             for c in columns}
 
 
+def read_memory_split(run: RunDir, needed_by: str, columns) -> dict[str, np.ndarray]:
+    """The memory's embedding rows: the train split and the rows memorize added to the
+    current index (their ids follow every train id, so the ids stay sorted)."""
+    train = read_split(run, "train", needed_by, columns)
+    records = read_index_manifest(run, needed_by).get("memorized", [])
+    if any("file" not in m for m in records):
+        raise ResMemError("the memory holds memorized examples whose embedding rows were not kept: run "
+                          f"`resmem index` (it drops them) before `resmem {needed_by}`")
+    if not records:
+        return train
+    extra = read_memorized(run.index, records, columns)
+    return {c: np.concatenate([train[c], extra[c]]) for c in columns}
+
+
 def read_model_meta(run: RunDir, needed_by: str) -> dict:
     """RUN/model/meta.json, after checking every model file against the manifest."""
     entry = run.stage_output("train", needed_by=needed_by)

@@ -16,7 +16,7 @@ from torch import nn
 
 from resmem_ray.core.knn import prepare_queries
 from resmem_ray.errors import ResMemError
-from resmem_ray.store.artifacts import read_split
+from resmem_ray.store.artifacts import read_memory_split
 from resmem_ray.store.files import verify_hashes
 from resmem_ray.store.rundir import RunDir
 
@@ -93,7 +93,7 @@ def transformer_predictions(run: RunDir, queries: np.ndarray, labels: np.ndarray
     k = meta["settings"]["k"]
     if nb.ids.shape[1] < k:
         raise ResMemError(f"the neighbour Transformer reads {k} neighbours, the lookup returned {nb.ids.shape[1]}")
-    memory = read_split(run, "train", "evaluate", ("id", "embedding"))
+    memory = read_memory_split(run, "evaluate", ("id", "embedding"))
     memory_embeddings = prepare_queries(memory["embedding"], meta["distance"], meta["normalize"])
     inputs = neighbour_inputs(queries, labels, None, nb, memory_embeddings, memory["id"], k)
     return predict(model, inputs)
