@@ -13,7 +13,7 @@ from .conftest import DIGITS_ARGS
 from .test_pipeline import one_error_line
 
 
-def test_memorized_examples_follow_their_new_labels(run_copy, tmp_path):
+def test_memorized_examples_follow_their_new_labels(run_copy, tmp_path, capsys):
     cfg = load_config("jobs/configs/digits.yaml")
     test = load_splits(cfg.data, cfg.seed)[0]["test"]
     pick = np.arange(0, 300, 10)  # 30 test images, relabelled
@@ -30,7 +30,10 @@ def test_memorized_examples_follow_their_new_labels(run_copy, tmp_path):
 
     # a narrow kernel: the memorized copy (distance 0) outweighs the training neighbours,
     # whose residuals still point to the original label
+    capsys.readouterr()
     assert main(["evaluate", *args, "resmem.sigma=0.01"]) == 0
+    n = len(after["shards"])
+    assert f"{n} shards in {n - 1} actor(s)" in capsys.readouterr().out  # the added shard joins the last actor
     preds = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
     followed = preds.loc[test.ids[pick], "resmem"].to_numpy() == new_labels
     assert followed.mean() >= 0.9  # the example itself is its own nearest neighbour

@@ -163,7 +163,11 @@ class ShardedMemory:
         settings = settings or IndexConfig()
         self.manifest, self.replicas, self.calls = manifest, settings.replicas, 0
         per = settings.shards_per_actor
-        groups = [manifest["shards"][i:i + per] for i in range(0, len(manifest["shards"]), per)]
+        # the small shards memorize adds join the last actor: memorizing never asks for more CPUs
+        added = {m.get("shard") for m in manifest.get("memorized", [])}
+        built = [s for s in manifest["shards"] if s["shard"] not in added] or manifest["shards"]
+        groups = [built[i:i + per] for i in range(0, len(built), per)]
+        groups[-1] = groups[-1] + [s for s in manifest["shards"] if s not in built]
         num_actors = len(groups) * settings.replicas
         gpus = 0.0
         if settings.use_gpu:
