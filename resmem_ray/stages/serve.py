@@ -43,6 +43,7 @@ from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
 
 APP = "resmem"
+CONCURRENT_BATCHES = 4
 PREDICT_ATTEMPTS = 5  # a model replica that dies mid-batch: its requests go to another one (or its successor)
 app = FastAPI(title="resmem serve")
 
@@ -87,7 +88,9 @@ class Ingress:
             return _refusal(e)
         return {"predictions": await self._predict(inputs)}
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    # batches in flight at once: a batch spends most of its time in the hops to the model
+    # and the memory, so one at a time leaves the CPUs idle
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=CONCURRENT_BATCHES)
     async def _predict(self, requests: list[list]) -> list[list[dict]]:
         """Each request is a list of model inputs; one model call for the whole batch."""
         inputs = [x for r in requests for x in r]
