@@ -146,6 +146,7 @@ def main() -> None:
         finally:
             serve.shutdown()
             ray.shutdown()
+        offline = offline_evaluate(run, raw, len(images))
     load = os.getloadavg()
     s = cfg.serve
     lines = section(
@@ -176,11 +177,31 @@ def main() -> None:
               f"{np.median(mem):.0f} ms median ({mem.max():.0f} ms max); from its response to the first "
               f"prediction that follows the new label: {np.median(vis):.1f} ms median ({vis.max():.1f} ms max); "
               f"the first prediction sent after the response followed it in {first} of {len(visible)} trials."]
+    lines += ["", f"Offline, `resmem evaluate` on the same run answers the {offline['queries']} test queries in "
+              f"{offline['seconds']:.1f} s ({offline['queries'] / offline['seconds']:.0f} queries/s, batches of "
+              f"{offline['batch']}; the stage's own time: shard actors starting, every report row and plot included)."]
     if at16:
         met = at16["rps"] >= 200 and at16["p99"] < 100
         lines += ["", f"Target (>= 200 requests/s at 16 clients with p99 < 100 ms): "
                   f"{'met' if met else 'not met'} ({at16['rps']:.0f} requests/s, p99 {at16['p99']:.1f} ms)."]
     append(args.out, lines)
+
+
+def offline_evaluate(run: Path, raw: dict, queries: int) -> dict:
+    """`resmem evaluate` over the copied run, in its own Ray instance: the stage's seconds."""
+    import yaml
+
+    from resmem_ray.cli import main as resmem
+
+    config = run.parent / "config.yaml"
+    config.write_text(yaml.safe_dump({**raw, "run_dir": str(run)}))
+    if resmem(["evaluate", "--config", str(config)]) != 0:
+        raise SystemExit("resmem evaluate failed on the copied run")
+    import ray
+
+    ray.shutdown()
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["evaluate"]
+    return {"queries": queries, "seconds": stage["seconds"], "batch": raw["evaluate"]["batch_size"]}
 
 
 def read_json_rows(run: str) -> int:
