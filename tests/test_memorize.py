@@ -40,6 +40,35 @@ def test_memorized_examples_follow_their_new_labels(run_copy, tmp_path, capsys):
     base = preds.loc[test.ids[pick], "base"].to_numpy() == new_labels
     assert base.mean() <= 0.2  # the model alone mostly disagrees with the new labels
 
+    # what the neighbour Transformer and tune read as the memory: the train split and these rows
+    from resmem_ray.store.artifacts import read_memory_split, read_split
+    from resmem_ray.store.rundir import RunDir
+
+    memory = read_memory_split(RunDir(run_copy), "evaluate", ("id", "label", "embedding"))
+    train = read_split(RunDir(run_copy), "train", "evaluate", ("id",))
+    assert len(memory["id"]) == len(train["id"]) + len(pick) and (np.diff(memory["id"]) > 0).all()
+    assert memory["label"][-len(pick):].tolist() == new_labels.tolist()
+
+    # `resmem index` with another shard count keeps the memorized rows: same answers
+    manifest_path = run_copy / "index" / "manifest.json"
+    capsys.readouterr()
+    assert main(["index", *args, "index.num_shards=3"]) == 0
+    assert f"({len(pick)} of them memorized)" in capsys.readouterr().out
+    rebuilt = json.loads(manifest_path.read_text())
+    assert rebuilt["rows"] == after["rows"] and len(rebuilt["shards"]) == 3
+    assert rebuilt["next_id"] == after["next_id"] and rebuilt["memorized"][0]["file"].startswith("memorized/")
+    assert main(["evaluate", *args, "resmem.sigma=0.01", "index.num_shards=3"]) == 0
+    again = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
+    assert again["resmem"].tolist() == preds["resmem"].tolist()
+    assert again["nn1_id"].tolist() == preds["nn1_id"].tolist()
+
+    # rows embedded by another model (a retrained one) are dropped, and the log says so
+    rebuilt["memorized"][0]["model"] = "an earlier model"
+    manifest_path.write_text(json.dumps(rebuilt))
+    assert main(["index", *args]) == 0
+    assert f"dropped {len(pick)} memorized rows" in capsys.readouterr().out
+    assert json.loads(manifest_path.read_text())["rows"] == before["rows"]
+
 
 def test_memorize_rejects_bad_examples(run_copy, tmp_path, capsys):
     args = [*DIGITS_ARGS, f"run_dir={run_copy}"]
@@ -58,44 +87,3 @@ def test_memorize_rejects_bad_examples(run_copy, tmp_path, capsys):
     assert "not a readable .npz file" in one_error_line(capsys)
     assert (run_copy / "index" / "manifest.json").read_text() == index_before
 
-
-def test_index_keeps_memorized_rows_of_the_same_model(run_copy, tmp_path, capsys):
-    cfg = load_config("jobs/configs/digits.yaml")
-    test = load_splits(cfg.data, cfg.seed)[0]["test"]
-    pick = np.arange(5, 300, 10)
-    new_labels = (test.labels[pick] + 1) % 10
-    np.savez(tmp_path / "new.npz", images=test.images[pick], labels=new_labels)
-    args = [*DIGITS_ARGS, f"run_dir={run_copy}", "resmem.sigma=0.01"]
-    manifest_path = run_copy / "index" / "manifest.json"
-    before = json.loads(manifest_path.read_text())
-    assert main(["memorize", *args, "--examples", str(tmp_path / "new.npz")]) == 0
-    memorized = json.loads(manifest_path.read_text())
-    # what the neighbour Transformer and tune read as the memory: the train split and these rows
-    from resmem_ray.store.artifacts import read_memory_split, read_split
-    from resmem_ray.store.rundir import RunDir
-
-    memory = read_memory_split(RunDir(run_copy), "evaluate", ("id", "label", "embedding"))
-    train = read_split(RunDir(run_copy), "train", "evaluate", ("id",))
-    assert len(memory["id"]) == len(train["id"]) + len(pick) and (np.diff(memory["id"]) > 0).all()
-    assert memory["label"][-len(pick):].tolist() == new_labels.tolist()
-    assert main(["evaluate", *args]) == 0
-    preds = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
-
-    # a rebuild with another shard count: the memorized rows are in its shards, same answers
-    capsys.readouterr()
-    assert main(["index", *args, "index.num_shards=3"]) == 0
-    assert f"({len(pick)} of them memorized)" in capsys.readouterr().out
-    rebuilt = json.loads(manifest_path.read_text())
-    assert rebuilt["rows"] == before["rows"] + len(pick) and len(rebuilt["shards"]) == 3
-    assert rebuilt["next_id"] == memorized["next_id"] and rebuilt["memorized"][0]["file"].startswith("memorized/")
-    assert main(["evaluate", *args, "index.num_shards=3"]) == 0
-    again = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
-    assert again["resmem"].tolist() == preds["resmem"].tolist()
-    assert again["nn1_id"].tolist() == preds["nn1_id"].tolist()
-
-    # rows embedded by another model (a retrained one) are dropped, and the log says so
-    rebuilt["memorized"][0]["model"] = "an earlier model"
-    manifest_path.write_text(json.dumps(rebuilt))
-    assert main(["index", *args]) == 0
-    assert "dropped 30 memorized rows" in capsys.readouterr().out
-    assert json.loads(manifest_path.read_text())["rows"] == before["rows"]

@@ -298,7 +298,7 @@ def test_submit_leaves_secrets_behind(tmp_path):
 
 # --- the run's own output, Ctrl-C, cheap checks first ----------------------------------------
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 def test_ctrl_c_is_one_line_and_ray_chatter_stays_in_its_logs(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "resmem_ray.cli", "train", "--config", "jobs/configs/digits.yaml",
@@ -310,7 +310,7 @@ def test_ctrl_c_is_one_line_and_ray_chatter_stays_in_its_logs(tmp_path):
         if "[train] epoch 3/200" in line:
             break
     proc.send_signal(signal.SIGINT)
-    rest, err = proc.communicate(timeout=120)
+    rest, err = proc.communicate(timeout=180)  # the workers' shutdown is slow on 2 busy cores
     out = "".join(lines) + rest
     assert proc.returncode == 130, err[-2000:]
     assert "resmem: interrupted" in err and "KeyboardInterrupt" not in err

@@ -67,6 +67,24 @@ def test_text_classification_run(ray_session, tiny_bert, tmp_path, capsys):
     assert main(["memorize", *args, "--examples", str(bad)]) == 2
     assert "labels must lie in [0, 5), got 7..7" in capsys.readouterr().err
 
+    # `resmem serve` on the text run answers plain strings as evaluate did
+    from ray import serve
+
+    from resmem_ray.stages.serve import start
+    from .test_serve import free_port, http
+
+    served = load_config(args[1], (*args[2:], "resmem.sigma=0.001", "resmem.k=1", f"serve.port={free_port()}"))
+    try:
+        url = start(served)
+        status, answer = http(url + "/predict", {"examples": list(texts.texts)})
+        assert status == 200, answer
+        assert [a["resmem"]["class"] for a in answer["predictions"]] == preds.loc[texts.ids, "resmem"].tolist()
+        assert [a["base"]["class"] for a in answer["predictions"]] == preds.loc[texts.ids, "base"].tolist()
+        status, answer = http(url + "/predict", {"examples": [""]})
+        assert status == 400 and "\n" not in answer["error"], answer
+    finally:
+        serve.shutdown()
+
 
 @pytest.mark.timeout(400)
 def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys):
