@@ -303,7 +303,8 @@ def test_ctrl_c_is_one_line_and_ray_chatter_stays_in_its_logs(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "resmem_ray.cli", "train", "--config", "jobs/configs/digits.yaml",
                              "train.epochs=200", "train.cpus_per_worker=0.5", f"run_dir={run_dir}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_SERVE_THROUGHPUT_OPTIMIZED"})
     lines = []
     for line in proc.stdout:
         lines.append(line)
