@@ -100,19 +100,19 @@ class Model:
         self.encode = task.serve_encoder(run_dir, threads)
         self.index = read_index_manifest(RunDir(run_dir), needed_by="serve")  # distance, normalize, T
 
-    def _embed(self, inputs: list) -> tuple[np.ndarray, np.ndarray]:
+    def _embed(self, inputs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(embeddings, the same prepared as queries, logits)."""
         embeddings, logits = self.encode(inputs)
-        return prepare_queries(embeddings, self.index["distance"], self.index["normalize"]), logits
+        return embeddings, prepare_queries(embeddings, self.index["distance"], self.index["normalize"]), logits
 
     async def predict(self, inputs: list) -> list[dict]:
         """The answers of a batch of model inputs: one embedding pass, one memory lookup."""
-        queries, logits = self._embed(inputs)
+        _, queries, logits = self._embed(inputs)
         nb = await self.memory.search.remote(queries, self.cfg.resmem.k)
         return self.task.serve_answers(self.cfg, logits, nb)
 
     async def memorize(self, inputs: list, labels: np.ndarray) -> list[int]:
-        embeddings, logits = self.encode(inputs)
-        queries = prepare_queries(embeddings, self.index["distance"], self.index["normalize"])
+        embeddings, queries, logits = self._embed(inputs)
         rows = {"label": labels, "embedding": embeddings, "logits": logits}
         memory = self.task.memory_rows(self.cfg, rows, self.index["temperature"], {})
         return await self.memory.add.remote(queries, labels, memory["residuals"], rows)
