@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from results import append, section
+from results import section, write
 
 from resmem_ray.config import Config, IndexConfig, TuneConfig
 from resmem_ray.core.knn import prepare_queries
@@ -38,6 +38,10 @@ K = [10, 20, 30, 50]
 SIGMA = [0.01, 0.03, 0.1, 0.3, 1.0]
 T = [0.5, 1.0, 2.0, 4.0, 8.0]
 GATE = [0.5, 1.0]  # 4 x 5 x 5 x 2 = 200 settings
+
+
+QUESTION = ("What does `resmem tune`'s search cost against one lookup pass, and against a sweep that searches "
+            "again in every trial?")
 
 
 def synthetic(rows: int, dim: int, classes: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,7 +124,7 @@ def main() -> None:
     ray.shutdown()
     per_naive = naive_s / naive_n
     lines = section(
-        "Tune: reweighting trials vs one lookup pass vs a naive sweep (benchmarks/tune.py)",
+        "Tune: reweighting trials vs one lookup pass vs a naive sweep", QUESTION,
         f"Memory: {args.rows:,} x {args.dim} synthetic embeddings, {args.classes} classes, {args.shards} exact "
         f"shard actors (built in {build_s:.0f} s); {args.val:,} val queries at k={max(K)}; "
         f"{args.cpus_per_trial} CPU per trial, trial actors reused.", "",
@@ -133,7 +137,7 @@ def main() -> None:
         f"Best of the {len(frame)} trials: {frame.iloc[0][list(TUNED)].to_dict()} -> val accuracy "
         f"{100 * frame['val_accuracy'].iloc[0]:.2f}%. Under 2x one lookup pass: "
         f"{'yes' if tune_s < 2 * lookup_s else 'NO'}.")
-    append(args.out, lines)
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

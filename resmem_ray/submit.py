@@ -25,7 +25,7 @@ from resmem_ray.store.remote import is_uri
 
 JOB_STAGES = (*STAGES, "run")  # each has an entry point jobs/<stage>.py
 # Never uploaded with the working_dir (Ray also honours .gitignore): build outputs, and
-# secrets (credentials, keys, env files) that a checkout may hold. README lists them.
+# secrets (credentials, keys, env files) that a checkout may hold. docs/operating.md lists them.
 EXCLUDES = [".venv", ".git", "runs", "*.egg-info", ".pytest_cache", "__pycache__",
             ".env", ".env.*", ".envrc", ".aws", ".ssh", ".gnupg", ".netrc", ".git-credentials", ".npmrc", ".pypirc",
             ".docker", ".kube", "secrets", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_dsa*", "id_ecdsa*",

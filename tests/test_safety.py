@@ -298,6 +298,7 @@ def test_submit_leaves_secrets_behind(tmp_path):
 
 # --- the run's own output, Ctrl-C, cheap checks first ----------------------------------------
 
+@pytest.mark.ray  # a `resmem` subprocess that starts Ray
 @pytest.mark.timeout(300)
 def test_ctrl_c_is_one_line_and_ray_chatter_stays_in_its_logs(tmp_path):
     run_dir = tmp_path / "run"
