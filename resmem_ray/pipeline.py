@@ -1,17 +1,16 @@
 """`resmem run`: the stage table's pipeline stages in order, skipping the stages whose
 outputs are current.
 
-What a stage's outputs depend on is derived, not listed: its own config keys (the
-stage table), the keys its task declares for it (tasks/registry.py), and those of every
-stage it reads that takes part in the run, transitively; resource keys (schema.py)
-never count.
+What a stage's outputs depend on is derived, not listed: the config keys that name it
+(schema.py), the keys its task declares for it (tasks/registry.py), and those of every
+stage it reads that takes part in the run, transitively; resource keys never count.
 """
 
 from __future__ import annotations
 
 import time
 
-from resmem_ray.schema import Config, get_key, leaf_keys
+from resmem_ray.schema import RULES, Config, get_key
 from resmem_ray.stage_table import STAGES, Stage
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
@@ -26,7 +25,7 @@ def enabled(stage: Stage, cfg: Config) -> bool:
 
 def _expand(keys) -> list[str]:
     """Declared keys (sections or leaves) as the schema's non-resource leaf keys."""
-    return [leaf for leaf, resource in leaf_keys() if not resource
+    return [leaf for leaf, rules in RULES.items() if not rules.resource
             and any(leaf == k or leaf.startswith(k + ".") for k in keys)]
 
 
@@ -39,7 +38,8 @@ def stage_keys(name: str, cfg: Config) -> list[str]:
         if stage.name in seen:
             continue
         seen.add(stage.name)
-        keys += [*stage.config, *task.reads.get(stage.name, ())]
+        keys += [key for key, rules in RULES.items() if stage.name in rules.stages]
+        keys += task.reads.get(stage.name, ())
         frontier += [r for r in stage.reads if enabled(STAGES[r], cfg)]
     return _expand(keys)
 
