@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from resmem_ray.errors import ResMemError
 from resmem_ray.schema import RULES, Config, get_key
 from resmem_ray.stage_table import STAGES, Stage
 from resmem_ray.store.rundir import RunDir
@@ -45,15 +46,18 @@ def stage_keys(name: str, cfg: Config) -> list[str]:
 
 
 def run_stage(name: str, cfg: Config, **options):
-    """One stage; if it stops early, its manifest entry says so (failed | interrupted)."""
+    """One stage, inside its manifest entry (store/rundir.py: stage_entry); a stage with
+    outputs that returns without its entry done is an error, not a silent rerun later."""
     t0 = time.time()
     print(f"== {name} ==", flush=True)
+    stage = STAGES[name]
     try:
-        out = STAGES[name].run(cfg, **options)
+        out = stage.run(cfg, **options)
     except BaseException as e:
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        RunDir(cfg.run_dir).mark_stopped(status, str(getattr(e, "cause", None) or e) or type(e).__name__)
+        RunDir(cfg.run_dir).mark_stopped(e)  # a stage that marks its own entry (tune) leaves it running
         raise
+    if stage.folder and RunDir(cfg.run_dir).manifest()["stages"].get(name, {}).get("status") != "done":
+        raise ResMemError(f"stage {name} returned without recording its outputs in the manifest")
     print(f"== {name} done in {time.time() - t0:.1f}s ==", flush=True)
     return out
 

@@ -1,7 +1,7 @@
 """The stage table: every stage of the suite, declared once, in pipeline order.
 
 The CLI's subcommands, `resmem run`'s order and skip logic (pipeline.py), `resmem
-submit`'s accepted stages, the job entry points (jobs/<stage>.py) and the run
+submit`'s accepted stages, the job entry point (`python -m jobs STAGE`) and the run
 directory's resumption (store/rundir.py) all read it. Adding a stage is one entry here
 and its function. A function is named by its module path, as torchtune's recipe
 registry names recipes, so this table imports nothing and every layer can read it.
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Stage:
-    name: str  # the CLI subcommand, the job entry point jobs/<name>.py, the manifest key
+    name: str  # the CLI subcommand, `python -m jobs <name>`, the manifest key
     help: str
     function: str  # "module:function", called as function(cfg, **options)
     folder: str | None = None  # output folder under RUN/ (None: no outputs of its own)

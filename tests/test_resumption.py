@@ -160,3 +160,65 @@ def test_a_new_key_without_a_stage_fails(monkeypatch):
     monkeypatch.setitem(RULES, "resmem.new_knob", RULES["resmem.k"])
     with pytest.raises(AssertionError, match="resmem.new_knob belongs to"):
         expected(EXPECTED["digits"], "resmem.new_knob", ALL)
+
+
+# --- the stage envelope (store/rundir.py: stage_entry) ----------------------------------------
+
+def finished_run(tmp_path) -> tuple[RunDir, dict]:
+    cfg = load_config("jobs/configs/digits.yaml", (f"run_dir={tmp_path}",))
+    run, config = RunDir(tmp_path), cfg.to_dict()
+    for stage in ("train", "embed", "index"):
+        run.mark_running(stage, config)
+        run.mark_done(stage, config)
+    return run, cfg
+
+
+def envelope(fail_before=None, fail_after=None):
+    """An embed stage under stage_entry that fails where told."""
+    from resmem_ray.store.rundir import stage_entry
+
+    @stage_entry("embed")
+    def fake_embed(cfg):
+        run = RunDir(cfg.run_dir)
+        if fail_before:
+            raise fail_before
+        yield run
+        assert run.manifest()["stages"]["embed"]["status"] == "running"
+        if fail_after:
+            raise fail_after
+        return "value", {"rows": {"train": 3}}
+
+    return fake_embed
+
+
+def test_a_stage_runs_inside_its_manifest_entry(tmp_path):
+    run, cfg = finished_run(tmp_path)
+    assert envelope()(cfg) == "value"
+    entry = run.manifest()["stages"]["embed"]
+    assert entry["status"] == "done" and entry["rows"] == {"train": 3} and entry["config"] == cfg.to_dict()
+    assert "index" not in run.manifest()["stages"]  # it read the old embeddings
+
+
+def test_a_stage_that_stops_is_marked_and_its_checks_touch_nothing(tmp_path):
+    from resmem_ray.errors import ResMemError
+
+    run, cfg = finished_run(tmp_path)
+    before = run.manifest()
+    with pytest.raises(ResMemError):
+        envelope(fail_before=ResMemError("bad input"))(cfg)
+    assert run.manifest() == before  # nothing started: the finished stages stay finished
+    with pytest.raises(ResMemError):
+        envelope(fail_after=ResMemError("disk full"))(cfg)
+    entry = run.manifest()["stages"]["embed"]
+    assert (entry["status"], entry["error"]) == ("failed", "disk full")
+    assert run.manifest()["stages"]["train"]["status"] == "done"
+    with pytest.raises(KeyboardInterrupt):
+        envelope(fail_after=KeyboardInterrupt())(cfg)
+    assert run.manifest()["stages"]["embed"]["status"] == "interrupted"
+
+
+def test_a_stage_function_must_yield_where_its_work_begins():
+    from resmem_ray.store.rundir import stage_entry
+
+    with pytest.raises(TypeError, match="must yield its RunDir"):
+        stage_entry("embed")(lambda cfg: {})
