@@ -10,7 +10,7 @@ from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_index_manifest, read_split
 from resmem_ray.store.files import atomic_dir, read_json, verify_hashes, write_json
-from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
 
 
@@ -35,7 +35,8 @@ def stored_tuning(run: RunDir, cfg: Config) -> dict | None:
     return summary if same else None
 
 
-def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
+@stage_entry("evaluate")
+def evaluate(cfg: Config, tuning: dict | None = None) -> StageSteps:
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
     manifest = read_index_manifest(run, needed_by="evaluate")
@@ -60,12 +61,11 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
     print(f"[evaluate] {len(searched)} of {len(queries)} test queries against {manifest['rows']} memory rows in "
           f"{len(manifest['shards'])} shard(s), k={k}", flush=True)
     with ShardedMemory(run.index, manifest, cfg.index) as memory:  # the shards are checked as they load
-        run.mark_running("evaluate", cfg.to_dict())
+        yield run  # once the shards are loaded and checked
         print(f"[evaluate] shard actors search on: {', '.join(sorted(set(memory.placement)))}", flush=True)
         nb = memory.search_batches(searched, k, cfg.evaluate.batch_size)
     with atomic_dir(run.report) as tmp:
         metrics = task.evaluate(cfg, run, test, queries, nb, manifest, tmp, tuning)
         write_json(tmp / "metrics.json", metrics)
-    run.mark_done("evaluate", cfg.to_dict(), **task.done_info(metrics))
-    return metrics
+    return metrics, task.done_info(metrics)
 

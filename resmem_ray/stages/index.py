@@ -21,11 +21,12 @@ from resmem_ray.runtime.shards import write_shards
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import model_fingerprint, read_memorized, read_split
 from resmem_ray.store.files import atomic_dir, inside, read_json, write_json
-from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
 
 
-def build_index(cfg: Config) -> dict:
+@stage_entry("index")
+def build_index(cfg: Config) -> StageSteps:
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
     embedded = run.stage_output("embed", needed_by="index")
@@ -38,7 +39,7 @@ def build_index(cfg: Config) -> dict:
     check_index_config(cfg.index, n, dim, cfg.resmem.distance)
     r = cfg.resmem
     memory = task.memory_rows(cfg, train, r.temperature, embedded)
-    run.mark_running("index", cfg.to_dict())
+    yield run  # the entry opens: running
     emb = prepare_queries(train["embedding"], r.distance, r.normalize)
     print(f"[index] {n} rows x {dim} dims" + (f" ({sum(m['rows'] for m in kept)} of them memorized)" if kept else "")
           + f" -> {cfg.index.num_shards} '{cfg.index.factory}' shard(s), {task.codec} residuals", flush=True)
@@ -55,8 +56,7 @@ def build_index(cfg: Config) -> dict:
     for line in memory["info"].get("lines", []):
         print(f"[index] {line}", flush=True)
     info = {k: v for k, v in memory["info"].items() if k != "lines"}
-    run.mark_done("index", cfg.to_dict(), rows=int(n), num_shards=len(manifest["shards"]), **info)
-    return manifest
+    return manifest, {"rows": int(n), "num_shards": len(manifest["shards"]), **info}
 
 
 
