@@ -77,7 +77,8 @@ def test_a_good_answer_is_a_table(server, two_images, capsys):
     (lambda ex: as_json({"ids": [1, 2]}), "the answer holds no `predictions` list"),
     (lambda ex: as_json({"predictions": [prediction(1)] * (len(ex) - 1)}), "1 predictions answered for 2 examples"),
     (lambda ex: as_json({"predictions": [prediction(1)] * (len(ex) + 1)}), "3 predictions answered for 2 examples"),
-    (lambda ex: as_json({"predictions": [prediction(1), {"base": 4}]}), "the answer for two.npz[1] is not a prediction"),
+    (lambda ex: as_json({"predictions": [prediction(1), {"base": 4}]}),
+     "the answer for two.npz[1] is not a prediction"),
     (lambda ex: as_json({"error": "example 0: bad"}, status=400), "HTTP 400: example 0: bad"),
     (lambda ex: (502, "text/html", b"<html>Bad gateway</html>"), "HTTP 502: Bad Gateway"),
 ])
