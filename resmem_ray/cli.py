@@ -24,7 +24,7 @@ SUBMIT_USAGE = ("resmem submit [--address URL] [--runtime-env FILE] [--working-d
                 "STAGE [--config FILE] [key=value ...]")
 
 
-def init_ray(verbose: bool = False) -> None:
+def init_ray(verbose: bool = False, runtime_env: dict | None = None) -> None:
     """Connect to RAY_ADDRESS's cluster or start a local instance. Ray's own INFO lines
     (start-up, per-report checkpoint lines, Ray Data's banners and progress bars) go to
     its log files; `--verbose` shows them."""
@@ -36,7 +36,8 @@ def init_ray(verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     quiet = None if verbose else ray.LoggingConfig(log_level="WARNING")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_config=quiet)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_config=quiet,
+             runtime_env=runtime_env)
     if not verbose:
         import ray.data
 
@@ -110,8 +111,14 @@ def main(argv: list[str] | None = None) -> int:
         preflight(args.command, cfg, run)
         if args.command == "serve" and cfg.serve.direct_ingress:
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # read by the Ray instance it starts
+            # no load balancer in front to drain for: Ctrl-C stops at once, not after 30 s
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+        # `resmem serve` on its own instance: Serve's workers keep their INFO lines (a 9-line
+        # banner) to its log files; a job's driver keeps its job's runtime env
+        quiet_serve = args.command == "serve" and not args.verbose and not os.environ.get("RAY_ADDRESS")
         with run.lock(" ".join(["resmem", *(argv if argv is not None else sys.argv[1:])])):
-            init_ray(args.verbose)
+            init_ray(args.verbose, {"worker_process_setup_hook": "resmem_ray.runtime.serving.quiet_serve_logs"}
+                     if quiet_serve else None)
             if args.command == "run":
                 run_pipeline(cfg)
             else:
@@ -128,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"resmem: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("resmem: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; for `resmem serve` SIGTERM too (stages/serve.py: Terminated)
+        if args.command == "serve":
+            print("resmem: serve stopped", file=sys.stderr)
+        else:
+            print("resmem: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     return 0
 
 

@@ -13,6 +13,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # `resmem serve`'s default (serve.direct_ingress): Serve's throughput-optimised mode, read
 # when the session's Ray instance starts
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")  # as `resmem serve` (cli.py)
 
 
 @pytest.fixture(scope="session")

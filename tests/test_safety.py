@@ -1,5 +1,6 @@
 """Safe to operate: bad input gets one line and exit 2, leaves the run directory as it
-was; nothing writes outside its folder; one writer per run directory; no hang."""
+was; nothing writes outside its folder; one writer per run directory; no hang; Ctrl-C,
+SIGTERM and SIGKILL leave nothing running."""
 
 import json
 import os
@@ -19,6 +20,7 @@ from resmem_ray.cli import main
 from resmem_ray.config import load_config
 from resmem_ray.errors import ResMemError
 from resmem_ray.schema import Config, leaf_keys
+from resmem_ray.stages.serve import PROCESSES
 from resmem_ray.store.files import file_hashes
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.image_data import load_splits
@@ -26,6 +28,7 @@ from resmem_ray.tasks.image_data import load_splits
 from .conftest import DIGITS_ARGS
 from .ray_head import MotoS3
 from .test_pipeline import one_error_line
+from .test_serve import free_port
 
 
 def run_args(run_dir, *extra):
@@ -322,6 +325,64 @@ def test_ctrl_c_is_one_line_and_ray_chatter_stays_in_its_logs(tmp_path):
     assert "resmem: interrupted" in err and "KeyboardInterrupt" not in err
     assert "Reporting training result" not in out + err and "Checkpoint successfully created" not in out + err
     assert RunDir(run_dir).manifest()["stages"]["train"]["status"] == "interrupted"
+
+
+def start_serve(run_dir) -> subprocess.Popen:
+    """`resmem serve` in its own session (a terminal's Ctrl-C reaches its whole process
+    group), on its own Ray instance, once it answers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}  # cli.py's own settings
+    proc = subprocess.Popen([sys.executable, "-m", "resmem_ray.cli", "serve", "--config", "jobs/configs/digits.yaml",
+                             "neighbour_transformer.enabled=false", f"run_dir={run_dir}", f"serve.port={free_port()}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc.lines = []
+    for line in proc.stdout:
+        proc.lines.append(line)
+        if line.startswith("[serve] the ingress replica(s) answer directly"):
+            return proc
+    raise AssertionError("".join(proc.lines) + proc.stderr.read()[-3000:])
+
+
+def stop_serve(proc, how) -> tuple[str, str, float]:
+    """(stdout after the signal, stderr without Ray's WARNING lines, seconds to exit)."""
+    t0 = time.time()
+    os.killpg(proc.pid, how) if how == signal.SIGINT else proc.send_signal(how)
+    rest, err = proc.communicate(timeout=90)
+    return rest, "\n".join(line for line in err.splitlines() if "WARNING" not in line), time.time() - t0
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_serve_at_once_in_one_line(run_copy):
+    proc = start_serve(run_copy)
+    rest, err, took = stop_serve(proc, signal.SIGINT)
+    assert proc.returncode == 130 and err == "resmem: serve stopped" and rest == "", (err, rest)
+    assert took < 30  # Serve's 30 s drain of a direct ingress replica is not waited for
+    assert "Throughput optimized Ray Serve" not in "".join(proc.lines)  # Serve's banner stays in its logs
+    assert not (run_copy / PROCESSES).exists()
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_serve_is_cleaned_by_the_next_which_sigterm_stops(run_copy):
+    import psutil  # Ray's own copy (ray is imported)
+
+    proc = start_serve(run_copy)
+    for _ in range(100):  # written once the application is up
+        if (run_copy / PROCESSES).exists():
+            break
+        time.sleep(0.1)
+    recorded = json.loads((run_copy / PROCESSES).read_text())["processes"]
+    proc.kill()
+    proc.wait()
+    time.sleep(2)
+    left = [p["pid"] for p in recorded if psutil.pid_exists(p["pid"])
+            and psutil.Process(p["pid"]).status() != psutil.STATUS_ZOMBIE]
+    assert left  # Ray's agents outlive a SIGKILLed driver
+
+    second = start_serve(run_copy)
+    (line,) = [line for line in second.lines if "killed `resmem serve`" in line]
+    assert f"stopped {len(left)} process(es) of the Ray instance of a killed `resmem serve` (pid {proc.pid})" in line
+    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in left)
+    rest, err, _ = stop_serve(second, signal.SIGTERM)
+    assert second.returncode == 143 and err == "resmem: serve stopped" and rest == "", (err, rest)
 
 
 def test_cheap_checks_come_before_ray_starts(tmp_path, capsys, monkeypatch):

@@ -23,12 +23,23 @@ from ray import serve
 
 from resmem_ray.core.knn import Neighbours, merge_topk, prepare_queries, search_shard
 from resmem_ray.errors import ResMemError
-from resmem_ray.runtime.shards import ShardedMemory, add_shard
+from resmem_ray.runtime.shards import LocalShards, ShardedMemory, add_shard
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import load_shard, read_index_manifest
 from resmem_ray.store.rundir import RunDir
 
 SERVE_SOURCE = "POST /memorize"  # manifest["memorized"]'s source of rows added by `resmem serve`
+
+
+def quiet_serve_logs() -> None:
+    """Ray's worker_process_setup_hook for `resmem serve` on its own Ray instance: Serve's
+    INFO lines (its start-up banner among them) stay out of the terminal. Serve sets its
+    logger to INFO when imported, so it is imported first."""
+    import logging
+
+    import ray.serve  # noqa: F401
+
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=64)
@@ -43,7 +54,7 @@ class Memory:
             self.shards = ShardedMemory(self.run.index, {**self.manifest, "shards": static, "rows": self.static_rows},
                                         cfg.index)
         else:  # in this replica: one hop less per batch, for a memory that fits one process
-            self.shards = LocalShards(self.run.index, static, self.manifest["distance"])
+            self.shards = LocalShards(self.run.index, static, self.manifest["distance"], cfg.index)
         self.lock = threading.Lock()
         self.write = None  # (FAISS index, rows, embeddings) of the write shard
         if write_shard is not None:
@@ -81,16 +92,6 @@ class Memory:
                                         {"id": ids, **memorized}, write_shard=True)
             self.manifest, self.write = manifest, (index, rows, emb)
             return ids.tolist()
-
-
-class LocalShards:
-    """The run's shards searched in this process, answering as ShardedMemory does."""
-
-    def __init__(self, folder, entries: list[dict], distance: str):
-        self.shards, self.distance = [load_shard(folder, entry) for entry in entries], distance
-
-    def search(self, queries: np.ndarray, k: int) -> Neighbours:
-        return merge_topk([search_shard(index, rows, queries, k, self.distance) for index, rows in self.shards], k)
 
 
 @serve.deployment(max_ongoing_requests=128)
