@@ -3,7 +3,8 @@
     resmem run --config jobs/configs/digits.yaml train.epochs=5 run_dir=runs/d5
 
 Connects to the Ray cluster in RAY_ADDRESS (set inside `ray job submit`), or starts a
-local Ray instance. A user-facing problem exits with status 2 and one line naming it.
+local Ray instance of its own. A user-facing problem exits with status 2 and one line
+naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from resmem_ray.config import load_config
 from resmem_ray.errors import ResMemError
 from resmem_ray.pipeline import enabled, run_pipeline, run_stage
+from resmem_ray.runtime import instance
 from resmem_ray.stage_table import STAGES
 from resmem_ray.store.rundir import RunDir
 
@@ -36,7 +38,13 @@ def init_ray(verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     quiet = None if verbose else ray.LoggingConfig(log_level="WARNING")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_config=quiet)
+    address = os.environ.get("RAY_ADDRESS") or None
+    # without a cluster address: this command's own instance, named in RAY_ADDRESS by
+    # every process of it (runtime/instance.py), never another instance on the machine
+    own = None if address else {"worker_process_setup_hook": instance.SETUP_HOOK}
+    ray.init(address=address, log_to_driver=True, logging_config=quiet, runtime_env=own)
+    if not address:
+        instance.bind()
     if not verbose:
         import ray.data
 
