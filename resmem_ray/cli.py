@@ -3,7 +3,8 @@
     resmem run --config jobs/configs/digits.yaml train.epochs=5 run_dir=runs/d5
 
 Connects to the Ray cluster in RAY_ADDRESS (set inside `ray job submit`), or starts a
-local Ray instance. A user-facing problem exits with status 2 and one line naming it.
+local Ray instance of its own. A user-facing problem exits with status 2 and one line
+naming it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from resmem_ray.config import load_config
 from resmem_ray.errors import ResMemError
 from resmem_ray.pipeline import enabled, run_pipeline, run_stage
+from resmem_ray.runtime import instance
 from resmem_ray.stage_table import STAGES
 from resmem_ray.store.rundir import RunDir
 
@@ -24,7 +26,7 @@ SUBMIT_USAGE = ("resmem submit [--address URL] [--runtime-env FILE] [--working-d
                 "STAGE [--config FILE] [key=value ...]")
 
 
-def init_ray(verbose: bool = False, runtime_env: dict | None = None) -> None:
+def init_ray(verbose: bool = False) -> None:
     """Connect to RAY_ADDRESS's cluster or start a local instance. Ray's own INFO lines
     (start-up, per-report checkpoint lines, Ray Data's banners and progress bars) go to
     its log files; `--verbose` shows them."""
@@ -36,8 +38,13 @@ def init_ray(verbose: bool = False, runtime_env: dict | None = None) -> None:
     if ray.is_initialized():
         return
     quiet = None if verbose else ray.LoggingConfig(log_level="WARNING")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_config=quiet,
-             runtime_env=runtime_env)
+    address = os.environ.get("RAY_ADDRESS") or None
+    # without a cluster address: this command's own instance, which every process of it
+    # names in RAY_ADDRESS (runtime/instance.py), never another instance on the machine
+    own = None if address else {"worker_process_setup_hook": instance.SETUP_HOOK}
+    ray.init(address=address, log_to_driver=True, logging_config=quiet, runtime_env=own)
+    if not address:
+        instance.bind()
     if not verbose:
         import ray.data
 
@@ -117,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         # banner) to its log files; a job's driver keeps its job's runtime env
         quiet_serve = args.command == "serve" and not args.verbose and not os.environ.get("RAY_ADDRESS")
         with run.lock(" ".join(["resmem", *(argv if argv is not None else sys.argv[1:])])):
-            init_ray(args.verbose, {"worker_process_setup_hook": "resmem_ray.runtime.serving.quiet_serve_logs"}
-                     if quiet_serve else None)
+            if quiet_serve:
+                os.environ[instance.QUIET_SERVE] = "1"  # read by the workers' setup hook
+            init_ray(args.verbose)
             if args.command == "run":
                 run_pipeline(cfg)
             else:

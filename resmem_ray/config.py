@@ -63,6 +63,11 @@ def read_yaml_mapping(path: str, what: str, error: type[ResMemError] = ResMemErr
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or the defaults), apply `a.b=value` overrides, validate."""
     raw = read_yaml_mapping(path, "config file", ConfigError) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict, overrides: tuple[str, ...]) -> dict:
+    """`raw` (changed in place) with each `a.b=value` override set in it."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -74,7 +79,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {part} is not a section")
         node[leaf] = yaml.safe_load(value)
-    return config_from_dict(raw)
+    return raw
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -21,7 +21,8 @@ from resmem_ray.config import load_config
 from resmem_ray.errors import ResMemError
 from resmem_ray.schema import Config, leaf_keys
 from resmem_ray.stages.serve import PROCESSES
-from resmem_ray.store.files import file_hashes
+from resmem_ray.store.artifacts import load_index_manifest
+from resmem_ray.store.files import file_hashes, sha256, write_json
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.image_data import load_splits
 
@@ -244,6 +245,90 @@ def test_status_table(digits_run, capsys):
         assert f"| {stage} | done |" in out
     assert main(["status", str(digits_run), *DIGITS_ARGS, "resmem.k=7"]) == 0
     assert "| evaluate | stale | config changed: resmem.k |" in capsys.readouterr().out
+
+
+def test_status_overrides_change_the_runs_own_config(digits_run, capsys):
+    assert main(["status", str(digits_run), "resmem.k=7"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("train", "embed", "index"):
+        assert f"| {stage} | done |" in out
+    assert "| evaluate | stale | config changed: resmem.k |" in out
+    assert main(["status", str(digits_run), "train.epochs=3", "resmem.k=5"]) == 0  # the values it ran with
+    out = capsys.readouterr().out
+    assert "stale" not in out and "| evaluate | done |" in out
+
+
+def garble_stage(run_dir: Path, stage: str, field: str | None, value) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    if field:
+        manifest["stages"][stage][field] = value
+    else:
+        manifest["stages"][stage] = value
+    write_json(run_dir / "manifest.json", manifest)
+
+
+@pytest.mark.parametrize("command", ["status", "index", "evaluate"])
+@pytest.mark.parametrize("stage,field,value,problem", [
+    ("embed", None, "done", "stage 'embed' is a string, not a mapping"),
+    ("index", None, ["done"], "stage 'index' is a list, not a mapping"),
+    ("train", "outputs", ["model.pt"], "stage 'train': outputs is a list, not a mapping"),
+    ("evaluate", "seconds", "fast", "stage 'evaluate': seconds is a string, not a number or null")])
+def test_a_run_manifest_of_the_wrong_shape_is_one_line(run_copy, capsys, command, stage, field, value, problem):
+    garble_stage(run_copy, stage, field, value)
+    before = file_hashes(run_copy)
+    args = [str(run_copy)] if command == "status" else run_args(run_copy)
+    assert main([command, *args]) == 2
+    assert f"{run_copy / 'manifest.json'} is not a run manifest ({problem})" in one_error_line(capsys)
+    assert file_hashes(run_copy) == before
+
+
+def replace_index_manifest(run_dir: Path, data: bytes) -> Path:
+    """index/manifest.json replaced by `data`, and vouched for by the run manifest (as a
+    faulty writer would leave it): only its shape tells that it is not an index manifest."""
+    path = run_dir / "index" / "manifest.json"
+    path.write_bytes(data)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["stages"]["index"]["outputs"]["manifest.json"] = sha256(path)
+    write_json(run_dir / "manifest.json", manifest)
+    return path
+
+
+def index_manifest_with(run_dir: Path, **changes) -> bytes:
+    return json.dumps({**json.loads((run_dir / "index" / "manifest.json").read_text()), **changes}).encode()
+
+
+@pytest.mark.parametrize("content,problem", [
+    (lambda run: b'"index"', "it holds a string, not a mapping"),
+    (lambda run: b"[1, 2]", "it holds a list, not a mapping"),
+    (lambda run: b'{"dim": 8}', "missing rows, num_classes, distance"),
+    (lambda run: index_manifest_with(run, shards=["shard-00000"]), "shards is not a non-empty list of mappings"),
+    (lambda run: index_manifest_with(run, memorized="new.npz"), "memorized is not a list of mappings"),
+    (lambda run: index_manifest_with(run, memorized=[{"rows": 3}]), "memorized entries without first_id, source")])
+def test_an_index_manifest_of_the_wrong_shape_is_one_line(run_copy, capsys, content, problem):
+    path = replace_index_manifest(run_copy, content(run_copy))
+    before = file_hashes(run_copy)
+    assert main(["evaluate", *run_args(run_copy)]) == 2
+    line = one_error_line(capsys)
+    assert f"{path} is not an index manifest ({problem}" in line and line.endswith("rerun `resmem index`")
+    assert file_hashes(run_copy) == before
+
+
+def test_index_rebuilds_over_a_garbage_index_manifest(run_copy, capsys, tmp_path):
+    path = replace_index_manifest(run_copy, b"[]")
+    (run_copy / "index" / "memorized").mkdir()
+    (run_copy / "index" / "memorized" / "000000001797.parquet").write_bytes(b"PAR1")
+    problem = f"{path} is not an index manifest (it holds a list, not a mapping)"
+    assert main(["evaluate", *run_args(run_copy)]) == 2
+    assert one_error_line(capsys).endswith(f"{problem}: rerun `resmem index`")
+    assert main(["index", *run_args(run_copy)]) == 0
+    out = capsys.readouterr().out
+    assert f"[index] {problem}: no memorized rows carried over (1 file(s) of memorized rows dropped" in out
+    assert not (run_copy / "index" / "memorized").exists()
+    assert main(["evaluate", *run_args(run_copy)]) == 0
+    binary = tmp_path / "manifest.json"
+    binary.write_bytes(b"\xff\x00{")
+    with pytest.raises(ResMemError, match=f"{binary} is not valid JSON"):
+        load_index_manifest(binary)
 
 
 # --- no hang -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import numpy as np
 from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check_index_config, combine_flat,
                                  merge_topk, place_index, search_shard, set_search_params)
 from resmem_ray.errors import ResMemError
+from resmem_ray.runtime.instance import local_instance
 from resmem_ray.schema import IndexConfig
 from resmem_ray.store.artifacts import load_shard, model_fingerprint, write_memorized
 from resmem_ray.store.files import sha256, write_json
@@ -206,7 +207,7 @@ class ShardedMemory:
         asked = (f"{len(manifest['shards'])} shards in {len(groups)} actor(s){held} x {settings.replicas} replicas"
                  f" = {num_actors} shard actors x index.cpus_per_shard={settings.cpus_per_shard:g} CPU = {need:g} CPUs")
         total = ray.cluster_resources().get("CPU", 0)
-        if need > total and not os.environ.get("RAY_ADDRESS"):  # a local instance: no node will join
+        if need > total and local_instance():  # no node will join
             raise ResMemError(f"{asked}, but this Ray instance has {total:g} CPUs: lower index.num_shards, "
                               "index.replicas or index.cpus_per_shard")
         source = uri_of(index_dir)

@@ -17,10 +17,11 @@ import shutil
 import numpy as np
 
 from resmem_ray.core.knn import check_index_config, prepare_queries
+from resmem_ray.errors import ResMemError
 from resmem_ray.runtime.shards import write_shards
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import model_fingerprint, read_memorized, read_split
-from resmem_ray.store.files import atomic_dir, inside, read_json, write_json
+from resmem_ray.store.artifacts import load_index_manifest, model_fingerprint, read_memorized, read_split
+from resmem_ray.store.files import atomic_dir, inside, write_json
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
 
@@ -68,8 +69,15 @@ def memorized_records(run: RunDir) -> list[dict]:
     path = run.index / "manifest.json"
     if not path.is_file():
         return []
+    try:
+        records = load_index_manifest(path).get("memorized", [])
+    except ResMemError as e:  # not the suite's writing: its records cannot be trusted
+        files = len(list((run.index / "memorized").glob("*.parquet")))
+        print(f"[index] {e}: no memorized rows carried over"
+              + (f" ({files} file(s) of memorized rows dropped: memorize them again)" if files else ""), flush=True)
+        return []
     model, kept = model_fingerprint(run), []
-    for m in read_json(path).get("memorized", []):
+    for m in records:
         if "file" not in m:  # memorized before rows were kept
             print(f"[index] dropped {m['rows']} memorized rows of {m['source']}: no embedding rows were kept",
                   flush=True)

@@ -40,6 +40,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import RayServeException
 
 from resmem_ray.errors import ConfigError, ResMemError
+from resmem_ray.runtime.instance import local_instance
 from resmem_ray.runtime.serving import Memory, Model
 from resmem_ray.schema import Config, ServeConfig
 from resmem_ray.stages.evaluate import check_matches_index
@@ -239,7 +240,7 @@ def check_fits(cfg: Config, manifest: dict) -> None:
         shard_cpus = actors * index.cpus_per_shard
     need = 0.2 + s.replicas * s.cpus + shard_cpus
     total = ray.cluster_resources().get("CPU", 0)
-    if need > total and not os.environ.get("RAY_ADDRESS"):
+    if need > total and local_instance():
         raise ResMemError(f"`resmem serve` asks for {need:g} CPUs (ingress and memory 0.2, serve.replicas={s.replicas}"
                           f" x serve.cpus={s.cpus:g}" + (f", shard actors {shard_cpus:g} (index.*)" if shard_cpus else "")
                           + f"), but this Ray instance has {total:g}: lower serve.replicas or serve.cpus"

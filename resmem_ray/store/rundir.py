@@ -46,6 +46,35 @@ MARKER = ".resmem-run"
 LOCK = ".lock"
 
 
+NUMBER = (int, float, type(None))
+# The fields of a stage's manifest entry that readers rely on, and the types they may hold
+ENTRY_FIELDS = {"status": (str,), "config": (dict,), "outputs": (dict,), "inputs": (dict,), "files": (dict,),
+                "reads": (list,), "started_at": NUMBER, "finished_at": NUMBER, "seconds": NUMBER}
+TYPE_NAMES = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
+              type(None): "null"}
+
+
+def kind(value) -> str:
+    """What a JSON value is, in words: "a mapping", "a list", ..."""
+    return TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
+
+
+def manifest_problem(manifest) -> str | None:
+    """What keeps `manifest` (a run manifest as read) from having a run manifest's shape, or None."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+        return "no stages mapping"
+    if not isinstance(manifest.get("config", {}), dict):
+        return f"its config is {kind(manifest['config'])}, not a mapping"
+    for name, entry in manifest.get("stages", {}).items():
+        if not isinstance(entry, dict):
+            return f"stage '{name}' is {kind(entry)}, not a mapping"
+        for field, types in ENTRY_FIELDS.items():
+            if field in entry and not isinstance(entry[field], types):
+                allowed = " or ".join(dict.fromkeys(TYPE_NAMES[t] for t in types))
+                return f"stage '{name}': {field} is {kind(entry[field])}, not {allowed}"
+    return None
+
+
 def pick(config: dict, keys: list[str]) -> dict:
     """{dotted key: value} of `keys` in a nested config dict (None where absent)."""
     out = {}
@@ -85,8 +114,10 @@ class RunDir:
     def manifest(self) -> dict:
         if self.manifest_path.is_file():
             manifest = read_json(self.manifest_path)
-            if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
-                raise ResMemError(f"{self.manifest_path} is not a run manifest (no stages mapping)")
+            problem = manifest_problem(manifest)
+            if problem:
+                raise ResMemError(f"{self.manifest_path} is not a run manifest ({problem}): repair it, or "
+                                  "remove it to run every stage again")
             return manifest
         return {"stages": {}}
 
