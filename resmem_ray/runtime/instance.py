@@ -35,7 +35,9 @@ def local_instance() -> bool:
 def setup_worker() -> None:
     """Ray's worker_process_setup_hook for a command's own instance (cli.init_ray)."""
     bind()
-    if os.environ.get(QUIET_SERVE) == "1":
-        from resmem_ray.runtime.serving import quiet_serve_logs
+    if os.environ.get(QUIET_SERVE) == "1":  # Serve sets its logger to INFO when imported: import it first
+        import logging
 
-        quiet_serve_logs()
+        import ray.serve  # noqa: F401
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)

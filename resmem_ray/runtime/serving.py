@@ -31,17 +31,6 @@ from resmem_ray.store.rundir import RunDir
 SERVE_SOURCE = "POST /memorize"  # manifest["memorized"]'s source of rows added by `resmem serve`
 
 
-def quiet_serve_logs() -> None:
-    """Ray's worker_process_setup_hook for `resmem serve` on its own Ray instance: Serve's
-    INFO lines (its start-up banner among them) stay out of the terminal. Serve sets its
-    logger to INFO when imported, so it is imported first."""
-    import logging
-
-    import ray.serve  # noqa: F401
-
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-
-
 @serve.deployment(num_replicas=1, max_ongoing_requests=64)
 class Memory:
     def __init__(self, run_dir: str, cfg: Config):
