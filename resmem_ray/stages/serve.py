@@ -299,7 +299,7 @@ def record_processes(path: Path) -> None:
     `resmem serve` killed with SIGKILL cannot stop them, the next one on the run does."""
     import psutil  # Ray's own copy
 
-    if os.environ.get("RAY_ADDRESS"):
+    if not local_instance():
         return
     me = psutil.Process()
     write_json(path, {"pid": me.pid, "host": socket.gethostname(),
