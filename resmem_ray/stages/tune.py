@@ -294,7 +294,8 @@ def tune_resmem(cfg: Config) -> dict:
     best.update(distance=str(top["distance"]), normalize=bool(top["normalize"]))
     own = memory_key(cfg.resmem.distance, cfg.resmem.normalize)
     config_setting = {p: getattr(cfg.resmem, p) for p in searched(task)}
-    untuned = {**config_setting, **setting_scores(cfg, tables[own], config_setting)} if own in tables else None
+    scored = own in tables and cfg.resmem.k <= max(cfg.tune.k)  # its memory and its neighbours are in a table
+    untuned = {**config_setting, **setting_scores(cfg, tables[own], config_setting)} if scored else None
     summary = tuning_summary(cfg, tables[top["memory"]], best, {s: top[s].item() for s in task.scores}, len(frame),
                              cfg.tune.search, frame.drop(columns="memory").head(10).to_dict("records"), untuned)
     summary["heatmap"] = plot_search(run.root / "tune", frame, task)

@@ -68,11 +68,12 @@ class ClassificationTask(Task):
     tune_keys = ("k", "sigma", "temperature", "gate", "gate_threshold", "gate_softness", "distance", "normalize")
 
     def tune_table(self, cfg: Config, run: RunDir, val: dict, nb: Neighbours) -> dict:
-        """The neighbours' residual rows at each T of tune.temperature, computed once here
-        from their logits (kept too when a sampled T may fall between them)."""
+        """The neighbours' residual rows at each T of tune.temperature and the config's own,
+        computed once here from their logits (kept too when a sampled T may fall between them)."""
         memory = read_memory_split(run, "tune", ("id", "logits"))  # memorized rows included
         logits = memory["logits"][np.searchsorted(memory["id"], nb.ids)]
-        table = {"residuals_at": {t: neighbour_residuals(logits, nb.labels, t) for t in cfg.tune.temperature}}
+        table = {"residuals_at": {t: neighbour_residuals(logits, nb.labels, t)
+                                  for t in dict.fromkeys([*cfg.tune.temperature, cfg.resmem.temperature])}}
         return table if cfg.tune.search == "grid" else {**table, "neighbour_logits": logits}
 
     def val_scores(self, cfg: Config, table: dict, methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
