@@ -265,7 +265,7 @@ def tuning_summary(cfg: Config, table: dict, best: dict, best_scores: dict, tria
     for method in task.tuned_baselines():
         summary[method.key] = tune_baseline(chosen, table, method)
         summary["best"].update({key: summary[method.key][key] for key in method.tuned})
-    summary.update(task.fit_on_val(chosen, table, summary["best"]))
+    summary.update(task.fit_on_val(chosen, table))
     return summary
 
 

@@ -94,7 +94,7 @@ class ClassificationTask(Task):
     def tuned_baselines(self) -> list:
         return tuned_baselines()
 
-    def fit_on_val(self, cfg: Config, table: dict, best: dict) -> dict:
+    def fit_on_val(self, cfg: Config, table: dict) -> dict:
         return {"learned_gate": fit_gate_on_val(cfg, table)} if cfg.tune.learned_gate else {}
 
     def model_title(self, cfg: Config) -> str:

@@ -111,8 +111,8 @@ class Task:
         """The baselines whose settings `resmem tune` chooses on val (tasks/methods.py)."""
         return []
 
-    def fit_on_val(self, cfg: "Config", table: dict, best: dict) -> dict:
-        """What the task fits on val at the chosen setting, for the tune summary (a learned gate)."""
+    def fit_on_val(self, cfg: "Config", table: dict) -> dict:
+        """What the task fits on val at cfg's (the chosen) setting, for the tune summary (a learned gate)."""
         return {}
 
     def done_info(self, metrics: dict) -> dict:
