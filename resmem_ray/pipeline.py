@@ -51,11 +51,7 @@ def run_stage(name: str, cfg: Config, **options):
     t0 = time.time()
     print(f"== {name} ==", flush=True)
     stage = STAGES[name]
-    try:
-        out = stage.run(cfg, **options)
-    except BaseException as e:
-        RunDir(cfg.run_dir).mark_stopped(e)  # a stage that marks its own entry (tune) leaves it running
-        raise
+    out = stage.run(cfg, **options)
     if stage.folder and RunDir(cfg.run_dir).manifest()["stages"].get(name, {}).get("status") != "done":
         raise ResMemError(f"stage {name} returned without recording its outputs in the manifest")
     print(f"== {name} done in {time.time() - t0:.1f}s ==", flush=True)

@@ -17,11 +17,12 @@ from resmem_ray.store.rundir import RunDir
 from resmem_ray.store.files import file_hashes
 from resmem_ray.stage_table import STAGES
 from resmem_ray.submit import JOB_STAGES
+from resmem_ray.tasks.methods import neighbour_baselines
 
 from .conftest import DIGITS_ARGS
 from .test_data import write_imagefolder
 
-METHODS = {"base", "knn_1", "knn_10", "knn_20", "knn_30", "knn_interp", "resmem", "oracle_gate"}
+METHODS = {"base", "knn_1", "knn_10", "knn_20", "knn_30", *(m.key for m in neighbour_baselines()), "resmem", "oracle_gate"}
 
 
 def test_run_writes_report_and_artifacts(digits_run):

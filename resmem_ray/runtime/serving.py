@@ -25,7 +25,7 @@ from resmem_ray.core.knn import Neighbours, merge_topk, prepare_queries, search_
 from resmem_ray.errors import ResMemError
 from resmem_ray.runtime.shards import LocalShards, ShardedMemory, add_shard
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import load_shard, read_index_manifest
+from resmem_ray.store.artifacts import check_k, load_shard, read_index_manifest
 from resmem_ray.store.rundir import RunDir
 
 SERVE_SOURCE = "POST /memorize"  # manifest["memorized"]'s source of rows added by `resmem serve`
@@ -57,8 +57,7 @@ class Memory:
     def search(self, queries: np.ndarray, k: int) -> Neighbours:
         write = self.write  # one consistent snapshot; add() swaps it whole
         rows = self.static_rows + (len(write[1]["ids"]) if write else 0)
-        if k > rows:
-            raise ResMemError(f"k={k} is larger than the memory ({rows} rows)")
+        check_k(k, rows)
         parts = [self.shards.search(queries, min(k, self.static_rows)).as_part()]
         if write:
             parts.append(search_shard(write[0], write[1], queries, k, self.manifest["distance"]))

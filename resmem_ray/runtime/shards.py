@@ -25,7 +25,7 @@ from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check
 from resmem_ray.errors import ResMemError
 from resmem_ray.runtime.instance import local_instance
 from resmem_ray.schema import IndexConfig
-from resmem_ray.store.artifacts import load_shard, model_fingerprint, write_memorized
+from resmem_ray.store.artifacts import check_k, load_shard, model_fingerprint, write_memorized
 from resmem_ray.store.files import sha256, write_json
 from resmem_ray.store.remote import uri_of
 from resmem_ray.store.rundir import RunDir
@@ -239,8 +239,7 @@ class ShardedMemory:
         if queries.ndim != 2 or queries.shape[1] != m["dim"]:
             raise ResMemError(f"query embeddings have shape {queries.shape}, the index holds "
                               f"{m['dim']}-dim vectors")
-        if k > m["rows"]:
-            raise ResMemError(f"k={k} is larger than the memory ({m['rows']} rows)")
+        check_k(k, m["rows"])
         ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
         first = self.calls % self.replicas
         self.calls += 1

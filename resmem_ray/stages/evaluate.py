@@ -8,7 +8,7 @@ from resmem_ray.core.knn import prepare_queries
 from resmem_ray.errors import ResMemError
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import read_index_manifest, read_split
+from resmem_ray.store.artifacts import check_codec, check_k, read_index_manifest, read_split
 from resmem_ray.store.files import atomic_dir, read_json, verify_hashes, write_json
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
@@ -40,9 +40,7 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> StageSteps:
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
     manifest = read_index_manifest(run, needed_by="evaluate")
-    if manifest.get("codec", "dense") != task.codec:
-        raise ResMemError(f"{run.index} holds {manifest.get('codec', 'dense')} residuals, the {task.name} task "
-                          f"reads {task.codec} ones: rerun `resmem index`")
+    check_codec(run, manifest, task.codec, task.name)
     check_matches_index(cfg, manifest)
     tuning = tuning or stored_tuning(run, cfg)
     if cfg.neighbour_transformer.enabled:
@@ -53,9 +51,7 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> StageSteps:
         raise ResMemError(f"embedding dimension {queries.shape[1]} of {run.embeddings / 'test'} does not "
                           f"match the index in {run.index} ({manifest['dim']} dims): rerun `resmem index`")
     k = task.lookup_k(cfg)
-    if k > manifest["rows"]:
-        raise ResMemError(f"k={k} (max of resmem.k, evaluate.knn_ks and neighbour_transformer.k) is "
-                          f"larger than the memory ({manifest['rows']} rows)")
+    check_k(k, manifest["rows"], "max of resmem.k, evaluate.knn_ks and neighbour_transformer.k")
     reads = task.memory_reads(cfg, test)  # a confidence gate: the other rows never read the memory
     searched = queries if reads is None else queries[reads]
     print(f"[evaluate] {len(searched)} of {len(queries)} test queries against {manifest['rows']} memory rows in "

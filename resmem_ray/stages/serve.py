@@ -44,7 +44,7 @@ from resmem_ray.runtime.instance import local_instance
 from resmem_ray.runtime.serving import Memory, Model
 from resmem_ray.schema import Config, ServeConfig
 from resmem_ray.stages.evaluate import check_matches_index
-from resmem_ray.store.artifacts import read_index_manifest, read_model_meta
+from resmem_ray.store.artifacts import check_codec, check_k, read_index_manifest, read_model_meta
 from resmem_ray.store.files import read_json, write_json
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
@@ -197,12 +197,9 @@ def start(cfg: Config) -> str:
     manifest = read_index_manifest(run, needed_by="serve")
     meta = read_model_meta(run, needed_by="serve")
     task.serve_inputs([], meta)  # a task that is not served says so here
-    if manifest.get("codec", "dense") != task.codec:
-        raise ResMemError(f"{run.index} holds {manifest.get('codec', 'dense')} residuals, the {task.name} task "
-                          f"reads {task.codec} ones: rerun `resmem index`")
+    check_codec(run, manifest, task.codec, task.name)
     check_matches_index(cfg, manifest)
-    if cfg.resmem.k > manifest["rows"]:
-        raise ResMemError(f"resmem.k={cfg.resmem.k} is larger than the memory ({manifest['rows']} rows)")
+    check_k(cfg.resmem.k, manifest["rows"], "config key resmem.k")
     s = cfg.serve
     token = read_token(s)
     check_fits(cfg, manifest)

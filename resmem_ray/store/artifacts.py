@@ -99,6 +99,21 @@ def read_index_manifest(run: RunDir, needed_by: str) -> dict:
         raise ResMemError(f"{e}: rerun `resmem index`") from None
 
 
+def check_codec(run: RunDir, manifest: dict, codec: str, task: str) -> None:
+    """The memory must hold the residual rows (dense, sparse or scalar) the task reads."""
+    held = manifest.get("codec", "dense")
+    if held != codec:
+        raise ResMemError(f"{run.index} holds {held} residuals, the {task} task reads {codec} ones: "
+                          "rerun `resmem index`")
+
+
+def check_k(k: int, rows: int, keys: str | None = None) -> None:
+    """A search must not ask for more neighbours than the memory has rows; `keys`: the
+    config keys k comes from."""
+    if k > rows:
+        raise ResMemError(f"k={k}{f' ({keys})' if keys else ''} is larger than the memory ({rows} rows)")
+
+
 def model_fingerprint(run: RunDir) -> str:
     """One hash of the trained model's files: memorized embeddings are only valid for it."""
     return digest(run.stage_output("train", needed_by="memorize")["files"])
