@@ -22,7 +22,6 @@ import numpy as np
 from ray import serve
 
 from resmem_ray.core.knn import Neighbours, merge_topk, prepare_queries, search_shard
-from resmem_ray.errors import ResMemError
 from resmem_ray.runtime.shards import LocalShards, ShardedMemory, add_shard
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import check_k, load_shard, read_index_manifest
