@@ -14,6 +14,7 @@ import sys
 
 from resmem_ray.config import load_config
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import quiet_ray_data, set_verbose
 from resmem_ray.pipeline import enabled, run_pipeline, run_stage
 from resmem_ray.stage_table import STAGES
 from resmem_ray.store.rundir import RunDir
@@ -32,17 +33,18 @@ def init_ray(verbose: bool = False) -> None:
 
     import ray
 
-    os.environ["RESMEM_VERBOSE"] = "1" if verbose else "0"
+    set_verbose(verbose)
+    if not verbose:
+        quiet_ray_data()
     if ray.is_initialized():
         return
     quiet = None if verbose else ray.LoggingConfig(log_level="WARNING")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_config=quiet)
+    hook = None if verbose else {"worker_process_setup_hook": "resmem_ray.log.quiet_ray_data"}
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_config=quiet,
+             runtime_env=hook)
     if not verbose:
-        import ray.data
-
         for name in ("ray", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its warnings speak of its progress bars
 
 
 def preflight(command: str, cfg, run: RunDir) -> None:

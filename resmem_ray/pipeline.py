@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from resmem_ray.log import logger
 from resmem_ray.schema import Config, get_key, leaf_keys
 from resmem_ray.stage_table import STAGES, Stage
 from resmem_ray.store.rundir import RunDir
@@ -47,14 +48,14 @@ def stage_keys(name: str, cfg: Config) -> list[str]:
 def run_stage(name: str, cfg: Config, **options):
     """One stage; if it stops early, its manifest entry says so (failed | interrupted)."""
     t0 = time.time()
-    print(f"== {name} ==", flush=True)
+    logger.info(f"== {name} ==")
     try:
         out = STAGES[name].run(cfg, **options)
     except BaseException as e:
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         RunDir(cfg.run_dir).mark_stopped(status, str(getattr(e, "cause", None) or e) or type(e).__name__)
         raise
-    print(f"== {name} done in {time.time() - t0:.1f}s ==", flush=True)
+    logger.info(f"== {name} done in {time.time() - t0:.1f}s ==")
     return out
 
 
@@ -68,6 +69,6 @@ def run_pipeline(cfg: Config) -> None:
             continue
         reason = run.stale_reason(stage.name, config, stage_keys(stage.name, cfg))
         if reason is None:
-            print(f"== {stage.name}: finished, outputs match the manifest: skipped ==", flush=True)
+            logger.info(f"== {stage.name}: finished, outputs match the manifest: skipped ==")
         else:
             run_stage(stage.name, cfg)

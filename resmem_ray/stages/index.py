@@ -17,12 +17,15 @@ import shutil
 import numpy as np
 
 from resmem_ray.core.knn import check_index_config, prepare_queries
+from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import write_shards
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import model_fingerprint, read_memorized, read_split
 from resmem_ray.store.files import atomic_dir, inside, read_json, write_json
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
+
+log = stage_log("index")
 
 
 def build_index(cfg: Config) -> dict:
@@ -40,8 +43,8 @@ def build_index(cfg: Config) -> dict:
     memory = task.memory_rows(cfg, train, r.temperature, embedded)
     run.mark_running("index", cfg.to_dict())
     emb = prepare_queries(train["embedding"], r.distance, r.normalize)
-    print(f"[index] {n} rows x {dim} dims" + (f" ({sum(m['rows'] for m in kept)} of them memorized)" if kept else "")
-          + f" -> {cfg.index.num_shards} '{cfg.index.factory}' shard(s), {task.codec} residuals", flush=True)
+    log.info(f"{n} rows x {dim} dims" + (f" ({sum(m['rows'] for m in kept)} of them memorized)" if kept else "")
+             + f" -> {cfg.index.num_shards} '{cfg.index.factory}' shard(s), {task.codec} residuals")
     with atomic_dir(run.index) as tmp:
         manifest = write_shards(tmp, emb, train["id"], train["label"], memory["residuals"], cfg.index, r.distance,
                                 r.normalize, r.temperature, residual_ids=memory.get("residual_ids"))
@@ -53,7 +56,7 @@ def build_index(cfg: Config) -> dict:
         manifest.update(codec=task.codec, next_id=next_id, memorized=kept, **memory["manifest"])
         write_json(tmp / "manifest.json", manifest)
     for line in memory["info"].get("lines", []):
-        print(f"[index] {line}", flush=True)
+        log.info(line)
     info = {k: v for k, v in memory["info"].items() if k != "lines"}
     run.mark_done("index", cfg.to_dict(), rows=int(n), num_shards=len(manifest["shards"]), **info)
     return manifest
@@ -71,11 +74,10 @@ def memorized_records(run: RunDir) -> list[dict]:
     model, kept = model_fingerprint(run), []
     for m in read_json(path).get("memorized", []):
         if "file" not in m:  # memorized before rows were kept
-            print(f"[index] dropped {m['rows']} memorized rows of {m['source']}: no embedding rows were kept",
-                  flush=True)
+            log.info(f"dropped {m['rows']} memorized rows of {m['source']}: no embedding rows were kept")
         elif m.get("model") != model:
-            print(f"[index] dropped {m['rows']} memorized rows of {m['source']}: embedded by an earlier model "
-                  "(memorize them again)", flush=True)
+            log.info(f"dropped {m['rows']} memorized rows of {m['source']}: embedded by an earlier model "
+                     "(memorize them again)")
         else:
             inside(run.index, m["file"])
             kept.append({k: v for k, v in m.items() if k != "shard"})

@@ -35,12 +35,15 @@ from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from resmem_ray.errors import ConfigError, ResMemError
+from resmem_ray.log import stage_log, verbose
 from resmem_ray.runtime.serving import Memory, Model
 from resmem_ray.schema import Config, ServeConfig
 from resmem_ray.stages.evaluate import check_matches_index
 from resmem_ray.store.artifacts import read_index_manifest, read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
+
+log = stage_log("serve")
 
 APP = "resmem"
 CONCURRENT_BATCHES = 4
@@ -195,7 +198,7 @@ def start(cfg: Config) -> str:
     token = read_token(s)
     check_fits(cfg, manifest)
     # Serve's INFO lines (replicas starting, each request) go to its log files unless --verbose
-    logs = None if os.environ.get("RESMEM_VERBOSE") == "1" else {"log_level": "WARNING"}
+    logs = None if verbose() else {"log_level": "WARNING"}
     if logs:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config=logs)
@@ -207,12 +210,11 @@ def start(cfg: Config) -> str:
         task, meta, s, token, model, memory)
     serve.run(ingress, name=APP, route_prefix="/", blocking=False)
     url = f"http://{s.host}:{s.port}"
-    print(f"[serve] {url}: POST /predict, POST /memorize ({'open' if s.open_memorize else 'token' if token else 'closed'}), "
-          f"GET /healthz, /readyz; {manifest['rows']} memory rows, {s.replicas} model replica(s)", flush=True)
+    log.info(f"{url}: POST /predict, POST /memorize ({'open' if s.open_memorize else 'token' if token else 'closed'}), "
+             f"GET /healthz, /readyz; {manifest['rows']} memory rows, {s.replicas} model replica(s)")
     direct = replica_urls(s)
     if direct:
-        print(f"[serve] the ingress replica(s) answer directly too, without the proxy's hop: {', '.join(direct)}",
-              flush=True)
+        log.info(f"the ingress replica(s) answer directly too, without the proxy's hop: {', '.join(direct)}")
     return url
 
 
@@ -256,4 +258,4 @@ def serve_run(cfg: Config) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.delete(APP)
-        print("[serve] stopped", flush=True)
+        log.info("stopped")

@@ -27,6 +27,7 @@ from resmem_ray.core.knn import Neighbours, prepare_queries
 from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_interpolation, memory_correction,
                                     residuals, softmax)
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config, TuneConfig
 from resmem_ray.stages.evaluate import evaluate
@@ -36,6 +37,8 @@ from resmem_ray.stages.tune_lm import tune_token_memory
 from resmem_ray.store.artifacts import read_index_manifest, read_memory_split, read_split
 from resmem_ray.store.files import write_json
 from resmem_ray.store.rundir import RunDir
+
+log = stage_log("tune")
 
 TUNED = ("k", "sigma", "temperature", "gate", "gate_threshold", "gate_softness")
 MEMORY = ("distance", "normalize")  # these change the neighbours: one index and one val search each
@@ -57,8 +60,8 @@ def neighbour_table(cfg: Config, run: RunDir, k_max: int | None = None) -> dict:
     if k_max > manifest["rows"]:
         raise ResMemError(f"config key tune.k (or evaluate.knn_ks): {k_max} is larger than the memory ({manifest['rows']} rows)")
     queries = prepare_queries(val["embedding"], manifest["distance"], manifest["normalize"])
-    print(f"[tune] searching {len(queries)} val queries once at k={k_max} "
-          f"({memory_key(manifest['distance'], manifest['normalize'])})", flush=True)
+    log.info(f"searching {len(queries)} val queries once at k={k_max} "
+             f"({memory_key(manifest['distance'], manifest['normalize'])})")
     with ShardedMemory(run.index, manifest, cfg.index) as memory:
         nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
     return {"token": uuid.uuid4().hex, "distances": nb.distances, "neighbour_labels": nb.labels,
@@ -310,9 +313,9 @@ def tune_resmem(cfg: Config) -> dict:
     write_json(run.root / "tune" / "best.json", summary)
     plot_search(run.root / "tune", frame)
     knn = summary["knn_interp"]
-    print(f"[tune] {len(frame)} trials; best on val: {best} -> {summary['best_val_accuracy']:.4f} "
-          f"(base {summary['base_val_accuracy']:.4f}; kNN interpolation lambda={knn['knn_lambda']}, "
-          f"tau={knn['knn_tau']} -> {knn['val_accuracy']:.4f})", flush=True)
+    log.info(f"{len(frame)} trials; best on val: {best} -> {summary['best_val_accuracy']:.4f} "
+             f"(base {summary['base_val_accuracy']:.4f}; kNN interpolation lambda={knn['knn_lambda']}, "
+             f"tau={knn['knn_tau']} -> {knn['val_accuracy']:.4f})")
     evaluate_chosen(cfg, run, summary)
     # last: rebuilding the index invalidates the stages after it, tune included
     run.mark_done("tune", cfg.to_dict(), best=best, best_val_accuracy=summary["best_val_accuracy"],

@@ -17,6 +17,7 @@ import math
 
 from resmem_ray.core.knn import prepare_queries
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
 from resmem_ray.stages.evaluate import evaluate
@@ -24,6 +25,8 @@ from resmem_ray.store.artifacts import read_split
 from resmem_ray.store.files import write_json
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
+
+log = stage_log("tune")
 
 SEARCHED = ("k", "sigma", "gate")
 
@@ -48,8 +51,8 @@ def token_table(cfg: Config, run: RunDir, manifest: dict) -> dict:
     if k_max > manifest["rows"]:
         raise ResMemError(f"config key tune.k: {k_max} is larger than the memory ({manifest['rows']} rows)")
     queries = prepare_queries(val["embedding"], manifest["distance"], manifest["normalize"])
-    print(f"[tune] searching {len(queries)} val tokens once at k={k_max}; T stays {manifest['temperature']} "
-          "(the token memory's top-m were encoded at it)", flush=True)
+    log.info(f"searching {len(queries)} val tokens once at k={k_max}; T stays {manifest['temperature']} "
+             "(the token memory's top-m were encoded at it)")
     with ShardedMemory(run.index, manifest, cfg.index) as memory:
         nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
     return {"logits": val["logits"], "labels": val["label"], "neighbours": nb}
@@ -74,8 +77,8 @@ def tune_token_memory(cfg: Config, run: RunDir, manifest: dict) -> dict:
     if top["val_perplexity"] < first["resmem"]["perplexity"]:
         best, best_ppl = {p: top[p] for p in SEARCHED}, top["val_perplexity"]
     else:
-        print(f"[tune] no setting of the grid beats the config's {untuned} on val perplexity "
-              f"({first['resmem']['perplexity']:.2f}): it is kept", flush=True)
+        log.info(f"no setting of the grid beats the config's {untuned} on val perplexity "
+                 f"({first['resmem']['perplexity']:.2f}): it is kept")
         best, best_ppl = untuned, first["resmem"]["perplexity"]
     knn = tune_knn_lm(cfg, table, best["k"])
     best.update(knn_lambda=knn["knn_lambda"], knn_tau=knn["knn_tau"])
@@ -86,9 +89,9 @@ def tune_token_memory(cfg: Config, run: RunDir, manifest: dict) -> dict:
                "knn_lm": knn, "trials": len(frame), "search": "grid", "objective": "val perplexity",
                "top": frame.head(10).astype({"k": int}).to_dict("records")}
     write_json(run.root / "tune" / "best.json", summary)
-    print(f"[tune] {len(frame)} trials; val perplexity: base {summary['base_val_perplexity']:.2f}, config's setting "
-          f"{first['resmem']['perplexity']:.2f}, best {best_ppl:.2f} at {best}; kNN-LM lambda={knn['knn_lambda']}, "
-          f"tau={knn['knn_tau']} -> {knn['val_perplexity']:.2f}", flush=True)
+    log.info(f"{len(frame)} trials; val perplexity: base {summary['base_val_perplexity']:.2f}, config's setting "
+             f"{first['resmem']['perplexity']:.2f}, best {best_ppl:.2f} at {best}; kNN-LM lambda={knn['knn_lambda']}, "
+             f"tau={knn['knn_tau']} -> {knn['val_perplexity']:.2f}")
     if t.evaluate:
         evaluate(dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, **best)), tuning=summary)
     run.mark_done("tune", cfg.to_dict(), best=best, best_val_perplexity=best_ppl, trials=len(frame))
