@@ -85,7 +85,7 @@ def verbose() -> bool:
 
 
 def quiet_ray_data() -> None:
-    """In this process, Ray Data's INFO lines (execution banners and plans, progress)
+    """In this process, Ray Data's lines (execution banners and plans, progress, warnings)
     go to its log file (logs/ray-data/ray-data.log in the Ray session), not the console,
     and its progress is logged there instead of drawn as tqdm_ray's bars, whose escape
     codes a Ray worker would forward to the driver. A terminal still gets the driver's
@@ -99,4 +99,4 @@ def quiet_ray_data() -> None:
         ray.data.DataContext.get_current().use_ray_tqdm = False
         for handler in logging.getLogger("ray.data").handlers:
             if handler.name == "console":
-                handler.setLevel(logging.WARNING)
+                handler.setLevel(logging.ERROR)  # as ray_data_logging.yaml

@@ -54,13 +54,13 @@ def test_ray_workers_get_the_quiet_setup_hook(monkeypatch):
 
 def test_ray_data_banners_go_to_its_log_file_not_the_console():
     """What the setup hook does in a fresh Ray worker: Ray Data's INFO lines reach its file
-    handler only, its warnings still reach the console, and its progress is not tqdm_ray's."""
+    handler only (errors reach the console too), and its progress is not tqdm_ray's."""
     code = ("import logging, sys; from resmem_ray.log import quiet_ray_data; quiet_ray_data(); import ray.data; "
-            "log = logging.getLogger('ray.data'); log.info('Starting execution of Dataset x'); log.warning('careful'); "
+            "log = logging.getLogger('ray.data'); log.info('Starting execution of Dataset x'); log.warning('careful'); log.error('broken'); "
             "print({h.name: logging.getLevelName(h.level) for h in log.handlers}, "
             "ray.data.DataContext.get_current().use_ray_tqdm)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_DATA_", "RAY_TQDM"))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "Starting execution" not in out.stderr and "careful" in out.stderr
-    assert out.stdout.strip() == "{'file': 'NOTSET', 'console': 'WARNING'} False"
+    assert "Starting execution" not in out.stderr and "careful" not in out.stderr and "broken" in out.stderr
+    assert out.stdout.strip() == "{'file': 'NOTSET', 'console': 'ERROR'} False"
