@@ -53,10 +53,11 @@ def test_ray_workers_get_the_quiet_setup_hook(monkeypatch):
 
 
 def test_ray_data_banners_go_to_its_log_file_not_the_console():
-    """What the setup hook does in a fresh Ray worker: Ray Data's INFO lines reach its file
-    handler only (errors reach the console too), and its progress is not tqdm_ray's."""
-    code = ("import logging, sys; from resmem_ray.log import quiet_ray_data; quiet_ray_data(); import ray.data; "
-            "log = logging.getLogger('ray.data'); log.info('Starting execution of Dataset x'); log.warning('careful'); log.error('broken'); "
+    """What the setup hook does in a fresh Ray worker: Ray Data's banners and warnings reach
+    only its log file (errors the console too), and its progress is not tqdm_ray's."""
+    code = ("import logging; from resmem_ray.log import quiet_ray_data; quiet_ray_data(); import ray.data; "
+            "log = logging.getLogger('ray.data'); "
+            "log.info('Starting execution of Dataset x'); log.warning('careful'); log.error('broken'); "
             "print({h.name: logging.getLevelName(h.level) for h in log.handlers}, "
             "ray.data.DataContext.get_current().use_ray_tqdm)")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_DATA_", "RAY_TQDM"))}
