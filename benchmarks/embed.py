@@ -6,7 +6,7 @@ against a plain single-process PyTorch loop over the same model and the same ima
 Both produce the same rows (embedding, logits, residual at T) from uint8 Fashion-MNIST
 images; the Ray Data time includes building the dataset and starting the actors. The
 model's weights are random (throughput does not depend on them), saved as a run's
-trained model so the embed stage's own loading path is used. Appends to RESULTS.md.
+trained model so the embed stage's own loading path is used. Writes its section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from results import append, section
+from results import section, write
 
 from resmem_ray.config import Config, DataConfig, ModelConfig
 from resmem_ray.tasks.image import ImageClassification
@@ -29,6 +29,9 @@ from resmem_ray.tasks.image_data import load_splits, normalize
 from resmem_ray.tasks.vision_models import build_model
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.store.files import file_hashes
+
+
+QUESTION = "Is Ray Data's embedding pass (an actor pool) as fast as a plain PyTorch loop?"
 
 
 def make_run(root: Path, cfg: Config, in_channels: int, num_classes: int, size: int) -> RunDir:
@@ -89,12 +92,12 @@ def main() -> None:
         results.append(("plain PyTorch loop, 1 process", plain))
         for actors in (1, 2):
             results.append((f"Ray Data, {actors} actor(s)", ray_data(run, cfg, split, actors, size)))
-    lines = section("Embed",
+    lines = section("Embed", QUESTION,
                     f"{args.model} (width {args.width}) over {len(split):,} Fashion-MNIST train images, batch "
                     f"{args.batch}; Ray Data time includes dataset creation and actor start-up.", "",
                     "| setup | rows/s | vs plain |", "| --- | ---: | ---: |")
     lines += [f"| {name} | {rps:,.0f} | {rps / plain:.2f}x |" for name, rps in results]
-    append(args.out, lines)
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python benchmarks/end_to_end.py --config jobs/configs/digits.yaml
 
 Runs `resmem run` in a fresh process (a new local Ray instance, as a user would) into a
-temporary run directory, then appends the stage times to RESULTS.md.
+temporary run directory, then writes the stage times to its section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import append, section
+from results import section, write
+
+
+QUESTION = "How long does each stage of the digits pipeline take, and the whole command?"
 
 
 def main() -> None:
@@ -33,11 +36,11 @@ def main() -> None:
         manifest = json.loads(Path(d, "run", "manifest.json").read_text())
     stages = {s: manifest["stages"][s]["seconds"] for s in ("train", "embed", "index", "evaluate")}
     acc = manifest["stages"]["evaluate"]["accuracy"]
-    lines = section("End to end", "| stage | seconds |", "| --- | ---: |")
+    lines = section("End to end", QUESTION, "| stage | seconds |", "| --- | ---: |")
     lines += [f"| {s} | {t:.1f} |" for s, t in stages.items()]
     lines += [f"| whole command (Ray start-up and imports included) | {total:.1f} |", "",
               f"Test accuracy: base {100 * acc['base']:.2f}%, ResMem {100 * acc['resmem']:.2f}%."]
-    append(args.out, lines)
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

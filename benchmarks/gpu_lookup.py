@@ -6,7 +6,7 @@ backends run on the host instead, at a size a CPU can do.
     python benchmarks/gpu_lookup.py --rows 1000000 --dims 64 512
     python benchmarks/gpu_lookup.py --device cpu --rows 200000 --dims 128 --queries 1024
 
-Appends a section to benchmarks/RESULTS.md (--out). Recall@30 is against FAISS Flat
+Writes its section of benchmarks/RESULTS.md (--out). Recall@30 is against FAISS Flat
 (float32 exact search). "% of matmul" compares the search's multiply FLOP rate with a
 plain torch matrix multiply of the same shape (queries x dim @ dim x the backend's chunk
 of rows) and precision: float32 for `torch`, bfloat16 for `torch_lowp`.
@@ -23,12 +23,16 @@ import faiss
 import numpy as np
 import torch
 
-from results import append, section
+from results import section, write
 
 from resmem_ray.core.knn import build_shard, prepare_queries
 from resmem_ray.core.knn import LowPrecisionFlatIndex, TorchFlatIndex
 
 K = 30
+
+
+QUESTION = ("How fast is the torch backends' exact search (float32, and bfloat16 with an exact re-rank) against "
+            "FAISS Flat, on a GPU or on the CPU?")
 
 
 def mixture(n: int, dim: int, seed: int, centres: int = 100) -> np.ndarray:
@@ -72,6 +76,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count())
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"the host's {os.cpu_count()} CPU cores"
     lines = section(f"Exact search: FAISS Flat, torch float32 and torch_lowp (bfloat16 + re-rank) on {args.device}",
+                    QUESTION,
                     f"torch backends on {where}; FAISS Flat on the host's {os.cpu_count()} CPU threads. "
                     f"{args.queries} queries in one batch, k={K}, L2-normalised clustered embeddings "
                     "(100-centre Gaussian mixture), squared L2. Best of 3 (FAISS: one run).", "",
@@ -104,7 +109,7 @@ def main() -> None:
             lines.append(f"| {args.rows:,} x {dim} | {name} | {len(q) / s:,.0f} | {recall:.4f} | "
                          f"{rate / 1e9:,.0f} | {tail} |")
             print(lines[-1], flush=True)
-    append(args.out, lines)
+    write(args.out, lines, args.device)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
-from results import append, section
+from results import section, write
 
 from resmem_ray.config import IndexConfig
 from resmem_ray.core.knn import prepare_queries
 from resmem_ray.runtime.shards import write_shards
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.core.resmem import residuals, resmem_probs, softmax
+
+
+QUESTION = ("Does an ImageNet-size memory (1.28M rows, 1000 classes) build and answer ResMem queries on one "
+            "machine, and at what memory peak?")
 
 
 def meminfo() -> dict[str, int]:
@@ -121,7 +125,7 @@ def main() -> None:
         query_s = time.perf_counter() - t0
     res_bytes = args.rows * args.classes * np.dtype(args.residual_dtype).itemsize
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    lines = section("ImageNet-size memory", "| quantity | value |", "| --- | ---: |",
+    lines = section("ImageNet-size memory", QUESTION, "| quantity | value |", "| --- | ---: |",
              f"| memory | {args.rows:,} rows x {args.dim} dims, {args.classes} classes, {args.shards} exact shards |",
              f"| embeddings (float32) | {gib(args.rows * args.dim * 4)} |",
              f"| residuals ({args.residual_dtype}) | {gib(res_bytes)} (float32 would be "
@@ -132,7 +136,7 @@ def main() -> None:
              f"({args.queries / query_s:.0f} q/s; actor start-up {start_s:.0f} s) |",
              f"| peak machine memory in use | {gib(peak.peak)} of {gib(meminfo()['MemTotal'])} (before the run: {gib(before)}) |",
              f"| ResMem accuracy on the synthetic queries (a sanity check) | {correct / args.queries:.3f} |")
-    append(args.out, lines)
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ embeddings at 100k, 300k and 1.28M rows (ImageNet's train set).
     python benchmarks/index_build.py --rows 100000 300000 1280000
 
 Each build runs in a fresh subprocess, so its peak resident memory (which includes the
-float32 embeddings themselves, shown beside it) is its own. Appends to RESULTS.md.
+float32 embeddings themselves, shown beside it) is its own. Writes its section of RESULTS.md.
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ DIM = 512
 # PQ64x4fs: 64 four-bit codes per vector (32 bytes), FAISS's fast-scan PQ; 8-bit PQ64
 # training costs minutes per 10k rows with this faiss-cpu build on 2 cores.
 FACTORIES = ["Flat", "IVF1024,Flat", "IVF1024,PQ64x4fs"]
+
+
+QUESTION = "How long does each index type take to build for an ImageNet-size memory, and at what memory peak?"
 
 
 def build_once(rows: int, factory: str) -> dict:
@@ -57,7 +60,7 @@ def main() -> None:
     if args.one:
         print(json.dumps(build_once(int(args.one[0]), args.one[1])))
         return
-    from results import append, section
+    from results import section, write
 
     results = []
     for rows in args.rows:
@@ -69,14 +72,15 @@ def main() -> None:
             print(f"{rows:>9} x {DIM}  {factory:<14} build {r['build_s']:7.1f}s  index "
                   f"{r['index_bytes'] / 2**20:7.0f} MiB  peak RSS {r['peak_rss'] / 2**30:5.2f} GiB", flush=True)
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-    lines = section("Index build", f"{DIM}-dim L2-normalised Gaussian-mixture embeddings (1000 centres); IVF / PQ trained on "
-             "100k sampled rows; one process, all cores. RSS before: the process with its "
+    lines = section("Index build", QUESTION,
+                    f"{DIM}-dim L2-normalised Gaussian-mixture embeddings (1000 centres); IVF / PQ trained on "
+                    "100k sampled rows; one process, all cores. RSS before: the process with its "
                     "embeddings loaded; peak: the high-water mark through the build.", "",
                     "| rows | index | build (s) | index file (GiB) | embeddings (GiB) | RSS before (GiB) "
                     "| peak RSS (GiB) |", "| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     lines += [f"| {r['rows']:,} | {r['factory']} | {r['build_s']:.1f} | {gib(r['index_bytes'])} | "
               f"{gib(r['data_bytes'])} | {gib(r['rss_before'])} | {gib(r['peak_rss'])} |" for r in results]
-    append(args.out, lines)
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ plain LM after the first pass is timed once).
 
     python benchmarks/lm_throughput.py --config jobs/configs/bbc_lm.yaml run_dir=runs/bbc_lm [--device cuda]
 
-Appends a section to benchmarks/RESULTS.md.
+Writes its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append, section  # noqa: E402
+from results import section, write  # noqa: E402
 
 from resmem_ray.config import load_config  # noqa: E402
 from resmem_ray.core.knn import build_shard, place_index, prepare_queries, search_shard, set_search_params  # noqa: E402
@@ -50,6 +50,10 @@ from resmem_ray.tasks.text import load_text_model, tokenize_batch  # noqa: E402
 SETTINGS = [("Flat", 0, 1.0, None), ("IVF1024,Flat", 8, 1.0, None), ("IVF1024,Flat", 2, 1.0, None),
             ("IVF1024,Flat", 2, 0.05, None), ("IVF1024,Flat", 1, 0.05, 10), ("IVF1024,Flat", 1, 0.03, 10),
             ("IVF1024,Flat", 1, 0.02, 10)]
+
+
+QUESTION = ("What does the token memory cost in tokens/s against the plain LM, and how much do an approximate "
+            "index and the confidence gate buy back?")
 
 
 def test_batches(cfg, run: RunDir, meta: dict, batch: int, device: str) -> list[dict]:
@@ -178,7 +182,7 @@ def main() -> None:
         print(f"{r['setting']:<60} {r['tps']:>9,.0f} tok/s {r['ratio']:.2f}x ppl {r['perplexity']:.2f} "
               f"acc {100 * r['accuracy']:.2f}% reads {100 * r['reads']:.1f}%", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
-    lines = section("Token memory throughput", f"{run.root.name}: GPT-2 LM ({cfg.text.lm_layers} layers, "
+    lines = section("Token memory throughput", QUESTION, f"{run.root.name}: GPT-2 LM ({cfg.text.lm_layers} layers, "
                     f"{cfg.text.lm_dim} dims), {tokens:,} test tokens in batches of {args.batch} sequences, on "
                     f"{device}; load average {os.getloadavg()[0]:.1f} at the end; memory {vectors.shape[0]:,} x "
                     f"{vectors.shape[1]} ({manifest['distance']}), "
@@ -188,7 +192,7 @@ def main() -> None:
                     "| --- | ---: | ---: | ---: | ---: | ---: |")
     lines += [f"| {r['setting']} | {r['tps']:,.0f} | {r['ratio']:.2f}x | {r['perplexity']:.2f} | "
               f"{100 * r['accuracy']:.2f} | {100 * r['reads']:.1f}% |" for r in runs]
-    append(args.out, lines)
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@
 
     python benchmarks/lookup.py --rows 100000 1000000 --real runs/digits runs/fashion_mnist
 
-Appends a section to benchmarks/RESULTS.md.
+Writes its section of benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from results import append, section
+from results import section, write
 
 from resmem_ray.config import IndexConfig
 from resmem_ray.core.knn import build_shard, prepare_queries
@@ -38,6 +38,9 @@ from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.core.knn import merge_topk, search_shard, set_search_params
 
 DIM, CLASSES, K = 64, 10, 30
+
+
+QUESTION = "Does spreading the memory over shard actors cost queries/s against one in-process FAISS index?"
 
 
 def mixture(n: int, dim: int, seed: int, centres: int = 100) -> np.ndarray:
@@ -151,7 +154,7 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count() * (1 + services), include_dashboard=False, log_to_driver=False)
     tp = [r for rows in args.rows for r in throughput(rows, args.queries, args.batch, args.shards)]
     rc = [r for run in args.real if Path(run, "embeddings").exists() for r in recall(run)]
-    lines = section("Lookup", f"Exact search, {DIM}-dim clustered embeddings, k={K}, {args.queries} queries "
+    lines = section("Lookup", QUESTION, f"Exact search, {DIM}-dim clustered embeddings, k={K}, {args.queries} queries "
                     f"in batches of {args.batch}; each answer includes the neighbours' {CLASSES}-class "
                     "residual rows. Merge: the driver's global top-k over one batch's shard answers.", "",
                     "| memory rows | setup | queries/s | vs plain | merge (ms / batch) |",
@@ -166,7 +169,7 @@ def main() -> None:
                   "| --- | --- | --- | ---: | ---: | ---: |"]
         lines += [f"| {r['run']} | {r['rows']:,} x {r['dim']} | {r['factory']} | {r['recall']:.4f} | "
                   f"{r['build_s']:.2f} | {r['qps']:,.0f} |" for r in rc]
-    append(args.out, lines)
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine  # noqa: E402
 
 from resmem_ray import versions  # noqa: E402
-from resmem_ray.tasks.classification import method_name, report_rank  # noqa: E402
+from resmem_ray.tasks.methods import method, ordered, rivals, title  # noqa: E402
 
 DOCS = Path("docs")
 RECORDS = DOCS / "results"
@@ -83,18 +83,17 @@ def commands_lines(record: dict) -> list[str]:
 
 
 def best_baseline(acc: dict) -> tuple[str, float]:
-    rivals = {m: a for m, a in acc.items() if m not in ("base", "resmem", "learned_gate", "oracle_gate")}
-    m = max(rivals, key=rivals.get)
-    return m, rivals[m]
+    m = max(rivals(acc), key=acc.get)
+    return m, acc[m]
 
 
 def verdict(acc: dict) -> str:
     """One plain sentence: does ResMem beat the base model and the best baseline?"""
     m, a = best_baseline(acc)
     gain = 100 * (acc["resmem"] - acc["base"])
-    against = (f"and beats the best baseline, {method_name(m)} ({100 * a:.2f}%), by {100 * (acc['resmem'] - a):.2f} "
+    against = (f"and beats the best baseline, {title(m)} ({100 * a:.2f}%), by {100 * (acc['resmem'] - a):.2f} "
                "points" if acc["resmem"] > a else
-               f"but does **not** beat {method_name(m)} ({100 * a:.2f}% against ResMem's {100 * acc['resmem']:.2f}%)")
+               f"but does **not** beat {title(m)} ({100 * a:.2f}% against ResMem's {100 * acc['resmem']:.2f}%)")
     return f"ResMem changes test accuracy by {gain:+.2f} points over the base model {against}."
 
 
@@ -110,11 +109,11 @@ def classification_lines(record: dict) -> list[str]:
               f"; kNN interpolation: lambda={m['knn_interp']['lambda']:g}, tau={m['knn_interp']['tau']:g}.", "",
               "| method | test accuracy (%) | vs base (points, 95% CI) | fixed / broken |",
               "| --- | ---: | ---: | ---: |"]
-    for method in sorted(acc, key=report_rank):
-        c = vs.get(method)
+    for key in ordered(acc):
+        c = vs.get(key)
         change = " | " if c is None else (f"{100 * c['change']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]"
                                           f" | {c['fixed']} / {c['broken']}")
-        lines.append(f"| {method_name(method)} | {100 * acc[method]:.2f} | {change} |")
+        lines.append(f"| {title(key)} | {100 * acc[key]:.2f} | {change} |")
     lines += ["", verdict(acc), ""]
     for w in m.get("warnings", []):
         lines += [f"> Warning from the report: {w}", ""]
@@ -123,9 +122,10 @@ def classification_lines(record: dict) -> list[str]:
 
 def long_tail_lines(record: dict) -> list[str]:
     pc = record["metrics"]["per_class"]
-    methods = [x for x in sorted(pc["head"], key=report_rank) if x in ("base", "knn_1", "knn_30", "knn_interp",
-                                                                         "resmem", "learned_gate", "oracle_gate")]
-    lines = ["| group | train examples | " + " | ".join(method_name(x) for x in methods) + " |",
+    keys = ordered(pc["head"])
+    knn = [x for x in keys if method(x).key == "knn"]
+    methods = [x for x in keys if method(x).key != "knn" or x in (knn[0], knn[-1])]  # k-NN: smallest and largest k
+    lines = ["| group | train examples | " + " | ".join(title(x) for x in methods) + " |",
              "| --- | ---: |" + " ---: |" * len(methods)]
     counts = pc["train_counts"]
     for group, classes in (("head", pc["head_classes"]), ("tail", pc["tail_classes"])):
@@ -140,12 +140,12 @@ def sweep_lines(record: dict) -> list[str]:
     groups = record["sweep"]["groups"]
     lines = []
     for split in ("test", "val"):
-        methods = sorted({x for g in groups for x in g[split]}, key=report_rank)
+        methods = ordered({x for g in groups for x in g[split]})
         lines += [f"{split.capitalize()} accuracy (%), mean ± standard deviation over seeds:", "",
                   "| method | " + " | ".join(f"width {g['width']}" for g in groups) + " |",
                   "| --- |" + " ---: |" * len(groups)]
         for x in methods:
-            lines.append(f"| {method_name(x)} | " + " | ".join(
+            lines.append(f"| {title(x)} | " + " | ".join(
                 f"{100 * g[split][x]['mean']:.2f} ± {100 * g[split][x]['std']:.2f}" if x in g[split] else ""
                 for g in groups) + " |")
         lines.append("| **ResMem - base (points)** | " + " | ".join(
@@ -170,20 +170,20 @@ def lm_lines(record: dict) -> list[str]:
              f"{m['dense_bytes'] / 2**20:.0f} MiB as dense rows.", "",
              "| method | next-token accuracy (%) | perplexity |", "| --- | ---: | ---: |",
              f"| base model | {100 * m['base_accuracy']:.2f} | {m['base_perplexity']:.2f} |",
-             f"| kNN-LM (lambda={r['knn_lambda']:g}, tau={r['knn_tau']:g}, k={r['k']}) | "
-             f"{100 * m['knnlm_accuracy']:.2f} | {m['knnlm_perplexity']:.2f} |",
+             f"| {title('knn_interp', 'lm')} (lambda={r['knn_lambda']:g}, tau={r['knn_tau']:g}, k={r['k']}) | "
+             f"{100 * m['knn_interp_accuracy']:.2f} | {m['knn_interp_perplexity']:.2f} |",
              f"| ResMem (k={r['k']}, sigma={r['sigma']:g}, gate={r['gate']:g}) | {100 * m['resmem_accuracy']:.2f} | "
              f"{m['resmem_perplexity']:.2f} |", ""]
     if t:
-        u = t["untuned"]
+        u, knn = t["untuned"], t["knn_interp"]
         lines += [f"Both chosen by `resmem tune` on val perplexity ({t['trials']} ResMem settings, "
-                  f"{t['knn_lm']['trials']} kNN-LM settings): val perplexity base {t['base_val_perplexity']:.2f}, "
+                  f"{knn['trials']} kNN-LM settings): val perplexity base {t['base_val_perplexity']:.2f}, "
                   f"the config's ResMem (k={u['k']}, sigma={u['sigma']:g}, gate={u['gate']:g}) "
                   f"{u['val_perplexity']:.2f}, tuned ResMem {t['best_val_perplexity']:.2f}, tuned kNN-LM "
-                  f"{t['knn_lm']['val_perplexity']:.2f}.", ""]
-    better = "beats" if m["resmem_perplexity"] < m["knnlm_perplexity"] else "does **not** beat"
+                  f"{knn['val_perplexity']:.2f}.", ""]
+    better = "beats" if m["resmem_perplexity"] < m["knn_interp_perplexity"] else "does **not** beat"
     lines += [f"On test, ResMem {better} kNN-LM on perplexity ({m['resmem_perplexity']:.2f} against "
-              f"{m['knnlm_perplexity']:.2f}; the base model {m['base_perplexity']:.2f}).", ""]
+              f"{m['knn_interp_perplexity']:.2f}; the base model {m['base_perplexity']:.2f}).", ""]
     return lines
 
 

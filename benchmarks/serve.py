@@ -28,7 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from results import append, section
+from results import section, write
+
+
+QUESTION = ("How many requests/s does `resmem serve` answer, at what latency, and how soon after /memorize is a "
+            "new row used?")
 
 
 def free_port() -> int:
@@ -150,7 +154,7 @@ def main() -> None:
     load = os.getloadavg()
     s = cfg.serve
     lines = section(
-        "Serving: `resmem serve` requests/s and latency on loopback",
+        f"Serving {Path(args.run).name}: `resmem serve` requests/s and latency on loopback", QUESTION,
         f"Run: {cfg.data.name}, {cfg.model.name} (width {cfg.model.width}), memory of "
         f"{read_json_rows(args.run)} rows in {cfg.index.num_shards} exact shard(s), k={cfg.resmem.k}. "
         f"Application: {s.replicas} model replica(s) x {s.cpus:g} CPU, memory searched "
@@ -184,7 +188,7 @@ def main() -> None:
         met = at16["rps"] >= 200 and at16["p99"] < 100
         lines += ["", f"Target (>= 200 requests/s at 16 clients with p99 < 100 ms): "
                   f"{'met' if met else 'not met'} ({at16['rps']:.0f} requests/s, p99 {at16['p99']:.1f} ms)."]
-    append(args.out, lines)
+    write(args.out, lines, Path(args.run).name)
 
 
 def offline_evaluate(run: Path, raw: dict, queries: int) -> dict:

@@ -24,7 +24,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append, section  # noqa: E402
+from results import section, write  # noqa: E402
 
 from resmem_ray.config import load_config  # noqa: E402
 from resmem_ray.store.artifacts import read_split  # noqa: E402
@@ -33,6 +33,9 @@ from resmem_ray.core.knn import to_distance# noqa: E402
 from resmem_ray.core.resmem import kernel_weights, softmax# noqa: E402
 from resmem_ray.store.rundir import RunDir# noqa: E402
 from resmem_ray.core.sparse import clip_renormalise, corrected_probs, encode, token_metrics# noqa: E402
+
+
+QUESTION = "What do top-m sparse residual rows lose against dense rows for a token LM, and what do they save?"
 
 
 def scores(q_logits, labels, nb_dist, nb_ids, nb_labels, head, sigma, gate, m, T, floor, chunk=256):
@@ -100,7 +103,7 @@ def main() -> None:
     for m in args.ms:
         rows.append((f"ResMem, top-{m} sparse rows", f"{8 + m * 8:,}",
                      *scores(*found["test"], head, sigma, gate, m, T, floor)))
-    lines = section("Sparse residual codec: top-m vs dense residuals (LM)",
+    lines = section("Sparse residual codec: top-m vs dense residuals (LM)", QUESTION,
                     f"Run `{args.run}`: GPT-2 {cfg.text.lm_layers} layers x {cfg.text.lm_dim} dims, "
                     f"byte-level BPE vocabulary {vocab}, trained on BBC News (first {cfg.text.max_length} tokens "
                     f"of each article). Memory: {len(train['id']):,} train tokens; {len(test_labels):,} test "
@@ -111,7 +114,7 @@ def main() -> None:
                     "| residual rows | bytes / memory token | next-token accuracy (%) | perplexity |",
                     "| --- | ---: | ---: | ---: |")
     lines += [f"| {name} | {size} | {100 * acc:.2f} | {ppl:.2f} |" for name, size, acc, ppl in rows]
-    append(args.out, lines)
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -24,20 +24,26 @@ from pathlib import Path
 
 import numpy as np
 
-from results import append, section
+from results import section, write
 
 from resmem_ray.config import Config, IndexConfig, TuneConfig
-from resmem_ray.core.knn import prepare_queries
+from resmem_ray.core.knn import Neighbours, prepare_queries
 from resmem_ray.runtime.shards import write_shards
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.core.resmem import residuals
 from resmem_ray.store.rundir import RunDir
-from resmem_ray.stages.tune import TUNED, memory_key, reweighted_accuracy, run_search
+from resmem_ray.stages.tune import memory_key, run_search, searched, setting_scores
+from resmem_ray.tasks.classification import neighbour_residuals
+from resmem_ray.tasks.registry import task_for
 
 K = [10, 20, 30, 50]
 SIGMA = [0.01, 0.03, 0.1, 0.3, 1.0]
 T = [0.5, 1.0, 2.0, 4.0, 8.0]
 GATE = [0.5, 1.0]  # 4 x 5 x 5 x 2 = 200 settings
+
+
+QUESTION = ("What does `resmem tune`'s search cost against one lookup pass, and against a sweep that searches "
+            "again in every trial?")
 
 
 def synthetic(rows: int, dim: int, classes: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,14 +56,20 @@ def synthetic(rows: int, dim: int, classes: int, rng) -> tuple[np.ndarray, np.nd
     return emb, labels, logits
 
 
-def naive_trial(config: dict, memory, queries, val_logits, val_labels, train_logits, batch: int) -> None:
+def neighbour_table(nb, val_logits, val_labels, train_logits, temperatures) -> dict:
+    """What `resmem tune` hands its trials for a dense memory (tasks/classification.py's tune_table)."""
+    logits = train_logits[nb.ids]
+    return {"val": {"logits": val_logits, "label": val_labels}, "neighbours": nb,
+            "residuals_at": {t: neighbour_residuals(logits, nb.labels, t) for t in temperatures}}
+
+
+def naive_trial(config: dict, cfg, memory, queries, val_logits, val_labels, train_logits, batch: int) -> None:
     """A sweep without reuse: every trial runs its own lookup pass, then reweights."""
     from ray import tune
 
     nb = memory.search_batches(queries, max(K), batch)
-    table = {"token": "naive", "distances": nb.distances, "neighbour_labels": nb.labels,
-             "neighbour_logits": train_logits[nb.ids], "logits": val_logits, "labels": val_labels}
-    tune.report({"val_accuracy": reweighted_accuracy(table, **{p: config[p] for p in TUNED})})
+    table = neighbour_table(nb, val_logits, val_labels, train_logits, [config["temperature"]])
+    tune.report(setting_scores(cfg, table, config))
 
 
 def main() -> None:
@@ -97,19 +109,19 @@ def main() -> None:
             t0 = time.time()
             nb = memory.search_batches(queries, max(K), args.batch)
             lookup_s = time.time() - t0
-            table = {"token": "bench", "distances": nb.distances, "neighbour_labels": nb.labels,
-                     "neighbour_logits": train_logits[nb.ids], "logits": val_logits, "labels": val_labels}
+            table = neighbour_table(Neighbours(nb.distances, nb.ids, nb.labels, None), val_logits,  # rows per T
+                                    val_labels, train_logits, T)
             del nb
             cfg = Config(tune=TuneConfig(search="grid", k=K, sigma=SIGMA, temperature=T, gate=GATE,
                                          cpus_per_trial=args.cpus_per_trial))
             t0 = time.time()
-            frame = run_search(cfg, RunDir(tmp / "run"), {memory_key("l2", True): table})
+            frame = run_search(cfg, RunDir(tmp / "run"), task_for(cfg), {memory_key("l2", True): table})
             tune_s = time.time() - t0
 
             t0 = time.time()
             naive = tune.Tuner(
                 tune.with_resources(tune.with_parameters(
-                    naive_trial, memory=memory, queries=queries, val_logits=val_logits, val_labels=val_labels,
+                    naive_trial, cfg=cfg, memory=memory, queries=queries, val_logits=val_logits, val_labels=val_labels,
                     train_logits=train_logits, batch=args.batch), {"cpu": args.cpus_per_trial}),
                 param_space={"k": tune.grid_search(K[-args.naive_trials:]), "sigma": 0.1, "temperature": 1.0,
                              "gate": 1.0, "gate_threshold": 1.0, "gate_softness": 0.0},
@@ -120,7 +132,7 @@ def main() -> None:
     ray.shutdown()
     per_naive = naive_s / naive_n
     lines = section(
-        "Tune: reweighting trials vs one lookup pass vs a naive sweep (benchmarks/tune.py)",
+        "Tune: reweighting trials vs one lookup pass vs a naive sweep", QUESTION,
         f"Memory: {args.rows:,} x {args.dim} synthetic embeddings, {args.classes} classes, {args.shards} exact "
         f"shard actors (built in {build_s:.0f} s); {args.val:,} val queries at k={max(K)}; "
         f"{args.cpus_per_trial} CPU per trial, trial actors reused.", "",
@@ -130,10 +142,10 @@ def main() -> None:
         f"| naive sweep: {naive_n} trials measured, each searching again | {naive_s:.1f} | {naive_s / lookup_s:.2f} |",
         f"| naive sweep projected to {len(frame)} trials ({per_naive:.1f} s / trial) | {per_naive * len(frame):.0f} "
         f"| {per_naive * len(frame) / lookup_s:.1f} |", "",
-        f"Best of the {len(frame)} trials: {frame.iloc[0][list(TUNED)].to_dict()} -> val accuracy "
+        f"Best of the {len(frame)} trials: {frame.iloc[0][list(searched(task_for(cfg)))].to_dict()} -> val accuracy "
         f"{100 * frame['val_accuracy'].iloc[0]:.2f}%. Under 2x one lookup pass: "
         f"{'yes' if tune_s < 2 * lookup_s else 'NO'}.")
-    append(args.out, lines)
+    write(args.out, lines)
 
 
 if __name__ == "__main__":

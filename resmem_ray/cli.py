@@ -3,7 +3,8 @@
     resmem run --config jobs/configs/digits.yaml train.epochs=5 run_dir=runs/d5
 
 Connects to the Ray cluster in RAY_ADDRESS (set inside `ray job submit`), or starts a
-local Ray instance. A user-facing problem exits with status 2 and one line naming it.
+local Ray instance of its own. A user-facing problem exits with status 2 and one line
+naming it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from resmem_ray.config import load_config
 from resmem_ray.errors import ResMemError
 from resmem_ray.log import quiet_ray_data, set_verbose
 from resmem_ray.pipeline import enabled, run_pipeline, run_stage
+from resmem_ray.runtime import instance
 from resmem_ray.stage_table import STAGES
 from resmem_ray.store.rundir import RunDir
 
@@ -39,9 +41,15 @@ def init_ray(verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     quiet = None if verbose else ray.LoggingConfig(log_level="WARNING")
-    hook = None if verbose else {"worker_process_setup_hook": "resmem_ray.log.quiet_ray_data"}
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, logging_config=quiet,
-             runtime_env=hook)
+    address = os.environ.get("RAY_ADDRESS") or None
+    # without a cluster address: this command's own instance, which every process of it
+    # names in RAY_ADDRESS (runtime/instance.py), never another instance on the machine;
+    # on a cluster, the workers only keep Ray Data's lines to its log file
+    hook = instance.SETUP_HOOK if not address else None if verbose else "resmem_ray.log.quiet_ray_data"
+    ray.init(address=address, log_to_driver=True, logging_config=quiet,
+             runtime_env={"worker_process_setup_hook": hook} if hook else None)
+    if not address:
+        instance.bind()
     if not verbose:
         for name in ("ray", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -112,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         preflight(args.command, cfg, run)
         if args.command == "serve" and cfg.serve.direct_ingress:
             os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # read by the Ray instance it starts
+            # no load balancer in front to drain for: Ctrl-C stops at once, not after 30 s
+            os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")
+        # `resmem serve` on its own instance: Serve's workers keep their INFO lines (a 9-line
+        # banner) to its log files; a job's driver keeps its job's runtime env
+        quiet_serve = args.command == "serve" and not args.verbose and not os.environ.get("RAY_ADDRESS")
         with run.lock(" ".join(["resmem", *(argv if argv is not None else sys.argv[1:])])):
+            if quiet_serve:
+                os.environ[instance.QUIET_SERVE] = "1"  # read by the workers' setup hook
             init_ray(args.verbose)
             if args.command == "run":
                 run_pipeline(cfg)
@@ -130,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {e.filename}" if e.filename else ""
         print(f"resmem: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("resmem: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C; for `resmem serve` SIGTERM too (stages/serve.py: Terminated)
+        if args.command == "serve":
+            print("resmem: serve stopped", file=sys.stderr)
+        else:
+            print("resmem: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     return 0
 
 

@@ -23,53 +23,15 @@ import yaml
 from resmem_ray.errors import ConfigError, ResMemError
 from resmem_ray.schema import (Config, DataConfig, EmbedConfig, EvaluateConfig, IndexConfig,  # noqa: F401
                                ModelConfig, NeighbourTransformerConfig, ResMemConfig, ServeConfig, SweepConfig,
-                               TextConfig, TrainConfig, TuneConfig, get_key)
+                               TextConfig, TrainConfig, TuneConfig, RULES, get_key)
 from resmem_ray.tasks.registry import task_for
 
-CHOICES = {
-    "text.tokenizer": ("pretrained", "bpe"),
-    "text.lm_embedding": ("final", "last_block_input"),
-    "resmem.distance": ("l2", "sqeuclidean", "cosine"),
-    "index.backend": ("faiss", "torch", "torch_lowp"),
-    "index.residual_dtype": ("float32", "float16"),
-    "tune.search": ("grid", "random", "optuna"),
-}
-
-# Every numeric key and the interval it must lie in ("(0, inf)": positive; lists: each
-# element). NaN and infinities are refused everywhere: a NaN sigma is not a setting.
-RANGES = {
-    "seed": "[0, inf)", "data.val_fraction": "[0, 1)", "data.test_fraction": "[0, 1)", "data.limit": "(0, inf)",
-    "data.image_size": "(0, inf)", "data.imbalance_ratio": "[1, inf)", "model.width": "(0, inf)",
-    "train.epochs": "(0, inf)", "train.batch_size": "(0, inf)", "train.lr": "(0, inf)", "train.momentum": "[0, 1)",
-    "train.weight_decay": "[0, inf)", "train.num_workers": "(0, inf)", "train.cpus_per_worker": "(0, inf)",
-    "text.max_length": "(0, inf)", "text.vocab_size": "(0, inf)", "text.lm_layers": "(0, inf)",
-    "text.lm_dim": "(0, inf)", "text.lm_heads": "(0, inf)", "text.top_m": "(0, inf)", "text.prob_floor": "[0, 1)",
-    "embed.batch_size": "(0, inf)", "embed.num_actors": "(0, inf)", "embed.cpus_per_actor": "(0, inf)",
-    "embed.gpus_per_actor": "[0, inf)",
-    "index.num_shards": "(0, inf)", "index.train_sample": "(0, inf)", "index.nprobe": "(0, inf)",
-    "index.ef_search": "(0, inf)", "index.replicas": "(0, inf)", "index.cpus_per_shard": "(0, inf)",
-    "index.shards_per_actor": "(0, inf)", "index.placement_timeout_s": "(0, inf)",
-    "resmem.k": "(0, inf)", "resmem.sigma": "(0, inf)", "resmem.temperature": "(0, inf)", "resmem.gate": "[0, inf)",
-    "resmem.gate_threshold": "(0, inf)", "resmem.gate_softness": "[0, inf)", "resmem.knn_lambda": "[0, 1]",
-    "resmem.knn_tau": "(0, inf)",
-    "tune.num_samples": "(0, inf)", "tune.k": "(0, inf)", "tune.sigma": "(0, inf)", "tune.temperature": "(0, inf)",
-    "tune.gate": "(0, inf)", "tune.gate_threshold": "(0, inf)", "tune.gate_softness": "[0, inf)",
-    "tune.knn_lambda": "[0, 1]", "tune.knn_tau": "(0, inf)", "tune.cpus_per_trial": "(0, inf)",
-    "neighbour_transformer.k": "(0, inf)", "neighbour_transformer.d_model": "(0, inf)",
-    "neighbour_transformer.layers": "(0, inf)", "neighbour_transformer.heads": "(0, inf)",
-    "neighbour_transformer.epochs": "(0, inf)", "neighbour_transformer.batch_size": "(0, inf)",
-    "neighbour_transformer.lr": "(0, inf)", "neighbour_transformer.num_workers": "(0, inf)",
-    "neighbour_transformer.cpus_per_worker": "(0, inf)",
-    "sweep.width": "(0, inf)", "sweep.lr": "(0, inf)", "sweep.seeds": "[0, inf)", "sweep.rungs": "(0, inf)",
-    "sweep.reduction_factor": "(1, inf)", "sweep.max_concurrent": "(0, inf)", "sweep.cpus_per_trial": "(0, inf)",
-    "evaluate.knn_ks": "(0, inf)", "evaluate.batch_size": "(0, inf)",
-    "serve.port": "(0, 65535]", "serve.replicas": "(0, inf)", "serve.cpus": "(0, inf)", "serve.gpus": "[0, inf)",
-    "serve.max_batch_size": "(0, inf)", "serve.batch_wait_timeout_s": "[0, inf)",
-    "serve.max_request_bytes": "(0, inf)", "serve.max_examples": "(0, inf)",
-}
-NON_EMPTY = ("tune.k", "tune.sigma", "tune.temperature", "tune.gate", "tune.gate_threshold", "tune.gate_softness",
-             "tune.distance", "tune.normalize", "tune.knn_lambda", "tune.knn_tau", "sweep.width", "sweep.rungs",
-             "evaluate.knn_ks")
+# Derived from the rules on the schema's fields (schema.py): the values a key (each element
+# of a list) may take; the interval each number lies in ("(0, inf)": positive); the lists
+# that must not be empty. NaN and infinities are refused everywhere: a NaN sigma is not a setting.
+CHOICES = {key: r.choices for key, r in RULES.items() if r.choices}
+RANGES = {key: r.range for key, r in RULES.items() if r.range}
+NON_EMPTY = tuple(key for key, r in RULES.items() if r.non_empty)
 
 
 def _in_range(value: float, interval: str) -> bool:
@@ -101,6 +63,11 @@ def read_yaml_mapping(path: str, what: str, error: type[ResMemError] = ResMemErr
 def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or the defaults), apply `a.b=value` overrides, validate."""
     raw = read_yaml_mapping(path, "config file", ConfigError) if path is not None else {}
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def apply_overrides(raw: dict, overrides: tuple[str, ...]) -> dict:
+    """`raw` (changed in place) with each `a.b=value` override set in it."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -112,7 +79,7 @@ def load_config(path: Optional[str] = None, overrides: tuple[str, ...] = ()) -> 
             if not isinstance(node, dict):
                 raise ConfigError(f"override {key}: {part} is not a section")
         node[leaf] = yaml.safe_load(value)
-    return config_from_dict(raw)
+    return raw
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -165,9 +132,10 @@ def _coerce(tp, value, key: str):
 
 def _check_values(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
-        if get_key(cfg, key) not in allowed:
-            raise ConfigError(f"config key {key}: unknown value {get_key(cfg, key)!r} "
-                              f"(choose from {', '.join(allowed)})")
+        value = get_key(cfg, key)
+        for v in value if isinstance(value, list) else [value]:
+            if v not in allowed:
+                raise ConfigError(f"config key {key}: unknown value {v!r} (choose from {', '.join(allowed)})")
     for key in NON_EMPTY:
         if not get_key(cfg, key):
             raise ConfigError(f"config key {key} must be a non-empty list, got []")
@@ -177,9 +145,6 @@ def _check_values(cfg: Config) -> None:
             if v is not None and not _in_range(v, interval):
                 word = "positive" if interval == "(0, inf)" else f"in {interval}"
                 raise ConfigError(f"config key {key} must be {word}, got {v}")
-    for key, allowed in (("tune.distance", CHOICES["resmem.distance"]), ("tune.normalize", (True, False))):
-        if any(v not in allowed for v in get_key(cfg, key)):
-            raise ConfigError(f"config key {key} must be a non-empty list of {allowed}, got {get_key(cfg, key)}")
     if cfg.neighbour_transformer.d_model % cfg.neighbour_transformer.heads:
         raise ConfigError("config key neighbour_transformer.d_model must be a multiple of "
                           "neighbour_transformer.heads")

@@ -1,18 +1,18 @@
 """`resmem run`: the stage table's pipeline stages in order, skipping the stages whose
 outputs are current.
 
-What a stage's outputs depend on is derived, not listed: its own config keys (the
-stage table), the keys its task declares for it (tasks/registry.py), and those of every
-stage it reads that takes part in the run, transitively; resource keys (schema.py)
-never count.
+What a stage's outputs depend on is derived, not listed: the config keys that name it
+(schema.py), the keys its task declares for it (tasks/registry.py), and those of every
+stage it reads that takes part in the run, transitively; resource keys never count.
 """
 
 from __future__ import annotations
 
 import time
 
+from resmem_ray.errors import ResMemError
 from resmem_ray.log import logger
-from resmem_ray.schema import Config, get_key, leaf_keys
+from resmem_ray.schema import RULES, Config, get_key
 from resmem_ray.stage_table import STAGES, Stage
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
@@ -27,7 +27,7 @@ def enabled(stage: Stage, cfg: Config) -> bool:
 
 def _expand(keys) -> list[str]:
     """Declared keys (sections or leaves) as the schema's non-resource leaf keys."""
-    return [leaf for leaf, resource in leaf_keys() if not resource
+    return [leaf for leaf, rules in RULES.items() if not rules.resource
             and any(leaf == k or leaf.startswith(k + ".") for k in keys)]
 
 
@@ -40,21 +40,21 @@ def stage_keys(name: str, cfg: Config) -> list[str]:
         if stage.name in seen:
             continue
         seen.add(stage.name)
-        keys += [*stage.config, *task.reads.get(stage.name, ())]
+        keys += [key for key, rules in RULES.items() if stage.name in rules.stages]
+        keys += task.reads.get(stage.name, ())
         frontier += [r for r in stage.reads if enabled(STAGES[r], cfg)]
     return _expand(keys)
 
 
 def run_stage(name: str, cfg: Config, **options):
-    """One stage; if it stops early, its manifest entry says so (failed | interrupted)."""
+    """One stage, inside its manifest entry (store/rundir.py: stage_entry); a stage with
+    outputs that returns without its entry done is an error, not a silent rerun later."""
     t0 = time.time()
     logger.info(f"== {name} ==")
-    try:
-        out = STAGES[name].run(cfg, **options)
-    except BaseException as e:
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        RunDir(cfg.run_dir).mark_stopped(status, str(getattr(e, "cause", None) or e) or type(e).__name__)
-        raise
+    stage = STAGES[name]
+    out = stage.run(cfg, **options)
+    if stage.folder and RunDir(cfg.run_dir).manifest()["stages"].get(name, {}).get("status") != "done":
+        raise ResMemError(f"stage {name} returned without recording its outputs in the manifest")
     logger.info(f"== {name} done in {time.time() - t0:.1f}s ==")
     return out
 

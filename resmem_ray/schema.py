@@ -1,20 +1,47 @@
 """The run configuration's schema: nested dataclasses, one per section, every key with
-its default and meaning. Keys marked `resource` say where and how fast work runs, not
-what it computes: changing them never makes a stage's outputs stale.
+its default, its meaning and its rules, declared on the field:
 
-Loading and checking a config file: config.py.
+- `range`: the interval a number (each number of a list) lies in, "(0, inf)" positive;
+  every numeric key declares one ("(-inf, inf)": any finite value);
+- `choices`: the values a key (each element of a list) may take; `non_empty` for lists;
+- `stages`: the stages whose outputs follow from the key (on a section: all its keys);
+  `by_task`: the task says which stage reads it (Task.reads), e.g. the text.* keys;
+- `resource`: the key says where and how fast work runs, not what it computes, so
+  changing it never makes a stage's outputs stale.
+
+config.py checks values by these rules; pipeline.stage_keys derives what makes a stage
+stale from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
+
+POSITIVE, NON_NEGATIVE, FRACTION, UNIT = "(0, inf)", "[0, inf)", "[0, 1)", "[0, 1]"
+SEARCH = ("transformer", "tune", "evaluate")  # the stages that search the memory
 
 
-def resource(default):
+def setting(default, *, range: str | None = None, choices: tuple = (), non_empty: bool = False,
+            stages: tuple[str, ...] = (), by_task: bool = False, resource: bool = False):
+    """A field with its rules (a list default is copied for each Config)."""
+    metadata = {"range": range, "choices": choices, "non_empty": non_empty, "stages": stages, "by_task": by_task,
+                "resource": resource}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def resource(default, *, range: str | None = None):
     """A field that places or sizes work without changing its result."""
-    return field(default=default, metadata={"resource": True})
+    return setting(default, range=range, resource=True)
+
+
+def section(cls, *, stages: tuple[str, ...] = (), by_task: bool = False):
+    """A section whose keys all belong to `stages` (or are read by the task)."""
+    return field(default_factory=cls, metadata={"stages": stages, "by_task": by_task})
 
 
 @dataclass
@@ -22,30 +49,31 @@ class DataConfig:
     name: str = "digits"  # a dataset of the task (tasks/): digits, fashion_mnist, cifar10, bbc_news, diabetes, ...
     root: Optional[str] = None  # dataset folder (fashion_mnist, cifar*, imagefolder)
     download: bool = False  # torchvision datasets only; needs network access
-    val_fraction: float = 0.1  # of the source train split, held out of training and memory
-    test_fraction: float = 0.2  # only for datasets without an official test split (digits)
-    limit: Optional[int] = None  # cap on examples per split, for quick runs
-    image_size: int = 224  # imagefolder only: images are resized and centre-cropped to this
+    val_fraction: float = setting(0.1, range=FRACTION)  # of the source train split, held out of training and memory
+    test_fraction: float = setting(0.2, range=FRACTION)  # only for datasets without an official test split (digits)
+    limit: Optional[int] = setting(None, range=POSITIVE)  # cap on examples per split, for quick runs
+    image_size: int = setting(224, range=POSITIVE)  # imagefolder only: images are resized and centre-cropped to this
     augment: bool = False  # random crop + flip during training (CIFAR / ImageNet recipes)
-    imbalance_ratio: float = 1.0  # long tail: >1 subsamples train classes exponentially (CIFAR-LT)
+    # long tail: >1 subsamples train classes exponentially (CIFAR-LT)
+    imbalance_ratio: float = setting(1.0, range="[1, inf)")
 
 
 @dataclass
 class ModelConfig:
     name: str = "small_cnn"  # picks the task (tasks/): small_cnn, resnet20, hf_classifier, gpt2_lm, mlp, ...
-    width: int = 16  # small_cnn: first conv channels; cifar resnets: multiplier of 16
+    width: int = setting(16, range=POSITIVE)  # small_cnn: first conv channels; cifar resnets: multiplier of 16
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64  # per worker
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    num_workers: int = 2  # Ray Train workers (DDP ranks)
+    epochs: int = setting(10, range=POSITIVE)
+    batch_size: int = setting(64, range=POSITIVE)  # per worker
+    lr: float = setting(0.05, range=POSITIVE)
+    momentum: float = setting(0.9, range=FRACTION)
+    weight_decay: float = setting(5e-4, range=NON_NEGATIVE)
+    num_workers: int = setting(2, range=POSITIVE)  # Ray Train workers (DDP ranks)
     use_gpu: bool = resource(False)
-    cpus_per_worker: float = resource(1.0)
+    cpus_per_worker: float = resource(1.0, range=POSITIVE)
 
 
 @dataclass
@@ -59,79 +87,95 @@ class TextConfig:
     test_split: Optional[str] = "test"  # null: carve the test split out of train (data.test_fraction)
     text_column: str = "text"
     label_column: Optional[str] = "label"  # null: unlabelled text (language modelling only)
-    max_length: int = 128  # tokens per example; longer texts are truncated
+    max_length: int = setting(128, range=POSITIVE)  # tokens per example; longer texts are truncated
     pretrained: Optional[str] = None  # hf_classifier: model folder or hub name; null: the packaged MiniLM
     freeze_encoder: bool = False  # hf_classifier: train the head (and pooler) only
-    tokenizer: str = "pretrained"  # gpt2_lm: pretrained (MiniLM's WordPiece, or text.pretrained's) | bpe (trained)
-    vocab_size: int = 2048  # gpt2_lm with tokenizer=bpe: size of the trained byte-level BPE vocabulary
-    lm_layers: int = 2  # gpt2_lm: a GPT-2 config trained from scratch
-    lm_dim: int = 128
-    lm_heads: int = 4
-    lm_embedding: str = "final"  # gpt2_lm token embedding: final (hidden state) | last_block_input
-    top_m: int = 32  # gpt2_lm sparse residual codec: base-model probabilities kept per memory token
-    prob_floor: float = 1e-3  # gpt2_lm: corrected probabilities are clipped below at prob_floor * p(v)
+    # gpt2_lm: pretrained (MiniLM's WordPiece, or text.pretrained's) | bpe (trained)
+    tokenizer: str = setting("pretrained", choices=("pretrained", "bpe"))
+    vocab_size: int = setting(2048, range=POSITIVE)  # gpt2_lm with tokenizer=bpe: size of the trained BPE vocabulary
+    lm_layers: int = setting(2, range=POSITIVE)  # gpt2_lm: a GPT-2 config trained from scratch
+    lm_dim: int = setting(128, range=POSITIVE)
+    lm_heads: int = setting(4, range=POSITIVE)
+    # gpt2_lm token embedding: final (hidden state) | last_block_input
+    lm_embedding: str = setting("final", choices=("final", "last_block_input"))
+    top_m: int = setting(32, range=POSITIVE)  # gpt2_lm sparse residual codec: base-model probabilities kept per token
+    # gpt2_lm: corrected probabilities are clipped below at prob_floor * p(v)
+    prob_floor: float = setting(1e-3, range=FRACTION)
 
 
 @dataclass
 class EmbedConfig:
-    batch_size: int = resource(256)
-    num_actors: int = resource(2)  # Ray Data actor pool size: one model replica per actor
-    cpus_per_actor: float = resource(0.5)
-    gpus_per_actor: float = resource(0.0)
+    batch_size: int = resource(256, range=POSITIVE)
+    num_actors: int = resource(2, range=POSITIVE)  # Ray Data actor pool size: one model replica per actor
+    cpus_per_actor: float = resource(0.5, range=POSITIVE)
+    gpus_per_actor: float = resource(0.0, range=NON_NEGATIVE)
 
 
 @dataclass
 class IndexConfig:
-    num_shards: int = 2
-    factory: str = "Flat"  # FAISS factory string: Flat, IVF1024,Flat, IVF1024,PQ16, HNSW32, ...
-    train_sample: int = 100_000  # rows sampled per shard to train IVF / PQ indices
-    nprobe: int = 16  # IVF: inverted lists visited per query
-    ef_search: int = 64  # HNSW: breadth of the search
-    backend: str = "faiss"  # faiss | torch (exact: matrix multiply + top-k, GPU when present)
-    #                         | torch_lowp (exact too: a bfloat16 scan, its candidates re-ranked in float32)
+    num_shards: int = setting(2, range=POSITIVE, stages=("index",))
+    # FAISS factory string: Flat, IVF1024,Flat, IVF1024,PQ16, HNSW32, ...
+    factory: str = setting("Flat", stages=("index",))
+    train_sample: int = setting(100_000, range=POSITIVE, stages=("index",))  # rows sampled per shard to train IVF / PQ
+    nprobe: int = setting(16, range=POSITIVE, stages=SEARCH)  # IVF: inverted lists visited per query
+    ef_search: int = setting(64, range=POSITIVE, stages=SEARCH)  # HNSW: breadth of the search
+    # faiss | torch (exact: matrix multiply + top-k, GPU when present)
+    # | torch_lowp (exact too: a bfloat16 scan, its candidates re-ranked in float32)
+    backend: str = setting("faiss", choices=("faiss", "torch", "torch_lowp"), stages=SEARCH)
     use_gpu: bool = resource(False)  # shard actors ask Ray for a GPU; CPU fallback (logged) without one
-    replicas: int = resource(1)  # actors per shard; query batches are balanced across them
-    cpus_per_shard: float = resource(0.5)  # CPU share of each shard actor (also its FAISS threads)
-    shards_per_actor: int = resource(1)  # shards one actor holds: more shards than cores want several each
-    placement_timeout_s: float = resource(120.0)  # fail when shard actors cannot all start in this time
-    residual_dtype: str = "float32"  # float16 halves the memory's residual rows (ImageNet: 2.6 GB)
+    replicas: int = resource(1, range=POSITIVE)  # actors per shard; query batches are balanced across them
+    cpus_per_shard: float = resource(0.5, range=POSITIVE)  # CPU share of each shard actor (also its FAISS threads)
+    # shards one actor holds: more shards than cores want several each
+    shards_per_actor: int = resource(1, range=POSITIVE)
+    placement_timeout_s: float = resource(120.0, range=POSITIVE)  # fail when shard actors cannot all start in time
+    # float16 halves the memory's residual rows (ImageNet: 2.6 GB)
+    residual_dtype: str = setting("float32", choices=("float32", "float16"), stages=("index",))
+
+
+DISTANCES = ("l2", "sqeuclidean", "cosine")
 
 
 @dataclass
 class ResMemConfig:
-    k: int = 20  # neighbours whose residuals are summed
-    sigma: float = 0.5  # kernel temperature: weights = softmax(-d / sigma)
-    temperature: float = 1.0  # T in p = softmax(logits / T), used for residuals and prediction
-    gate: float = 1.0  # lambda: weight of the memory's correction
-    gate_threshold: float = 1.0  # confidence gate: correct only where max p(x) < this (1.0: always)
-    gate_softness: float = 0.0  # 0: hard threshold; > 0: sigmoid((threshold - max p) / softness)
-    distance: str = "l2"  # l2 | sqeuclidean | cosine
-    normalize: bool = True  # L2-normalise embeddings before indexing and search
+    k: int = setting(20, range=POSITIVE, stages=("evaluate",))  # neighbours whose residuals are summed
+    sigma: float = setting(0.5, range=POSITIVE, stages=("evaluate",))  # kernel temperature: softmax(-d / sigma)
+    # T in p = softmax(logits / T), used for residuals and prediction; the task says which
+    # stage computes residuals at it
+    temperature: float = setting(1.0, range=POSITIVE, by_task=True)
+    gate: float = setting(1.0, range=NON_NEGATIVE, stages=("evaluate",))  # lambda: weight of the memory's correction
+    # confidence gate: correct only where max p(x) < this (1.0: always)
+    gate_threshold: float = setting(1.0, range=POSITIVE, stages=("evaluate",))
+    # 0: hard threshold; > 0: sigmoid((threshold - max p) / softness)
+    gate_softness: float = setting(0.0, range=NON_NEGATIVE, stages=("evaluate",))
+    distance: str = setting("l2", choices=DISTANCES, stages=("index",))
+    normalize: bool = setting(True, stages=("index",))  # L2-normalise embeddings before indexing and search
     # baseline from the same k neighbours: (1 - knn_lambda) p + knn_lambda p_kNN, p_kNN the
     # neighbours' labels weighted by softmax(-d / knn_tau) (kNN interpolation; kNN-LM for gpt2_lm)
-    knn_lambda: float = 0.25  # in [0, 1]
-    knn_tau: float = 0.1
+    knn_lambda: float = setting(0.25, range=UNIT, stages=("evaluate",))
+    knn_tau: float = setting(0.1, range=POSITIVE, stages=("evaluate",))
 
 
 @dataclass
 class TuneConfig:
     """The search space of `resmem tune` (scored on the validation split)."""
 
-    search: str = "grid"  # grid: every combination | random, optuna: num_samples draws from the ranges
-    num_samples: int = 100  # random and optuna only
-    k: list[int] = field(default_factory=lambda: [1, 5, 10, 20, 30, 50])
-    sigma: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
-    temperature: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
-    gate: list[float] = field(default_factory=lambda: [0.5, 1.0])
-    gate_threshold: list[float] = field(default_factory=lambda: [1.0])  # e.g. [0.8, 0.9, 1.0]
-    gate_softness: list[float] = field(default_factory=lambda: [0.0])  # e.g. [0.0, 0.05]
-    distance: list[str] = field(default_factory=lambda: ["l2"])  # each distance x normalize pair
-    normalize: list[bool] = field(default_factory=lambda: [True])  # is one index build + val search
+    # grid: every combination | random, optuna: num_samples draws from the ranges
+    search: str = setting("grid", choices=("grid", "random", "optuna"))
+    num_samples: int = setting(100, range=POSITIVE)  # random and optuna only
+    k: list[int] = setting([1, 5, 10, 20, 30, 50], range=POSITIVE, non_empty=True)
+    sigma: list[float] = setting([0.01, 0.03, 0.1, 0.3, 1.0], range=POSITIVE, non_empty=True)
+    temperature: list[float] = setting([1.0, 2.0, 4.0, 8.0], range=POSITIVE, non_empty=True)
+    gate: list[float] = setting([0.5, 1.0], range=POSITIVE, non_empty=True)
+    gate_threshold: list[float] = setting([1.0], range=POSITIVE, non_empty=True)  # e.g. [0.8, 0.9, 1.0]
+    gate_softness: list[float] = setting([0.0], range=NON_NEGATIVE, non_empty=True)  # e.g. [0.0, 0.05]
+    # each distance x normalize pair is one index build + val search
+    distance: list[str] = setting(["l2"], choices=DISTANCES, non_empty=True)
+    normalize: list[bool] = setting([True], non_empty=True)
     learned_gate: bool = True  # fit a logistic gate on val at the best setting (a report row)
     # the kNN interpolation baseline, tuned on val too: a grid at the best k and T, same neighbours
-    knn_lambda: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 0.75, 1.0])
-    knn_tau: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
-    cpus_per_trial: float = resource(0.25)
+    knn_lambda: list[float] = setting([0.1, 0.25, 0.5, 0.75, 1.0], range=UNIT, non_empty=True)
+    knn_tau: list[float] = setting([0.01, 0.03, 0.1, 0.3, 1.0], range=POSITIVE, non_empty=True)
+    cpus_per_trial: float = resource(0.25, range=POSITIVE)
     evaluate: bool = True  # then rebuild the index at the best setting and evaluate once on test
 
 
@@ -139,36 +183,37 @@ class TuneConfig:
 class NeighbourTransformerConfig:
     """The memorization study's Transformer over a query and its k nearest neighbours."""
 
-    enabled: bool = False  # train it (after index) and report it beside k-NN and ResMem
-    k: int = 10
-    d_model: int = 64
-    layers: int = 2
-    heads: int = 4
-    epochs: int = 20
-    batch_size: int = 128  # per worker
-    lr: float = 1e-3
-    num_workers: int = 1  # Ray Train workers
-    cpus_per_worker: float = resource(1.0)
+    # train it (after index) and report it beside k-NN and ResMem
+    enabled: bool = setting(False, stages=("evaluate",))
+    k: int = setting(10, range=POSITIVE)
+    d_model: int = setting(64, range=POSITIVE)
+    layers: int = setting(2, range=POSITIVE)
+    heads: int = setting(4, range=POSITIVE)
+    epochs: int = setting(20, range=POSITIVE)
+    batch_size: int = setting(128, range=POSITIVE)  # per worker
+    lr: float = setting(1e-3, range=POSITIVE)
+    num_workers: int = setting(1, range=POSITIVE)  # Ray Train workers
+    cpus_per_worker: float = resource(1.0, range=POSITIVE)
 
 
 @dataclass
 class SweepConfig:
     """`resmem sweep`: the whole pipeline per base-model setting, ASHA over epochs."""
 
-    width: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
-    lr: list[float] = field(default_factory=list)  # empty: train.lr
-    seeds: list[int] = field(default_factory=list)  # empty: seed; each seed is a trial per width and lr
-    rungs: list[int] = field(default_factory=lambda: [3, 10])  # epochs at which ASHA may stop a trial
-    reduction_factor: int = 2
+    width: list[int] = setting([2, 4, 8, 16], range=POSITIVE, non_empty=True)
+    lr: list[float] = setting([], range=POSITIVE)  # empty: train.lr
+    seeds: list[int] = setting([], range=NON_NEGATIVE)  # empty: seed; each seed is a trial per width and lr
+    rungs: list[int] = setting([3, 10], range=POSITIVE, non_empty=True)  # epochs at which ASHA may stop a trial
+    reduction_factor: int = setting(2, range="(1, inf)")
     tune_resmem: bool = True  # per trial, ResMem's setting is the best of the tune.* grid on val
-    max_concurrent: int = resource(2)  # trials at once; each trial's stages ask Ray for their own CPUs
-    cpus_per_trial: float = resource(0.1)  # the trial process only drives the stages
+    max_concurrent: int = resource(2, range=POSITIVE)  # trials at once; each trial's stages ask Ray for their CPUs
+    cpus_per_trial: float = resource(0.1, range=POSITIVE)  # the trial process only drives the stages
 
 
 @dataclass
 class EvaluateConfig:
-    knn_ks: list[int] = field(default_factory=lambda: [1, 10, 20, 30])
-    batch_size: int = resource(1024)  # queries per lookup round trip
+    knn_ks: list[int] = setting([1, 10, 20, 30], range=POSITIVE, non_empty=True)
+    batch_size: int = resource(1024, range=POSITIVE)  # queries per lookup round trip
 
 
 @dataclass
@@ -177,18 +222,18 @@ class ServeConfig:
     follow from these keys)."""
 
     host: str = resource("127.0.0.1")  # where the HTTP proxy listens; 0.0.0.0 exposes it to the network
-    port: int = resource(8000)
-    replicas: int = resource(1)  # model replicas (each embeds and scores batches)
-    cpus: float = resource(0.25)  # per model replica
-    gpus: float = resource(0.0)  # per model replica
-    max_batch_size: int = resource(32)  # requests a model replica embeds together (serve.batch)
-    batch_wait_timeout_s: float = resource(0.005)  # how long a replica waits to fill a batch
+    port: int = resource(8000, range="(0, 65535]")
+    replicas: int = resource(1, range=POSITIVE)  # model replicas (each embeds and scores batches)
+    cpus: float = resource(0.25, range=POSITIVE)  # per model replica
+    gpus: float = resource(0.0, range=NON_NEGATIVE)  # per model replica
+    max_batch_size: int = resource(32, range=POSITIVE)  # requests a model replica embeds together (serve.batch)
+    batch_wait_timeout_s: float = resource(0.005, range=NON_NEGATIVE)  # how long a replica waits to fill a batch
     token: Optional[str] = resource(None)  # the bearer token of POST /memorize (prefer token_file:
     #                                        a config is recorded in the run's manifest by other stages)
     token_file: Optional[str] = resource(None)  # a file holding the token (its first line)
     open_memorize: bool = resource(False)  # true: POST /memorize without a token (trusted networks only)
-    max_request_bytes: int = resource(8 * 2**20)  # larger request bodies get 413
-    max_examples: int = resource(256)  # examples per request; more get 413
+    max_request_bytes: int = resource(8 * 2**20, range=POSITIVE)  # larger request bodies get 413
+    max_examples: int = resource(256, range=POSITIVE)  # examples per request; more get 413
     # Ray Serve's throughput-optimised mode: each ingress replica also answers HTTP on its
     # own port (from 30000, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT), skipping the proxy's hop;
     # read when Ray starts, so a cluster sets RAY_SERVE_THROUGHPUT_OPTIMIZED=1 itself
@@ -198,20 +243,20 @@ class ServeConfig:
 
 @dataclass
 class Config:
-    run_dir: str = "runs/digits"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    index: IndexConfig = field(default_factory=IndexConfig)
-    resmem: ResMemConfig = field(default_factory=ResMemConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    neighbour_transformer: NeighbourTransformerConfig = field(default_factory=NeighbourTransformerConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    run_dir: str = resource("runs/digits")  # where the run's outputs go, not what they are
+    seed: int = setting(0, range=NON_NEGATIVE, stages=("train",))
+    data: DataConfig = section(DataConfig, stages=("train",))
+    model: ModelConfig = section(ModelConfig, stages=("train",))
+    train: TrainConfig = section(TrainConfig, stages=("train",))
+    embed: EmbedConfig = section(EmbedConfig)
+    index: IndexConfig = section(IndexConfig)
+    resmem: ResMemConfig = section(ResMemConfig)
+    tune: TuneConfig = section(TuneConfig, stages=("tune",))
+    neighbour_transformer: NeighbourTransformerConfig = section(NeighbourTransformerConfig, stages=("transformer",))
+    sweep: SweepConfig = section(SweepConfig, stages=("sweep",))
+    text: TextConfig = section(TextConfig, by_task=True)
+    evaluate: EvaluateConfig = section(EvaluateConfig, stages=("evaluate",))
+    serve: ServeConfig = section(ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -225,13 +270,36 @@ def get_key(cfg: Config, key: str):
     return node
 
 
-def leaf_keys(cls=Config, prefix: str = "") -> list[tuple[str, bool]]:
-    """Every leaf key of the schema as (dotted key, is a resource key), in declaration order."""
-    out = []
+@dataclass(frozen=True)
+class Rules:
+    """A leaf key's rules, its section's stages and by_task included."""
+
+    type: Any
+    range: str | None
+    choices: tuple
+    non_empty: bool
+    stages: tuple[str, ...]
+    by_task: bool
+    resource: bool
+
+
+def _rules(cls, prefix: str, stages: tuple[str, ...], by_task: bool) -> dict[str, Rules]:
+    hints = typing.get_type_hints(cls)
+    out = {}
     for f in dataclasses.fields(cls):
-        tp = f.default_factory if f.default_factory is not dataclasses.MISSING else None
-        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            out += leaf_keys(tp, f"{prefix}{f.name}.")
+        m = f.metadata
+        own_stages, own_by_task = (*stages, *m.get("stages", ())), by_task or m.get("by_task", False)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_rules(hints[f.name], f"{prefix}{f.name}.", own_stages, own_by_task))
         else:
-            out.append((prefix + f.name, bool(f.metadata.get("resource"))))
+            out[prefix + f.name] = Rules(hints[f.name], m.get("range"), m.get("choices", ()),
+                                         m.get("non_empty", False), own_stages, own_by_task, m.get("resource", False))
     return out
+
+
+RULES: dict[str, Rules] = _rules(Config, "", (), False)  # every leaf key, in declaration order
+
+
+def leaf_keys() -> list[tuple[str, bool]]:
+    """Every leaf key of the schema as (dotted key, is a resource key), in declaration order."""
+    return [(key, rules.resource) for key, rules in RULES.items()]

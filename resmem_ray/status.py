@@ -1,13 +1,14 @@
 """`resmem status RUN`: what a run directory holds, as a table: each stage's status
 (done, running, failed, interrupted, or stale and why), how long it took, and the size
-of its outputs. Compared with the run's own config, or with --config and overrides
-(what `resmem run` would rerun with them)."""
+of its outputs. Compared with the run's own config (that of its last finished stage),
+with overrides applied to it, or with --config and overrides: what `resmem run` would
+rerun with them."""
 
 from __future__ import annotations
 
 import time
 
-from resmem_ray.config import config_from_dict, load_config
+from resmem_ray.config import apply_overrides, config_from_dict, load_config
 from resmem_ray.errors import ResMemError
 from resmem_ray.pipeline import enabled, stage_keys
 from resmem_ray.stage_table import STAGES
@@ -53,10 +54,10 @@ def print_status(run_dir: str, config_path: str | None, overrides: tuple[str, ..
     if not run.is_run_dir():
         raise ResMemError(f"{run.root} is not a resmem run directory (no manifest.json)")
     manifest = run.manifest()
-    if config_path or overrides:
+    if config_path:
         cfg = load_config(config_path, (*overrides, f"run_dir={run_dir}"))
-    elif "config" in manifest:
-        cfg = config_from_dict(manifest["config"])
+    elif "config" in manifest:  # the config of the run's last finished stage, with the overrides
+        cfg = config_from_dict(apply_overrides(manifest["config"], overrides))
     else:
         raise ResMemError(f"{run.manifest_path} records no config yet: pass --config")
     lines = [f"run directory {run.location}", "", "| stage | status | why | duration | outputs |",

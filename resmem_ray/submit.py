@@ -2,7 +2,7 @@
 
     resmem submit --address http://127.0.0.1:8265 run --config jobs/configs/cifar10.yaml run_dir=s3://b/c10
 
-Submits `python -m jobs.<stage> ARGS` through the Ray Jobs API (JobSubmissionClient) with
+Submits `python -m jobs STAGE ARGS` (jobs/__main__.py) through the Ray Jobs API (JobSubmissionClient) with
 a runtime_env whose working_dir is this checkout (uploaded by Ray, so `resmem_ray` and
 `jobs` import on every node) merged with an optional runtime-env YAML (pip, image_uri,
 env_vars), streams the job's logs and returns its final status. Token authentication
@@ -26,9 +26,9 @@ from resmem_ray.store.remote import is_uri
 
 log = stage_log("submit")
 
-JOB_STAGES = (*STAGES, "run")  # each has an entry point jobs/<stage>.py
+JOB_STAGES = (*STAGES, "run")  # what `python -m jobs STAGE` runs
 # Never uploaded with the working_dir (Ray also honours .gitignore): build outputs, and
-# secrets (credentials, keys, env files) that a checkout may hold. README lists them.
+# secrets (credentials, keys, env files) that a checkout may hold. docs/operating.md lists them.
 EXCLUDES = [".venv", ".git", "runs", "*.egg-info", ".pytest_cache", "__pycache__",
             ".env", ".env.*", ".envrc", ".aws", ".ssh", ".gnupg", ".netrc", ".git-credentials", ".npmrc", ".pypirc",
             ".docker", ".kube", "secrets", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_dsa*", "id_ecdsa*",
@@ -74,7 +74,7 @@ def check_run_dir(stage_args: list[str]) -> None:
 
 def submit(address: str | None, stage: str, stage_args: list[str], working_dir: str = ".",
            env_file: str | None = None, wait: bool = True, entrypoint_num_cpus: float = 0) -> str:
-    """Submit `python -m jobs.<stage> ...`; stream its logs; return the final status."""
+    """Submit `python -m jobs STAGE ...`; stream its logs; return the final status."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -86,8 +86,7 @@ def submit(address: str | None, stage: str, stage_args: list[str], working_dir: 
                           "cluster.yaml` or a port-forward) or set RAY_ADDRESS")
     check_run_dir(stage_args)
     env = runtime_env(working_dir, env_file)
-    entrypoint = " ".join(["python", "-m", f"jobs.{stage}",
-                           *(_quote(a) for a in stage_args)])
+    entrypoint = " ".join(["python", "-m", "jobs", stage, *(_quote(a) for a in stage_args)])
     try:
         client = JobSubmissionClient(address)
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=env,

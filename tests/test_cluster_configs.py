@@ -57,7 +57,7 @@ def test_kuberay_rayjob_runs_the_pipeline():
     manifest = load("kuberay-rayjob.yaml")
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     spec = manifest["spec"]
-    assert "python -m jobs.run --config jobs/configs/imagenet.yaml run_dir=s3://" in spec["entrypoint"]
+    assert "python -m jobs run --config jobs/configs/imagenet.yaml run_dir=s3://" in spec["entrypoint"]
     assert (Path(__file__).resolve().parents[1] / "jobs/configs/imagenet.yaml").is_file()
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
     assert spec["shutdownAfterJobFinishes"] is True

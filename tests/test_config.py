@@ -56,3 +56,26 @@ def test_shipped_configs_load():
     assert paths
     for p in paths:
         load_config(p)
+
+
+def test_every_numeric_key_declares_its_range():
+    """The rules live on the schema's fields; a number with no range would go unchecked
+    ("(-inf, inf)" declares any finite value)."""
+    import typing
+
+    from resmem_ray.config import RANGES
+    from resmem_ray.schema import RULES
+
+    def numeric(tp) -> bool:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return tp in (int, float) or (typing.get_origin(tp) in (list, typing.Union) and numeric(args[0]))
+
+    keys = [key for key, rules in RULES.items() if numeric(rules.type)]
+    assert len(keys) > 70 and "tune.k" in keys and "data.limit" in keys and "seed" in keys
+    assert [key for key in keys if key not in RANGES] == []
+    assert set(RANGES) == set(keys)  # and only numbers have one
+
+
+def test_choices_apply_to_each_element_of_a_list():
+    with pytest.raises(ConfigError, match=r"config key tune.distance: unknown value 'l3' \(choose from l2, "):
+        load_config(None, ("tune.distance=[l2,l3]",))

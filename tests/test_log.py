@@ -6,6 +6,7 @@ import sys
 
 from resmem_ray import cli
 from resmem_ray.log import Progress, logger, quiet_ray_data, set_verbose, stage_log, verbose
+from resmem_ray.runtime import instance
 
 
 def test_lines_carry_their_stage_and_reach_the_current_stdout(capsys):
@@ -38,18 +39,31 @@ def test_verbose_is_set_once_and_read_anywhere(monkeypatch):
 
 
 def test_ray_workers_get_the_quiet_setup_hook(monkeypatch):
+    """On a cluster the hook only quiets Ray Data (none with --verbose); on the command's own
+    instance it is runtime/instance.py's, which also quiets Ray Data unless --verbose."""
     import ray
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    monkeypatch.setattr(os, "environ", dict(os.environ))  # init_ray sets RESMEM_VERBOSE
+    monkeypatch.setattr(os, "environ", {**os.environ, "RAY_ADDRESS": "10.0.0.1:6379"})  # init_ray sets RESMEM_VERBOSE
     cli.init_ray(False)
     cli.init_ray(True)
     quiet, loud = calls
     module, _, function = quiet["runtime_env"]["worker_process_setup_hook"].rpartition(".")
     assert getattr(__import__(module, fromlist=[function]), function) is quiet_ray_data
     assert loud["runtime_env"] is None and loud["logging_config"] is None
+
+    quieted = []
+    monkeypatch.setattr(instance, "bind", lambda: None)
+    monkeypatch.setattr(instance, "quiet_ray_data", lambda: quieted.append(verbose()))
+    del os.environ["RAY_ADDRESS"]
+    cli.init_ray(False)
+    assert calls[-1]["runtime_env"] == {"worker_process_setup_hook": instance.SETUP_HOOK}
+    instance.setup_worker()
+    set_verbose(True)
+    instance.setup_worker()
+    assert quieted == [False]
 
 
 def test_ray_data_banners_go_to_its_log_file_not_the_console():

@@ -23,6 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.ray  # a subprocess that starts a Ray cluster
 @pytest.mark.timeout(240)
 def test_node_removed_mid_evaluation_gives_no_fault_answers():
     tmp = tempfile.mkdtemp(prefix="rmn-", dir="/tmp")  # short: Ray's socket paths live here

@@ -8,8 +8,8 @@ import numpy as np
 from resmem_ray.config import load_config
 from resmem_ray.runtime.trainer import chance_warning
 from resmem_ray.store.rundir import RunDir
-from resmem_ray.tasks.classification import (paired_change, per_class, report_rank, training_warnings,
-                                             write_report)
+from resmem_ray.tasks.classification import paired_change, per_class, training_warnings, write_report
+from resmem_ray.tasks.methods import rank as report_rank
 
 
 def history(*train_acc):

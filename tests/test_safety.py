@@ -1,5 +1,6 @@
 """Safe to operate: bad input gets one line and exit 2, leaves the run directory as it
-was; nothing writes outside its folder; one writer per run directory; no hang."""
+was; nothing writes outside its folder; one writer per run directory; no hang; Ctrl-C,
+SIGTERM and SIGKILL leave nothing running."""
 
 import json
 import os
@@ -19,13 +20,16 @@ from resmem_ray.cli import main
 from resmem_ray.config import load_config
 from resmem_ray.errors import ResMemError
 from resmem_ray.schema import Config, leaf_keys
-from resmem_ray.store.files import file_hashes
+from resmem_ray.stages.serve import PROCESSES
+from resmem_ray.store.artifacts import load_index_manifest
+from resmem_ray.store.files import file_hashes, sha256, write_json
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.image_data import load_splits
 
 from .conftest import DIGITS_ARGS
 from .ray_head import MotoS3
 from .test_pipeline import one_error_line
+from .test_serve import free_port
 
 
 def run_args(run_dir, *extra):
@@ -243,6 +247,90 @@ def test_status_table(digits_run, capsys):
     assert "| evaluate | stale | config changed: resmem.k |" in capsys.readouterr().out
 
 
+def test_status_overrides_change_the_runs_own_config(digits_run, capsys):
+    assert main(["status", str(digits_run), "resmem.k=7"]) == 0
+    out = capsys.readouterr().out
+    for stage in ("train", "embed", "index"):
+        assert f"| {stage} | done |" in out
+    assert "| evaluate | stale | config changed: resmem.k |" in out
+    assert main(["status", str(digits_run), "train.epochs=3", "resmem.k=5"]) == 0  # the values it ran with
+    out = capsys.readouterr().out
+    assert "stale" not in out and "| evaluate | done |" in out
+
+
+def garble_stage(run_dir: Path, stage: str, field: str | None, value) -> None:
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    if field:
+        manifest["stages"][stage][field] = value
+    else:
+        manifest["stages"][stage] = value
+    write_json(run_dir / "manifest.json", manifest)
+
+
+@pytest.mark.parametrize("command", ["status", "index", "evaluate"])
+@pytest.mark.parametrize("stage,field,value,problem", [
+    ("embed", None, "done", "stage 'embed' is a string, not a mapping"),
+    ("index", None, ["done"], "stage 'index' is a list, not a mapping"),
+    ("train", "outputs", ["model.pt"], "stage 'train': outputs is a list, not a mapping"),
+    ("evaluate", "seconds", "fast", "stage 'evaluate': seconds is a string, not a number or null")])
+def test_a_run_manifest_of_the_wrong_shape_is_one_line(run_copy, capsys, command, stage, field, value, problem):
+    garble_stage(run_copy, stage, field, value)
+    before = file_hashes(run_copy)
+    args = [str(run_copy)] if command == "status" else run_args(run_copy)
+    assert main([command, *args]) == 2
+    assert f"{run_copy / 'manifest.json'} is not a run manifest ({problem})" in one_error_line(capsys)
+    assert file_hashes(run_copy) == before
+
+
+def replace_index_manifest(run_dir: Path, data: bytes) -> Path:
+    """index/manifest.json replaced by `data`, and vouched for by the run manifest (as a
+    faulty writer would leave it): only its shape tells that it is not an index manifest."""
+    path = run_dir / "index" / "manifest.json"
+    path.write_bytes(data)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["stages"]["index"]["outputs"]["manifest.json"] = sha256(path)
+    write_json(run_dir / "manifest.json", manifest)
+    return path
+
+
+def index_manifest_with(run_dir: Path, **changes) -> bytes:
+    return json.dumps({**json.loads((run_dir / "index" / "manifest.json").read_text()), **changes}).encode()
+
+
+@pytest.mark.parametrize("content,problem", [
+    (lambda run: b'"index"', "it holds a string, not a mapping"),
+    (lambda run: b"[1, 2]", "it holds a list, not a mapping"),
+    (lambda run: b'{"dim": 8}', "missing rows, num_classes, distance"),
+    (lambda run: index_manifest_with(run, shards=["shard-00000"]), "shards is not a non-empty list of mappings"),
+    (lambda run: index_manifest_with(run, memorized="new.npz"), "memorized is not a list of mappings"),
+    (lambda run: index_manifest_with(run, memorized=[{"rows": 3}]), "memorized entries without first_id, source")])
+def test_an_index_manifest_of_the_wrong_shape_is_one_line(run_copy, capsys, content, problem):
+    path = replace_index_manifest(run_copy, content(run_copy))
+    before = file_hashes(run_copy)
+    assert main(["evaluate", *run_args(run_copy)]) == 2
+    line = one_error_line(capsys)
+    assert f"{path} is not an index manifest ({problem}" in line and line.endswith("rerun `resmem index`")
+    assert file_hashes(run_copy) == before
+
+
+def test_index_rebuilds_over_a_garbage_index_manifest(run_copy, capsys, tmp_path):
+    path = replace_index_manifest(run_copy, b"[]")
+    (run_copy / "index" / "memorized").mkdir()
+    (run_copy / "index" / "memorized" / "000000001797.parquet").write_bytes(b"PAR1")
+    problem = f"{path} is not an index manifest (it holds a list, not a mapping)"
+    assert main(["evaluate", *run_args(run_copy)]) == 2
+    assert one_error_line(capsys).endswith(f"{problem}: rerun `resmem index`")
+    assert main(["index", *run_args(run_copy)]) == 0
+    out = capsys.readouterr().out
+    assert f"[index] {problem}: no memorized rows carried over (1 file(s) of memorized rows dropped" in out
+    assert not (run_copy / "index" / "memorized").exists()
+    assert main(["evaluate", *run_args(run_copy)]) == 0
+    binary = tmp_path / "manifest.json"
+    binary.write_bytes(b"\xff\x00{")
+    with pytest.raises(ResMemError, match=f"{binary} is not valid JSON"):
+        load_index_manifest(binary)
+
+
 # --- no hang -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shards,replicas,cpus", [(5, 1, 2.5), (3, 2, 3.0)])
@@ -298,6 +386,7 @@ def test_submit_leaves_secrets_behind(tmp_path):
 
 # --- the run's own output, Ctrl-C, cheap checks first ----------------------------------------
 
+@pytest.mark.ray  # a `resmem` subprocess that starts Ray
 @pytest.mark.timeout(300)
 def test_ctrl_c_is_one_line_and_ray_chatter_stays_in_its_logs(tmp_path):
     run_dir = tmp_path / "run"
@@ -321,6 +410,64 @@ def test_ctrl_c_is_one_line_and_ray_chatter_stays_in_its_logs(tmp_path):
     assert "resmem: interrupted" in err and "KeyboardInterrupt" not in err
     assert "Reporting training result" not in out + err and "Checkpoint successfully created" not in out + err
     assert RunDir(run_dir).manifest()["stages"]["train"]["status"] == "interrupted"
+
+
+def start_serve(run_dir) -> subprocess.Popen:
+    """`resmem serve` in its own session (a terminal's Ctrl-C reaches its whole process
+    group), on its own Ray instance, once it answers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}  # cli.py's own settings
+    proc = subprocess.Popen([sys.executable, "-m", "resmem_ray.cli", "serve", "--config", "jobs/configs/digits.yaml",
+                             "neighbour_transformer.enabled=false", f"run_dir={run_dir}", f"serve.port={free_port()}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc.lines = []
+    for line in proc.stdout:
+        proc.lines.append(line)
+        if line.startswith("[serve] the ingress replica(s) answer directly"):
+            return proc
+    raise AssertionError("".join(proc.lines) + proc.stderr.read()[-3000:])
+
+
+def stop_serve(proc, how) -> tuple[str, str, float]:
+    """(stdout after the signal, stderr without Ray's WARNING lines, seconds to exit)."""
+    t0 = time.time()
+    os.killpg(proc.pid, how) if how == signal.SIGINT else proc.send_signal(how)
+    rest, err = proc.communicate(timeout=90)
+    return rest, "\n".join(line for line in err.splitlines() if "WARNING" not in line), time.time() - t0
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_serve_at_once_in_one_line(run_copy):
+    proc = start_serve(run_copy)
+    rest, err, took = stop_serve(proc, signal.SIGINT)
+    assert proc.returncode == 130 and err == "resmem: serve stopped" and rest == "", (err, rest)
+    assert took < 30  # Serve's 30 s drain of a direct ingress replica is not waited for
+    assert "Throughput optimized Ray Serve" not in "".join(proc.lines)  # Serve's banner stays in its logs
+    assert not (run_copy / PROCESSES).exists()
+
+
+@pytest.mark.timeout(240)
+def test_a_killed_serve_is_cleaned_by_the_next_which_sigterm_stops(run_copy):
+    import psutil  # Ray's own copy (ray is imported)
+
+    proc = start_serve(run_copy)
+    for _ in range(100):  # written once the application is up
+        if (run_copy / PROCESSES).exists():
+            break
+        time.sleep(0.1)
+    recorded = json.loads((run_copy / PROCESSES).read_text())["processes"]
+    proc.kill()
+    proc.wait()
+    time.sleep(2)
+    left = [p["pid"] for p in recorded if psutil.pid_exists(p["pid"])
+            and psutil.Process(p["pid"]).status() != psutil.STATUS_ZOMBIE]
+    assert left  # Ray's agents outlive a SIGKILLed driver
+
+    second = start_serve(run_copy)
+    (line,) = [line for line in second.lines if "killed `resmem serve`" in line]
+    assert f"stopped {len(left)} process(es) of the Ray instance of a killed `resmem serve` (pid {proc.pid})" in line
+    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in left)
+    rest, err, _ = stop_serve(second, signal.SIGTERM)
+    assert second.returncode == 143 and err == "resmem: serve stopped" and rest == "", (err, rest)
 
 
 def test_cheap_checks_come_before_ray_starts(tmp_path, capsys, monkeypatch):

@@ -179,6 +179,8 @@ def manifest_hash(app) -> str:
     ("/predict", {"examples": [np.zeros((8, 8), int).tolist()] * 101}, "application/json", None, 413,
      "serve.max_examples=100"),
     ("/predict", b"x" * 300_000, "application/json", None, 413, "serve.max_request_bytes=200000"),
+    ("/predict", b'{"examples": ' + b"[" * 99_000 + b"]" * 99_000 + b"}", "application/json", None, 400,
+     "nests JSON arrays or objects too deeply"),
     ("/memorize", {"examples": [np.zeros((8, 8), int).tolist()], "labels": [10]}, "application/json", TOKEN, 400,
      "labels[0]=10 is not a class"),
     ("/memorize", {"examples": [np.zeros((8, 8), int).tolist()], "labels": [1, 2]}, "application/json", TOKEN, 400,
@@ -186,14 +188,16 @@ def manifest_hash(app) -> str:
     ("/memorize", {"examples": [np.zeros((8, 8), int).tolist()] * 2}, "application/json", TOKEN, 400,
      "labels must be a list of 2"),
     ("/memorize", {"examples": [], "labels": []}, "application/json", TOKEN, 400, "no examples"),
+    ("/memorize?label=%C2%B2", "png 8x8", "image/png", TOKEN, 400, "needs its class as ?label=N, got '\u00b2'"),
+    ("/memorize?label=--3", "png 8x8", "image/png", TOKEN, 400, "needs its class as ?label=N, got '--3'"),
     ("/memorize", {"examples": [np.zeros((8, 8), int).tolist()], "labels": [1]}, "application/json", None, 401,
      "Authorization: Bearer"),
     ("/memorize", {"examples": [np.zeros((8, 8), int).tolist()], "labels": [1]}, "application/json", "wrong", 403,
      "token is wrong"),
 ])
 def test_bad_requests_are_one_clear_4xx_and_add_nothing(app, path, body, content_type, token, status, words):
-    if body == "png 9x9":
-        body = png(np.zeros((1, 9, 9), np.uint8))
+    if body in ("png 9x9", "png 8x8"):
+        body = png(np.zeros((1, int(body[-1]), int(body[-1])), np.uint8))
     before = manifest_hash(app)
     got, answer = http(app["url"] + path, body, content_type, token)
     assert got == status and words in answer["error"] and "\n" not in answer["error"], answer
@@ -248,6 +252,49 @@ def test_a_restart_evaluate_and_index_keep_memorized_rows(app, capsys):
     rebuilt = read_json(app["run"] / "index" / "manifest.json")
     assert rebuilt["rows"] == manifest["rows"] and "serve_shard" not in rebuilt
     assert [m["rows"] for m in rebuilt["memorized"]] == [3, 1]
+
+
+def test_an_ivf_run_is_served_at_index_nprobe(app, run_copy):
+    """FAISS keeps an IVF shard's build-time nprobe (1) in its file; serve's memory opens
+    shards as evaluate's shard actors do, at index.nprobe, so its answers are evaluate's."""
+    from ray import serve
+
+    from resmem_ray.cli import main
+    from resmem_ray.core.knn import prepare_queries
+    from resmem_ray.runtime.shards import LocalShards
+    from resmem_ray.schema import IndexConfig
+    from resmem_ray.stages.serve import APP, start
+    from resmem_ray.store.artifacts import read_split
+    from resmem_ray.store.rundir import RunDir
+
+    serve.delete(APP)  # evaluate's shard actors need the CPUs; the IVF run takes its place on the same port
+    ivf = ("neighbour_transformer.enabled=false", f"run_dir={run_copy}", "index.factory=IVF8,Flat", "index.nprobe=4")
+    assert main(["index", "--config", "jobs/configs/digits.yaml", *ivf]) == 0
+    assert main(["evaluate", "--config", "jobs/configs/digits.yaml", *ivf]) == 0
+    expected = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
+    run, manifest = RunDir(run_copy), read_json(run_copy / "index" / "manifest.json")
+    stored = read_split(run, "test", needed_by="test", columns=("id", "embedding"))
+    queries = prepare_queries(stored["embedding"], manifest["distance"], manifest["normalize"])
+    at_one = LocalShards(run.index, manifest["shards"], manifest["distance"], IndexConfig(nprobe=1)).search(queries, 1)
+    nn1 = dict(zip(stored["id"].tolist(), at_one.ids[:, 0].tolist()))
+    test = app["test"]
+    rows = expected.loc[test.ids]
+    other = [nn1[i] != j for i, j in zip(test.ids, rows["nn1_id"])]
+    assert sum(other) >= 5  # at the files' nprobe=1 the nearest neighbours differ: the test tells them apart
+
+    cfg = load_config("jobs/configs/digits.yaml", (*ivf, f"serve.port={app['cfg'].serve.port}"))
+    try:
+        url = start(cfg)
+        answers = []
+        for a in range(0, len(test), 100):
+            status, answer = http(url + "/predict", {"examples": [im.tolist() for im in test.images[a:a + 100]]})
+            assert status == 200, answer
+            answers += answer["predictions"]
+    finally:
+        serve.delete(APP)
+    assert [a["neighbours"][0]["id"] for a in answers] == rows["nn1_id"].tolist()
+    assert [a["base"]["class"] for a in answers] == rows["base"].tolist()
+    assert [a["resmem"]["class"] for a in answers] == rows["resmem"].tolist()
 
 
 def test_a_token_lm_is_not_served():

@@ -130,7 +130,7 @@ def test_lm_metrics_knnlm_matches_loops():
     lam, tau, T, k_used = 0.4, 0.3, 2.0, 3
     cfg = load_config("jobs/configs/bbc_lm.yaml", (f"resmem.k={k_used}", f"resmem.knn_lambda={lam}",
                                                    f"resmem.knn_tau={tau}", f"resmem.temperature={T}"))
-    got = lm_metrics(logits, labels, nb, cfg, batch=8)["knnlm"]
+    got = lm_metrics(logits, labels, nb, cfg, batch=8)["knn_interp"]
     correct, nll = 0, 0.0
     for q in range(n):
         z = np.exp((logits[q] - logits[q].max()) / T)
@@ -171,7 +171,7 @@ def test_lm_confidence_gate_never_reads_the_memory_for_confident_tokens():
                                                             "residual_ids")))
     skipped = lm_metrics(logits, labels, searched, cfg, reads, batch=7)
     unskipped = lm_metrics(logits, labels, nb, cfg, batch=7)
-    want = {"resmem": [], "knnlm": []}
+    want = {"resmem": [], "knn_interp": []}
     for t in range(n):
         q, knn = p[t], p[t]
         if reads[t]:
@@ -181,7 +181,7 @@ def test_lm_confidence_gate_never_reads_the_memory_for_confident_tokens():
             e = np.exp(-nb.distances[t].astype(np.float64) / tau)
             knn = (1 - lam) * p[t] + lam * np.bincount(nb.labels[t], e / e.sum(), minlength=vocab)
         want["resmem"].append(q)
-        want["knnlm"].append(knn)
+        want["knn_interp"].append(knn)
     for method, rows in want.items():
         q = np.array(rows)
         expected = {"accuracy": (q.argmax(1) == labels).mean(),

@@ -109,7 +109,8 @@ def test_no_stage_tests_the_model_or_dataset_name():
 def test_the_stage_list_exists_once():
     names = set(STAGES)
     assert set(JOB_STAGES) == names | {"run"}
-    assert {p.stem for p in (PACKAGE.parent / "jobs").glob("*.py")} - {"__init__"} == names | {"run"}
+    # one job entry point, `python -m jobs STAGE` (test_pipeline runs it for each of JOB_STAGES)
+    assert {p.name for p in (PACKAGE.parent / "jobs").glob("*.py")} == {"__init__.py", "__main__.py"}
     for stage in STAGES.values():
         module, function = stage.function.split(":")
         assert callable(getattr(__import__(module, fromlist=[function]), function)), stage.name
@@ -126,3 +127,43 @@ def test_cli_has_every_stage(name, capsys):
 def test_submit_help_names_every_stage():
     out = subprocess.run([sys.executable, "-m", "resmem_ray.cli", "submit", "--help"], capture_output=True, text=True)
     assert all(name in out.stdout for name in STAGES)
+
+
+def test_stages_with_outputs_run_inside_their_manifest_entry():
+    """Their functions are wrapped by store/rundir.py's stage_entry under their own name."""
+    enveloped = set()
+    for stage in STAGES.values():
+        module, function = stage.function.split(":")
+        wrapped_as = getattr(getattr(__import__(module, fromlist=[function]), function), "stage", None)
+        assert wrapped_as in (None, stage.name), stage.name
+        enveloped |= {stage.name} if wrapped_as else set()
+    assert enveloped == {s.name for s in STAGES.values() if s.folder}
+
+
+def codec_tests(source: str) -> list[str]:
+    """The places in `source` that test a memory's codec: a comparison naming a codec, or a
+    read of the manifest's codec (`manifest["codec"]`, `manifest.get("codec", ...)`)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and re.search(r"\bcodec\b", ast.unparse(node)):
+            found.append(ast.unparse(node))
+        key = node.slice if isinstance(node, ast.Subscript) else (
+            node.args[0] if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "get" and node.args else None)
+        if isinstance(key, ast.Constant) and key.value == "codec":
+            found.append(ast.unparse(node))
+    return found
+
+
+def test_codec_finder_finds_a_codec_test():
+    assert codec_tests('if manifest.get("codec") == "sparse":\n    pass\n')
+    assert codec_tests('kind = manifest["codec"]\n')
+    assert codec_tests("ok = task.codec != 'dense'\n")
+    assert not codec_tests("check_codec(run, manifest, task.codec, task.name)\nmanifest.update(codec=task.codec)\n")
+
+
+def test_no_stage_tests_the_memory_codec():
+    """What a codec means belongs to the task (Task.codec and its methods) and the one check
+    that the memory holds it (store/artifacts.check_codec); a stage that tests it holds task code."""
+    for path in (PACKAGE / "stages").glob("*.py"):
+        assert codec_tests(path.read_text()) == [], path.name

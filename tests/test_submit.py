@@ -24,3 +24,11 @@ def test_submit_errors_are_one_line(args, message, capsys, monkeypatch):
     assert main(["submit", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("resmem: error: ") and message in err and err.count("\n") == 1
+
+
+def test_the_job_entry_point_refuses_what_is_not_a_stage():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "jobs", "status", "runs/x"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.startswith("usage: python -m jobs STAGE") and "| run" in out.stderr

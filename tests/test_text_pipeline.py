@@ -12,9 +12,11 @@ from resmem_ray.config import load_config
 from resmem_ray.pipeline import stage_keys
 from resmem_ray.store.artifacts import read_split
 from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.methods import neighbour_baselines
 from resmem_ray.tasks.text import load_tokenizer, minilm_dir
 from resmem_ray.tasks.text_data import load_splits as load_text_splits
 
+BASELINES = [m.key for m in neighbour_baselines()]  # scored from the neighbours by every classifier and the LM
 FAST = ["train.epochs=1", "train.num_workers=1", "embed.num_actors=1", "index.num_shards=2", "data.limit=24"]
 
 
@@ -47,7 +49,7 @@ def test_text_classification_run(ray_session, tiny_bert, tmp_path, capsys):
     assert test["embedding"].shape == (24, 32) and test["logits"].shape == (24, 5)
     metrics = json.loads((run.report / "metrics.json").read_text())
     assert metrics["num_test"] == 24 and metrics["memory_rows"] == 24
-    assert set(metrics["accuracy"]) == {"base", "knn_1", "knn_5", "knn_interp", "resmem", "oracle_gate"}
+    assert set(metrics["accuracy"]) == {"base", "knn_1", "knn_5", *BASELINES, "resmem", "oracle_gate"}
     assert main(["memorize", *args, "--examples", str(tmp_path / "x.npz")]) == 2
     assert "a text run memorizes a .jsonl or .csv of text and label" in capsys.readouterr().err
 
@@ -115,8 +117,8 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
         assert 0 <= metrics[f"{m}_accuracy"] <= 1 and 1 < metrics[f"{m}_perplexity"] < np.inf
     # a uniform guess over 300 tokens has perplexity 300: one epoch of training beats it
     assert metrics["base_perplexity"] < 300
-    assert 1 < metrics["knnlm_perplexity"] < np.inf and 0 <= metrics["knnlm_accuracy"] <= 1
-    assert set(metrics["accuracy"]) == {"base", "knnlm", "resmem"} and "| kNN-LM |" in out
+    assert 1 < metrics["knn_interp_perplexity"] < np.inf and 0 <= metrics["knn_interp_accuracy"] <= 1
+    assert set(metrics["accuracy"]) == {"base", *BASELINES, "resmem"} and "| kNN-LM |" in out
     # a deeper LM is a new base model: the run reruns from train, not a reprinted old report
     deeper = load_config(args[1], (*args[2:], "text.lm_layers=4"))
     assert run.stale_reason("train", deeper.to_dict(), stage_keys("train", deeper)) == "config changed"

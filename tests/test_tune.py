@@ -12,6 +12,7 @@ import resmem_ray.stages.tune
 from resmem_ray.cli import main
 from resmem_ray.config import load_config
 from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.methods import METHODS
 
 from .conftest import DIGITS_ARGS
 
@@ -47,18 +48,21 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
     assert summary["best_val_accuracy"] == max(t["val_accuracy"] for t in summary["top"])
     # the trial's score is the reweighting of one shared neighbour table: recompute it
     cfg = load_config("jobs/configs/digits.yaml", (*DIGITS_ARGS[2:], f"run_dir={run_copy}", *SPACE))
-    table = resmem_ray.stages.tune.neighbour_table(resmem_ray.stages.tune.with_memory(cfg, best["distance"], best["normalize"]),
-                                            RunDir(run_copy))
-    score = resmem_ray.stages.tune.reweighted_accuracy(table, **{p: best[p] for p in resmem_ray.stages.tune.TUNED})
+    tune = resmem_ray.stages.tune
+    table = tune.neighbour_table(tune.with_setting(cfg, {"distance": best["distance"], "normalize": best["normalize"]}),
+                                 RunDir(run_copy))
+    # every T of the grid has its residual rows computed once, up front: no trial recomputes them
+    assert set(table["residuals_at"]) >= set(cfg.tune.temperature) and "neighbour_logits" not in table
+    score = tune.setting_scores(cfg, table, best)["val_accuracy"]
     assert score == pytest.approx(summary["best_val_accuracy"])
     # the in-process grid (what a sweep trial uses) finds the same best score on that table
-    assert resmem_ray.stages.tune.best_on_grid(table, cfg.tune)[1] == pytest.approx(summary["best_val_accuracy"])
+    assert tune.best_on_grid(cfg, table)[1] == pytest.approx(summary["best_val_accuracy"])
     assert 0 < summary["learned_gate"]["val_accuracy"] <= 1
     # the kNN interpolation baseline is tuned on val too, from the same table, at ResMem's k and T
     knn = summary["knn_interp"]
     assert (knn["k"], knn["temperature"], knn["trials"]) == (best["k"], best["temperature"], 25)
     assert knn["knn_lambda"] in cfg.tune.knn_lambda and knn["knn_tau"] in cfg.tune.knn_tau
-    assert knn == resmem_ray.stages.tune.tune_knn_interp(table, best, cfg.tune)
+    assert knn == tune.tune_baseline(tune.with_setting(cfg, best), table, METHODS["knn_interp"])
 
     metrics = json.loads((run_copy / "report" / "metrics.json").read_text())
     assert {k: metrics["resmem"][k] for k in best} == best
@@ -80,4 +84,4 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
 
 def test_tune_k_larger_than_memory(run_copy, capsys):
     assert main(["tune", *DIGITS_ARGS, f"run_dir={run_copy}", "tune.k=[5,99999]"]) == 2
-    assert "config key tune.k (or evaluate.knn_ks): 99999 is larger than the memory" in capsys.readouterr().err
+    assert "k=99999 (config key tune.k) is larger than the memory" in capsys.readouterr().err

@@ -23,9 +23,9 @@ from ray import serve
 
 from resmem_ray.core.knn import Neighbours, merge_topk, prepare_queries, search_shard
 from resmem_ray.errors import ResMemError
-from resmem_ray.runtime.shards import ShardedMemory, add_shard
+from resmem_ray.runtime.shards import LocalShards, ShardedMemory, add_shard
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import load_shard, read_index_manifest
+from resmem_ray.store.artifacts import check_k, load_shard, read_index_manifest
 from resmem_ray.store.rundir import RunDir
 
 SERVE_SOURCE = "POST /memorize"  # manifest["memorized"]'s source of rows added by `resmem serve`
@@ -43,7 +43,7 @@ class Memory:
             self.shards = ShardedMemory(self.run.index, {**self.manifest, "shards": static, "rows": self.static_rows},
                                         cfg.index)
         else:  # in this replica: one hop less per batch, for a memory that fits one process
-            self.shards = LocalShards(self.run.index, static, self.manifest["distance"])
+            self.shards = LocalShards(self.run.index, static, self.manifest["distance"], cfg.index)
         self.lock = threading.Lock()
         self.write = None  # (FAISS index, rows, embeddings) of the write shard
         if write_shard is not None:
@@ -57,8 +57,7 @@ class Memory:
     def search(self, queries: np.ndarray, k: int) -> Neighbours:
         write = self.write  # one consistent snapshot; add() swaps it whole
         rows = self.static_rows + (len(write[1]["ids"]) if write else 0)
-        if k > rows:
-            raise ResMemError(f"k={k} is larger than the memory ({rows} rows)")
+        check_k(k, rows)
         parts = [self.shards.search(queries, min(k, self.static_rows)).as_part()]
         if write:
             parts.append(search_shard(write[0], write[1], queries, k, self.manifest["distance"]))
@@ -81,16 +80,6 @@ class Memory:
                                         {"id": ids, **memorized}, write_shard=True)
             self.manifest, self.write = manifest, (index, rows, emb)
             return ids.tolist()
-
-
-class LocalShards:
-    """The run's shards searched in this process, answering as ShardedMemory does."""
-
-    def __init__(self, folder, entries: list[dict], distance: str):
-        self.shards, self.distance = [load_shard(folder, entry) for entry in entries], distance
-
-    def search(self, queries: np.ndarray, k: int) -> Neighbours:
-        return merge_topk([search_shard(index, rows, queries, k, self.distance) for index, rows in self.shards], k)
 
 
 @serve.deployment(max_ongoing_requests=128)

@@ -21,12 +21,12 @@ import faiss
 import numpy as np
 
 from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check_index_config, combine_flat,
-                                 merge_topk,
-                                 place_index, search_shard, set_search_params)
+                                 merge_topk, place_index, search_shard, set_search_params)
 from resmem_ray.errors import ResMemError
 from resmem_ray.log import Progress, stage_log
+from resmem_ray.runtime.instance import local_instance
 from resmem_ray.schema import IndexConfig
-from resmem_ray.store.artifacts import load_shard, model_fingerprint, write_memorized
+from resmem_ray.store.artifacts import check_k, load_shard, model_fingerprint, write_memorized
 from resmem_ray.store.files import sha256, write_json
 from resmem_ray.store.remote import uri_of
 from resmem_ray.store.rundir import RunDir
@@ -117,38 +117,57 @@ def add_shard(run: RunDir, manifest: dict, embeddings: np.ndarray, ids: np.ndarr
     return manifest, faiss.deserialize_index(np.frombuffer(built["data"][f"shard-{first:05d}.faiss"], np.uint8))
 
 
+class LocalShards:
+    """Shards searched in this process, opened the one way every reader opens them (a shard
+    actor, serve's memory replica): read from the run directory and checked against the
+    manifest, exact ones combined into one index (combine_flat), index.nprobe and
+    index.ef_search set (FAISS keeps the build-time values in the file), placed by
+    index.backend and index.use_gpu."""
+
+    def __init__(self, index_dir: Path, entries: list[dict], distance: str, settings: IndexConfig):
+        self.distance, self.shards, self.where = distance, [], None
+        for index, rows in combine_flat([load_shard(Path(index_dir), entry) for entry in entries]):
+            set_search_params(index, settings.nprobe, settings.ef_search)
+            index, self.where = place_index(index, settings.backend, settings.use_gpu)
+            self.shards.append((index, rows))
+
+    def part(self, queries: np.ndarray, k: int) -> tuple:
+        """The top-k over these shards in search_shard's form, for another merge_topk."""
+        if self.where == "faiss-gpu" and k > FAISS_GPU_MAX_K:
+            raise ResMemError(f"k={k} is over FAISS GPU's limit of {FAISS_GPU_MAX_K}: lower k, or set "
+                              "index.backend=torch or index.use_gpu=false")
+        parts = [search_shard(index, rows, queries, k, self.distance) for index, rows in self.shards]
+        return parts[0] if len(parts) == 1 else merge_topk(parts, k).as_part()
+
+    def search(self, queries: np.ndarray, k: int) -> Neighbours:
+        return merge_topk([self.part(queries, k)], k)
+
+
 class ShardActor:
-    """Holds one or more shards: reads them from the run directory (checked against the
-    manifest) and answers a query batch with the top-k over all of them.
-    Ray restarts a dead actor, which runs __init__ again and so reloads its shards."""
+    """Holds one or more shards (LocalShards) and answers a query batch with the top-k
+    over all of them. Ray restarts a dead actor, which runs __init__ again and so reloads
+    its shards."""
 
     def __init__(self, index_dir: str, entries: list[dict], distance: str, settings: IndexConfig,
                  run_uri: str | None = None):
         threads = max(1, int(round(settings.cpus_per_shard)))
         faiss.omp_set_num_threads(threads)  # the actor's CPU share, not the whole host
-        self.distance, self.error, self.where, self.shards = distance, None, None, []
+        self.error, self.shards = None, None
         try:
             if run_uri:  # a URI run: this node's mirror of its index (fetched if missing)
                 index_dir = str(RunDir(run_uri, pull=("index",)).index)
-            for index, rows in combine_flat([load_shard(Path(index_dir), entry) for entry in entries]):
-                set_search_params(index, settings.nprobe, settings.ef_search)
-                index, self.where = place_index(index, settings.backend, settings.use_gpu)
-                self.shards.append((index, rows))
+            self.shards = LocalShards(Path(index_dir), entries, distance, settings)
         except ResMemError as e:  # kept for ready(): Ray drops the cause of a failed __init__
             self.error = e
 
     def ready(self) -> str:
         if self.error:
             raise self.error
-        return self.where
+        return self.shards.where
 
     def search(self, queries: np.ndarray, k: int):
         self.ready()
-        if self.where == "faiss-gpu" and k > FAISS_GPU_MAX_K:
-            raise ResMemError(f"k={k} is over FAISS GPU's limit of {FAISS_GPU_MAX_K}: lower k, or set "
-                              "index.backend=torch or index.use_gpu=false")
-        parts = [search_shard(index, rows, queries, k, self.distance) for index, rows in self.shards]
-        return parts[0] if len(parts) == 1 else merge_topk(parts, k).as_part()
+        return self.shards.part(queries, k)
 
 
 class ShardedMemory:
@@ -191,7 +210,7 @@ class ShardedMemory:
         asked = (f"{len(manifest['shards'])} shards in {len(groups)} actor(s){held} x {settings.replicas} replicas"
                  f" = {num_actors} shard actors x index.cpus_per_shard={settings.cpus_per_shard:g} CPU = {need:g} CPUs")
         total = ray.cluster_resources().get("CPU", 0)
-        if need > total and not os.environ.get("RAY_ADDRESS"):  # a local instance: no node will join
+        if need > total and local_instance():  # no node will join
             raise ResMemError(f"{asked}, but this Ray instance has {total:g} CPUs: lower index.num_shards, "
                               "index.replicas or index.cpus_per_shard")
         source = uri_of(index_dir)
@@ -223,8 +242,7 @@ class ShardedMemory:
         if queries.ndim != 2 or queries.shape[1] != m["dim"]:
             raise ResMemError(f"query embeddings have shape {queries.shape}, the index holds "
                               f"{m['dim']}-dim vectors")
-        if k > m["rows"]:
-            raise ResMemError(f"k={k} is larger than the memory ({m['rows']} rows)")
+        check_k(k, m["rows"])
         ref = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
         first = self.calls % self.replicas
         self.calls += 1
@@ -235,9 +253,8 @@ class ShardedMemory:
         return merge_topk([self._get(group, future, first, ref, k) for group, future in enumerate(futures)], k)
 
     def search_batches(self, queries: np.ndarray, k: int, batch_size: int) -> Neighbours:
-        """`search` over many queries, `batch_size` per round trip, with a progress line every
-        few seconds (and the last). The next batch is sent before this one is merged, so the
-        shards search while the driver merges."""
+        """`search` over many queries, `batch_size` per round trip, with progress. The next
+        batch is sent before this one is merged, so the shards search while the driver merges."""
         parts, t0, progress = [], time.time(), Progress(log)
         starts = range(0, max(len(queries), 1), batch_size)  # no queries: one empty answer
         sent = self._fan_out(queries[:batch_size], k)

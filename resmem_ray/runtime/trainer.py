@@ -140,15 +140,15 @@ def worker_loop(config: dict) -> None:
             ray.train.report(metrics)
 
 
-def start(run, stage: str, config: dict, epochs: int) -> None:
-    """Mark `stage` running. Resume only an interrupted or stopped-early run (of `epochs`)
-    with the same config (Ray Train finds its checkpoints); anything else trains afresh."""
+def keep_checkpoints_to_resume(run, stage: str, config: dict, epochs: int) -> None:
+    """Before `stage`'s entry opens: keep its checkpoints (Ray Train resumes from them)
+    only for an interrupted or stopped-early run (of `epochs`) with the same config, as
+    its entry recorded; anything else trains afresh."""
     previous = run.manifest()["stages"].get(stage, {})
     unfinished = previous.get("status") in ("running", "interrupted", "failed") \
         or previous.get("epochs_done", epochs) < epochs
     if not unfinished or previous.get("config") != config:
         run.delete(f"ray_{stage}")  # forget old checkpoints: start from scratch
-    run.mark_running(stage, config)
 
 
 def _fit_in_a_thread(trainer):

@@ -1,1 +1,1 @@
-"""The pipeline's stages, one module each; the table of them is pipeline.py."""
+"""The pipeline's stages, one module each; the table of them is resmem_ray/stage_table.py."""

@@ -11,19 +11,20 @@ from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_model_meta, write_split
-from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
 from resmem_ray.tasks.splits import SPLITS
 
 log = stage_log("embed")
 
 
-def embed(cfg: Config) -> dict:
+@stage_entry("embed")
+def embed(cfg: Config) -> StageSteps:
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
     meta = read_model_meta(run, needed_by="embed")
     splits, _ = task.load_splits(cfg)
-    run.mark_running("embed", cfg.to_dict())
+    yield run  # the entry opens: running
     e = cfg.embed
     counts = {}
     for name in SPLITS:
@@ -37,7 +38,6 @@ def embed(cfg: Config) -> dict:
         if not task.one_row_per_example:
             log.info(f"{name}: {rows} rows")
         counts[name] = rows
-    run.mark_done("embed", cfg.to_dict(), rows=counts, embedding_dim=meta["embedding_dim"],
-                  num_classes=meta["num_classes"], **task.embed_info(cfg, splits, meta))
-    return counts
+    return counts, {"rows": counts, "embedding_dim": meta["embedding_dim"], "num_classes": meta["num_classes"],
+                    **task.embed_info(cfg, splits, meta)}
 

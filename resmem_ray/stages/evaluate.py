@@ -9,9 +9,9 @@ from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import read_index_manifest, read_split
+from resmem_ray.store.artifacts import check_codec, check_k, read_index_manifest, read_split
 from resmem_ray.store.files import atomic_dir, read_json, verify_hashes, write_json
-from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
 
 log = stage_log("evaluate")
@@ -38,13 +38,12 @@ def stored_tuning(run: RunDir, cfg: Config) -> dict | None:
     return summary if same else None
 
 
-def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
+@stage_entry("evaluate")
+def evaluate(cfg: Config, tuning: dict | None = None) -> StageSteps:
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
     manifest = read_index_manifest(run, needed_by="evaluate")
-    if manifest.get("codec", "dense") != task.codec:
-        raise ResMemError(f"{run.index} holds {manifest.get('codec', 'dense')} residuals, the {task.name} task "
-                          f"reads {task.codec} ones: rerun `resmem index`")
+    check_codec(run, manifest, task.codec, task.name)
     check_matches_index(cfg, manifest)
     tuning = tuning or stored_tuning(run, cfg)
     if cfg.neighbour_transformer.enabled:
@@ -55,20 +54,17 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> dict:
         raise ResMemError(f"embedding dimension {queries.shape[1]} of {run.embeddings / 'test'} does not "
                           f"match the index in {run.index} ({manifest['dim']} dims): rerun `resmem index`")
     k = task.lookup_k(cfg)
-    if k > manifest["rows"]:
-        raise ResMemError(f"k={k} (max of resmem.k, evaluate.knn_ks and neighbour_transformer.k) is "
-                          f"larger than the memory ({manifest['rows']} rows)")
+    check_k(k, manifest["rows"], "max of resmem.k, evaluate.knn_ks and neighbour_transformer.k")
     reads = task.memory_reads(cfg, test)  # a confidence gate: the other rows never read the memory
     searched = queries if reads is None else queries[reads]
     log.info(f"{len(searched)} of {len(queries)} test queries against {manifest['rows']} memory rows in "
              f"{len(manifest['shards'])} shard(s), k={k}")
     with ShardedMemory(run.index, manifest, cfg.index) as memory:  # the shards are checked as they load
-        run.mark_running("evaluate", cfg.to_dict())
+        yield run  # once the shards are loaded and checked
         log.info(f"shard actors search on: {', '.join(sorted(set(memory.placement)))}")
         nb = memory.search_batches(searched, k, cfg.evaluate.batch_size)
     with atomic_dir(run.report) as tmp:
         metrics = task.evaluate(cfg, run, test, queries, nb, manifest, tmp, tuning)
         write_json(tmp / "metrics.json", metrics)
-    run.mark_done("evaluate", cfg.to_dict(), **task.done_info(metrics))
-    return metrics
+    return metrics, task.done_info(metrics)
 

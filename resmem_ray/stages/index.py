@@ -17,18 +17,20 @@ import shutil
 import numpy as np
 
 from resmem_ray.core.knn import check_index_config, prepare_queries
+from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import write_shards
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import model_fingerprint, read_memorized, read_split
-from resmem_ray.store.files import atomic_dir, inside, read_json, write_json
-from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.artifacts import load_index_manifest, model_fingerprint, read_memorized, read_split
+from resmem_ray.store.files import atomic_dir, inside, write_json
+from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
 
 log = stage_log("index")
 
 
-def build_index(cfg: Config) -> dict:
+@stage_entry("index")
+def build_index(cfg: Config) -> StageSteps:
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
     embedded = run.stage_output("embed", needed_by="index")
@@ -41,7 +43,7 @@ def build_index(cfg: Config) -> dict:
     check_index_config(cfg.index, n, dim, cfg.resmem.distance)
     r = cfg.resmem
     memory = task.memory_rows(cfg, train, r.temperature, embedded)
-    run.mark_running("index", cfg.to_dict())
+    yield run  # the entry opens: running
     emb = prepare_queries(train["embedding"], r.distance, r.normalize)
     log.info(f"{n} rows x {dim} dims" + (f" ({sum(m['rows'] for m in kept)} of them memorized)" if kept else "")
              + f" -> {cfg.index.num_shards} '{cfg.index.factory}' shard(s), {task.codec} residuals")
@@ -58,8 +60,7 @@ def build_index(cfg: Config) -> dict:
     for line in memory["info"].get("lines", []):
         log.info(line)
     info = {k: v for k, v in memory["info"].items() if k != "lines"}
-    run.mark_done("index", cfg.to_dict(), rows=int(n), num_shards=len(manifest["shards"]), **info)
-    return manifest
+    return manifest, {"rows": int(n), "num_shards": len(manifest["shards"]), **info}
 
 
 
@@ -71,8 +72,15 @@ def memorized_records(run: RunDir) -> list[dict]:
     path = run.index / "manifest.json"
     if not path.is_file():
         return []
+    try:
+        records = load_index_manifest(path).get("memorized", [])
+    except ResMemError as e:  # not the suite's writing: its records cannot be trusted
+        files = len(list((run.index / "memorized").glob("*.parquet")))
+        log.info(f"{e}: no memorized rows carried over"
+                 + (f" ({files} file(s) of memorized rows dropped: memorize them again)" if files else ""))
+        return []
     model, kept = model_fingerprint(run), []
-    for m in read_json(path).get("memorized", []):
+    for m in records:
         if "file" not in m:  # memorized before rows were kept
             log.info(f"dropped {m['rows']} memorized rows of {m['source']}: no embedding rows were kept")
         elif m.get("model") != model:

@@ -21,10 +21,13 @@ each ingress replica also answers HTTP on its own port, without the HTTP proxy's
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request)
 # at runtime, and Serve's ingress wrapper cannot resolve them from strings.
 
+import contextlib
 import hmac
 import json
 import logging
-import os
+import re
+import signal
+import socket
 import time
 from pathlib import Path
 
@@ -33,13 +36,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import RayServeException
 
 from resmem_ray.errors import ConfigError, ResMemError
 from resmem_ray.log import stage_log, verbose
+from resmem_ray.runtime.instance import local_instance
 from resmem_ray.runtime.serving import Memory, Model
 from resmem_ray.schema import Config, ServeConfig
 from resmem_ray.stages.evaluate import check_matches_index
-from resmem_ray.store.artifacts import read_index_manifest, read_model_meta
+from resmem_ray.store.artifacts import check_codec, check_k, read_index_manifest, read_model_meta
+from resmem_ray.store.files import read_json, write_json
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
 
@@ -133,7 +139,7 @@ class Ingress:
         """(model inputs, labels or None) of a request, or Refused / ResMemError naming the problem."""
         limit = self.settings.max_request_bytes
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise Refused(413, f"the request body is {declared} bytes, over serve.max_request_bytes={limit}")
         body = await request.body()
         if len(body) > limit:
@@ -143,14 +149,16 @@ class Ingress:
             items, labels = [body], None
             if labelled:
                 label = request.query_params.get("label", "")
-                if not label.lstrip("-").isdigit():
-                    raise Refused(400, "a PNG body to /memorize needs its class as ?label=N")
+                if not re.fullmatch(r"-?[0-9]+", label):  # not str.isdigit: it takes '²', which int() refuses
+                    raise Refused(400, f"a PNG body to /memorize needs its class as ?label=N, got {label!r:.40}")
                 labels = [int(label)]
         else:
             try:
                 payload = json.loads(body)
             except (ValueError, UnicodeDecodeError) as e:
                 raise Refused(400, f"the request body is not valid JSON: {e}") from None
+            except RecursionError:
+                raise Refused(400, "the request body nests JSON arrays or objects too deeply to parse") from None
             if not isinstance(payload, dict) or not isinstance(payload.get("examples"), list):
                 raise Refused(400, 'the request body must be a JSON object {"examples": [...]'
                                    + (', "labels": [...]}' if labelled else "}"))
@@ -160,8 +168,11 @@ class Ingress:
         if len(items) > self.settings.max_examples:
             raise Refused(413, f"{len(items)} examples in one request, over serve.max_examples="
                                f"{self.settings.max_examples}")
-        inputs = self.task.serve_inputs(items, self.meta)
-        return inputs, self.task.serve_labels(labels, len(items), self.meta) if labelled else None
+        try:
+            inputs = self.task.serve_inputs(items, self.meta)
+            return inputs, self.task.serve_labels(labels, len(items), self.meta) if labelled else None
+        except RecursionError:  # JSON that parses, nested too deeply for the checks (or their messages)
+            raise Refused(400, "the request's examples nest arrays too deeply") from None
 
 
 def read_token(s: ServeConfig) -> str | None:
@@ -188,12 +199,9 @@ def start(cfg: Config) -> str:
     manifest = read_index_manifest(run, needed_by="serve")
     meta = read_model_meta(run, needed_by="serve")
     task.serve_inputs([], meta)  # a task that is not served says so here
-    if manifest.get("codec", "dense") != task.codec:
-        raise ResMemError(f"{run.index} holds {manifest.get('codec', 'dense')} residuals, the {task.name} task "
-                          f"reads {task.codec} ones: rerun `resmem index`")
+    check_codec(run, manifest, task.codec, task.name)
     check_matches_index(cfg, manifest)
-    if cfg.resmem.k > manifest["rows"]:
-        raise ResMemError(f"resmem.k={cfg.resmem.k} is larger than the memory ({manifest['rows']} rows)")
+    check_k(cfg.resmem.k, manifest["rows"], "config key resmem.k")
     s = cfg.serve
     token = read_token(s)
     check_fits(cfg, manifest)
@@ -230,7 +238,7 @@ def check_fits(cfg: Config, manifest: dict) -> None:
         shard_cpus = actors * index.cpus_per_shard
     need = 0.2 + s.replicas * s.cpus + shard_cpus
     total = ray.cluster_resources().get("CPU", 0)
-    if need > total and not os.environ.get("RAY_ADDRESS"):
+    if need > total and local_instance():
         raise ResMemError(f"`resmem serve` asks for {need:g} CPUs (ingress and memory 0.2, serve.replicas={s.replicas}"
                           f" x serve.cpus={s.cpus:g}" + (f", shard actors {shard_cpus:g} (index.*)" if shard_cpus else "")
                           + f"), but this Ray instance has {total:g}: lower serve.replicas or serve.cpus"
@@ -250,12 +258,83 @@ def replica_urls(s: ServeConfig) -> list[str]:
                    if str(g.protocol).upper().endswith("HTTP") for t in g.targets if t.port != s.port})
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: `resmem serve` stops as on Ctrl-C, and exits 128 + 15."""
+
+    exit_code = 143
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+PROCESSES = "serve.processes.json"  # in the run directory while `resmem serve` runs on its own Ray instance
+
+
 def serve_run(cfg: Config) -> None:
-    """The stage: start the application and keep it up until Ctrl-C."""
+    """The stage: start the application and keep it up until Ctrl-C or SIGTERM, which
+    delete it and raise KeyboardInterrupt (the caller says so in one line)."""
+    # Ray's own SIGTERM handler exits from inside the handler and the driver aborts in
+    # its teardown (exit 134, C++ frames): take the Ctrl-C path instead
+    signal.signal(signal.SIGTERM, _terminate)
+    record = RunDir(cfg.run_dir).root / PROCESSES
+    stop_stale_processes(record)
     try:
         start(cfg)
+        record_processes(record)
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.delete(APP)
-        log.info("stopped")
+    finally:
+        try:
+            serve.delete(APP)
+        except RayServeException:  # Serve never started: a check refused the run
+            pass
+        record.unlink(missing_ok=True)
+
+
+def record_processes(path: Path) -> None:
+    """The processes of the Ray instance this process started (none on a cluster): a
+    `resmem serve` killed with SIGKILL cannot stop them, the next one on the run does."""
+    import psutil  # Ray's own copy
+
+    if not local_instance():
+        return
+    me = psutil.Process()
+    write_json(path, {"pid": me.pid, "host": socket.gethostname(),
+                      "processes": [{"pid": p.pid, "started": p.create_time()} for p in me.children(recursive=True)]})
+
+
+def stop_stale_processes(path: Path) -> None:
+    """Stop the processes a `resmem serve` killed on this run left running (its record
+    outlived it; the run's lock is ours, so it is gone), and say so in one line."""
+    import psutil
+
+    if not path.is_file():
+        return
+    try:
+        record = read_json(path)
+        host, pid, entries = record["host"], record["pid"], record["processes"]
+    except (ResMemError, OSError, KeyError, TypeError):  # damaged: nothing to act on
+        host, pid, entries = socket.gethostname(), "?", []
+    if host != socket.gethostname():
+        log.info(f"a `resmem serve` (pid {pid} on {host}) was killed on this run: its Ray processes "
+                 f"may still run there")
+        entries = []
+    stale = []
+    for entry in entries:
+        try:
+            proc = psutil.Process(entry["pid"])
+            # the same process (not a new one under a reused pid), not yet reaped
+            if abs(proc.create_time() - entry["started"]) < 0.1 and proc.status() != psutil.STATUS_ZOMBIE:
+                stale.append(proc)
+        except (psutil.Error, KeyError, TypeError):
+            pass
+    for proc in stale:
+        proc.terminate()
+    for proc in psutil.wait_procs(stale, timeout=3)[1]:  # Ray's agents ignore SIGTERM
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    if stale:
+        log.info(f"stopped {len(stale)} process(es) of the Ray instance of a killed `resmem serve` "
+                 f"(pid {pid}) on this run")
+    path.unlink(missing_ok=True)

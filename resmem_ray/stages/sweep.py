@@ -26,9 +26,8 @@ from resmem_ray.schema import Config
 from resmem_ray.stages.embed import embed
 from resmem_ray.stages.index import build_index
 from resmem_ray.stages.train import train
-from resmem_ray.stages.tune import (TUNED, best_on_grid, evaluate_chosen, neighbour_table, table_neighbours,
-                                    tuning_summary)
-from resmem_ray.tasks.classification import method_name, report_rank
+from resmem_ray.stages.tune import best_on_grid, evaluate_chosen, neighbour_table, searched, tuning_summary, with_setting
+from resmem_ray.tasks.methods import ordered, plotted, title
 from resmem_ray.tasks.registry import task_for
 from resmem_ray.store.files import atomic_dir, write_json
 from resmem_ray.store.rundir import RunDir
@@ -42,7 +41,7 @@ def trial_config(cfg: Config, width: int, lr: float, seed: int, root: str) -> Co
         model=dataclasses.replace(cfg.model, width=width),
         train=dataclasses.replace(cfg.train, lr=lr, epochs=cfg.sweep.rungs[-1]),
         tune=cfg.tune if cfg.sweep.tune_resmem else dataclasses.replace(
-            cfg.tune, **{p: [getattr(cfg.resmem, p)] for p in TUNED}))
+            cfg.tune, **{p: [getattr(cfg.resmem, p)] for p in searched(task_for(cfg))}))
 
 
 def sweep_trial(config: dict, cfg: Config, root: str) -> None:
@@ -56,24 +55,22 @@ def sweep_trial(config: dict, cfg: Config, root: str) -> None:
         embed(trial_cfg)
         build_index(trial_cfg)  # new embeddings: a new memory
         # deep enough for every k of the grid and every k-NN row of the report
-        table = neighbour_table(trial_cfg, run, max(max(trial_cfg.tune.k), *trial_cfg.evaluate.knn_ks))
-        setting, val_resmem = best_on_grid(table, trial_cfg.tune)
-        metrics = {"epoch": rung, "val_base": float((table["logits"].argmax(1) == table["labels"]).mean()),
+        table = neighbour_table(trial_cfg, run, with_knn_ks=True)
+        setting, val_resmem = best_on_grid(trial_cfg, table)
+        metrics = {"epoch": rung, "val_base": task.val_scores(trial_cfg, table, ("base",))["base"]["val_accuracy"],
                    "val_resmem": val_resmem, **setting}
         if rung == cfg.sweep.rungs[-1]:  # survived every rung: every method on val, the one look at test
             summary = tuning_summary(trial_cfg, table, {**setting, "distance": trial_cfg.resmem.distance,
                                                         "normalize": trial_cfg.resmem.normalize},
-                                     val_resmem, grid_size(trial_cfg.tune), "grid", [])
-            chosen = dataclasses.replace(trial_cfg, resmem=dataclasses.replace(trial_cfg.resmem, **setting))
-            metrics["val"] = task.method_accuracies(chosen, table["logits"], table["labels"],
-                                                    table_neighbours(table, setting["temperature"]), summary)
+                                     {"val_accuracy": val_resmem}, grid_size(trial_cfg), "grid", [])
+            metrics["val"] = task.method_accuracies(with_setting(trial_cfg, summary["best"]), table, summary)
             metrics["test"] = evaluate_chosen(dataclasses.replace(trial_cfg, tune=dataclasses.replace(
                 trial_cfg.tune, evaluate=True)), run, summary)["accuracy"]
         tune.report(metrics)
 
 
-def grid_size(t) -> int:
-    return len(list(itertools.product(*(getattr(t, p) for p in TUNED))))
+def grid_size(cfg: Config) -> int:
+    return len(list(itertools.product(*(getattr(cfg.tune, p) for p in searched(task_for(cfg))))))
 
 
 def sweep(cfg: Config) -> dict:
@@ -155,7 +152,7 @@ def _mean_std(s: dict | None) -> str:
 
 def report(rows: list[dict], groups: list[dict], cfg: Config) -> str:
     r = cfg.resmem
-    chosen = (f"the best of the tune.* grid on val per trial ({grid_size(cfg.tune)} settings)"
+    chosen = (f"the best of the tune.* grid on val per trial ({grid_size(cfg)} settings)"
               if cfg.sweep.tune_resmem else f"k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate}")
     seeds = cfg.sweep.seeds or [cfg.seed]
     lines = [f"# Base-model sweep: {cfg.data.name}, {cfg.model.name}", "",
@@ -163,14 +160,14 @@ def report(rows: list[dict], groups: list[dict], cfg: Config) -> str:
              f"{cfg.sweep.rungs}; seeds {seeds} (a seed draws the val split and the model's initialisation). "
              "Every method is scored only for trials that reached the last rung.", ""]
     for split in ("test", "val"):
-        methods = sorted({m for g in groups for m in g[split]}, key=report_rank)
+        methods = ordered({m for g in groups for m in g[split]})
         if not methods:
             continue
         head = " | ".join(f"width {g['width']}" + (f", lr {g['lr']:g}" if len(cfg.sweep.lr) > 1 else "")
                           for g in groups)
         lines += [f"## {split.capitalize()} accuracy (%), mean ± standard deviation over seeds", "",
                   f"| method | {head} |", "| --- |" + " ---: |" * len(groups)]
-        lines += [f"| {method_name(m)} | " + " | ".join(_mean_std(g[split].get(m)) for g in groups) + " |"
+        lines += [f"| {title(m)} | " + " | ".join(_mean_std(g[split].get(m)) for g in groups) + " |"
                   for m in methods]
         lines.append("| ResMem - base (points) | " + " | ".join(
             "" if f"{split}_gain" not in g else f"{100 * g[f'{split}_gain']['mean']:+.2f}"
@@ -210,11 +207,11 @@ def plot_width_sweep(path, groups: list[dict], cfg: Config) -> None:
         mine = [g for g in groups if g["lr"] == lr and g["test"]]
         widths = [g["width"] for g in mine]
         suffix = f" (lr {lr:g})" if len(lrs) > 1 else ""
-        for j, m in enumerate(("base", "knn_interp", "nbr_transformer", "resmem", "oracle_gate")):
+        for j, m in enumerate(plotted({m for g in mine for m in g["test"]})):
             if all(m in g["test"] for g in mine):
                 acc_ax.errorbar(widths, [100 * g["test"][m]["mean"] for g in mine],
-                                yerr=[100 * g["test"][m]["std"] for g in mine], marker="os^Dv"[j], capsize=3,
-                                color=f"C{j}", ls="-" if i == 0 else "--", label=method_name(m) + suffix)
+                                yerr=[100 * g["test"][m]["std"] for g in mine], marker="os^Dv<>p"[j % 8], capsize=3,
+                                color=f"C{j}", ls="-" if i == 0 else "--", label=title(m) + suffix)
         for split, style in (("test", "-"), ("val", ":")):
             have = [g for g in mine if f"{split}_gain" in g]
             gain_ax.errorbar([g["width"] for g in have], [100 * g[f"{split}_gain"]["mean"] for g in have],

@@ -10,29 +10,30 @@ from resmem_ray.log import stage_log
 from resmem_ray.runtime import trainer
 from resmem_ray.schema import Config
 from resmem_ray.store.files import atomic_dir, file_hashes
-from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
 
 log = stage_log("train")
 
 
-def train(cfg: Config, until_epoch: int | None = None) -> dict:
+@stage_entry("train")
+def train(cfg: Config, until_epoch: int | None = None) -> StageSteps:
     """Train (or resume) the base model; `until_epoch` stops early with the schedule of
     train.epochs, and a later call with the same config continues from there (sweeps)."""
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
     splits, info = task.load_splits(cfg)  # fail here, not in a worker, on bad data
     recipe, datasets = task.training(cfg, run, splits, info)
-    trainer.start(run, "train", cfg.to_dict(), cfg.train.epochs)
+    trainer.keep_checkpoints_to_resume(run, "train", cfg.to_dict(), cfg.train.epochs)
+    yield run  # the entry opens: running
     t = cfg.train
     state, history = trainer.fit(run, recipe, t.num_workers, t.cpus_per_worker, t.use_gpu, datasets, until_epoch)
     with atomic_dir(run.model) as tmp:
         meta = task.save_model(cfg, run, tmp, state, splits, info)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         (tmp / "history.json").write_text(json.dumps(history, indent=2))
-    run.mark_done("train", cfg.to_dict(), files=file_hashes(run.model), history=history, epochs_done=len(history))
     warning = trainer.chance_warning(history, meta.get("num_classes", 0))
     if warning:
         log.info(f"warning: {warning}")
-    return history[-1]
+    return history[-1], {"files": file_hashes(run.model), "history": history, "epochs_done": len(history)}
 

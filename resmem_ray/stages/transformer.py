@@ -17,7 +17,7 @@ from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_index_manifest, read_memory_split, read_split
 from resmem_ray.store.files import atomic_dir, file_hashes
-from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.neighbour_model import build, model_inputs, neighbour_inputs
 
 log = stage_log("transformer")
@@ -79,7 +79,8 @@ def recipe(cfg: Config, meta: dict, data_ref) -> trainer.Recipe:
                           step=step, prepare=prepare)
 
 
-def train_neighbour_transformer(cfg: Config) -> dict:
+@stage_entry("transformer")
+def train_neighbour_transformer(cfg: Config) -> StageSteps:
     import ray
 
     run = RunDir(cfg.run_dir)
@@ -89,14 +90,14 @@ def train_neighbour_transformer(cfg: Config) -> dict:
     meta = {"dim": manifest["dim"], "num_classes": num_classes, "settings": cfg.neighbour_transformer.__dict__,
             "distance": manifest["distance"], "normalize": manifest["normalize"]}
     s = cfg.neighbour_transformer
-    trainer.start(run, "transformer", cfg.to_dict(), s.epochs)
+    trainer.keep_checkpoints_to_resume(run, "transformer", cfg.to_dict(), s.epochs)
+    yield run  # the entry opens: running
     log.info(f"{len(data['train']['query'])} train queries x {s.k} neighbours, "
              f"{s.epochs} epochs on {s.num_workers} Ray Train worker(s)")
     state, history = trainer.fit(run, recipe(cfg, meta, ray.put(data)), s.num_workers, s.cpus_per_worker)
     with atomic_dir(run.transformer) as tmp:
         torch.save(state["model"], tmp / "model.pt")
         (tmp / "meta.json").write_text(json.dumps({**meta, "val_acc": history[-1]["val_acc"]}, indent=2))
-    run.mark_done("transformer", cfg.to_dict(), files=file_hashes(run.transformer), val_acc=history[-1]["val_acc"],
-                  epochs_done=len(history))
-    return history[-1]
+    return history[-1], {"files": file_hashes(run.transformer), "val_acc": history[-1]["val_acc"],
+                         "epochs_done": len(history)}
 

@@ -1,77 +1,79 @@
-"""Stage tune: Ray Tune over k, sigma, T, the gate and the distance, scored on val (a
-token memory's sparse rows: stages/tune_lm.py, by val perplexity).
+"""Stage tune: Ray Tune over the resmem keys the task searches (`Task.tune_keys`:
+classification k, sigma, T, the gate and the distance; the token LM k, sigma and the gate;
+regression k, sigma, the gate and the distance), each trial scored on val by the task's
+objective (val accuracy, val perplexity, val RMSE).
 
-Which neighbours a query has does not depend on sigma, T or the gate. So the val
-queries are searched once per (distance, normalize) pair at the largest k of the space;
-each neighbour table (distances, labels and logits of the neighbours) goes into the
-object store once, and every trial only reweights it: hundreds of trials cost about one
-lookup pass. Residuals are recomputed from the neighbours' logits, so T is searched too.
+Which neighbours a query has does not depend on sigma, T or the gate. So the val queries
+are searched once per (distance, normalize) pair at the largest k of the space; each
+neighbour table (the val rows, their neighbours and what the task adds: a dense memory's
+residual rows at each T) goes into the object store once, and every trial only reweights
+it: hundreds of trials cost about one lookup pass.
 
-After the search: the kNN interpolation baseline gets its own (lambda, tau) on val at the
-best k and T from the same neighbour table, a learned gate is fitted on val at the best
-setting, the index is
-rebuilt at the best T / distance if needed, the neighbour Transformer is trained when
-enabled, and `evaluate` runs once on test. The test split is read only there.
+After the search: each baseline the task tunes (tasks/methods.py) gets its own setting on
+val at the chosen k and T from the same neighbour table, the task fits what it fits on val
+(a learned gate), the index is rebuilt at the chosen T / distance if needed, the neighbour
+Transformer is trained when enabled, and `evaluate` runs once on test. The test split is
+read only there.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import uuid
 
 import numpy as np
 
-from resmem_ray.core.gates import fit_learned_gate, gate_features, learned_gate
-from resmem_ray.core.knn import Neighbours, prepare_queries
-from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_interpolation, memory_correction,
-                                    residuals, softmax)
+from resmem_ray.core.knn import prepare_queries
 from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import ShardedMemory
-from resmem_ray.schema import Config, TuneConfig
+from resmem_ray.schema import Config
 from resmem_ray.stages.evaluate import evaluate
 from resmem_ray.stages.index import build_index
 from resmem_ray.stages.transformer import train_neighbour_transformer
-from resmem_ray.stages.tune_lm import tune_token_memory
-from resmem_ray.store.artifacts import read_index_manifest, read_memory_split, read_split
+from resmem_ray.store.artifacts import check_codec, check_k, read_index_manifest, read_split
 from resmem_ray.store.files import write_json
-from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
+from resmem_ray.tasks.methods import SCORES, title
+from resmem_ray.tasks.registry import Task, task_for
 
 log = stage_log("tune")
 
-TUNED = ("k", "sigma", "temperature", "gate", "gate_threshold", "gate_softness")
 MEMORY = ("distance", "normalize")  # these change the neighbours: one index and one val search each
+SAMPLED = {"sigma": "loguniform", "temperature": "loguniform", "gate": "uniform", "gate_threshold": "uniform",
+           "gate_softness": "uniform"}  # random and optuna search: k is a choice of tune.k
 
 
 def memory_key(distance: str, normalize: bool) -> str:
     return f"{distance}/{'normalized' if normalize else 'raw'}"
 
 
-def neighbour_table(cfg: Config, run: RunDir, k_max: int | None = None) -> dict:
-    """The val split's k_max (default: the largest tune.k) nearest memory rows in the
-    current index, with what every trial needs (neighbours' logits, not residuals, so that
-    T can change)."""
+def searched(task: Task) -> tuple[str, ...]:
+    """The keys a trial reweights (the memory's keys pick its neighbour table instead)."""
+    return tuple(k for k in task.tune_keys if k not in MEMORY)
+
+
+def with_setting(cfg: Config, setting: dict) -> Config:
+    return dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, **setting))
+
+
+def neighbour_table(cfg: Config, run: RunDir, with_knn_ks: bool = False) -> dict:
+    """The val split's nearest memory rows in the current index, at the largest tune.k (and
+    evaluate.knn_ks), with what the task's trials read besides."""
+    task = task_for(cfg)
     manifest = read_index_manifest(run, needed_by="tune")
-    check_dense(manifest, cfg)
-    val = read_split(run, "val", "tune", ("id", "label", "embedding", "logits"))
-    train = read_memory_split(run, "tune", ("id", "logits"))  # memorized rows included
-    k_max = k_max or max(cfg.tune.k)
-    if k_max > manifest["rows"]:
-        raise ResMemError(f"config key tune.k (or evaluate.knn_ks): {k_max} is larger than the memory ({manifest['rows']} rows)")
-    queries = prepare_queries(val["embedding"], manifest["distance"], manifest["normalize"])
+    check_codec(run, manifest, task.codec, task.name)
+    k_max = max(*cfg.tune.k, *(cfg.evaluate.knn_ks if with_knn_ks else ()))
+    check_k(k_max, manifest["rows"], "config keys tune.k and evaluate.knn_ks" if with_knn_ks else "config key tune.k")
+    val = read_split(run, "val", "tune", task.query_columns)
+    queries = prepare_queries(val.pop("embedding"), manifest["distance"], manifest["normalize"])
     log.info(f"searching {len(queries)} val queries once at k={k_max} "
-             f"({memory_key(manifest['distance'], manifest['normalize'])})")
+             f"({memory_key(manifest['distance'], manifest['normalize'])}, T={manifest['temperature']})")
     with ShardedMemory(run.index, manifest, cfg.index) as memory:
         nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
-    return {"token": uuid.uuid4().hex, "distances": nb.distances, "neighbour_labels": nb.labels,
-            "neighbour_ids": nb.ids,
-            "neighbour_logits": train["logits"][np.searchsorted(train["id"], nb.ids)],
-            "logits": val["logits"], "labels": val["label"]}
-
-
-def with_memory(cfg: Config, distance: str, normalize: bool) -> Config:
-    return dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, distance=distance, normalize=normalize))
+    return {"val": val, "neighbours": nb, **task.tune_table(cfg, run, val, nb)}
 
 
 def ensure_index(cfg: Config, run: RunDir, keys=("temperature", *MEMORY)) -> None:
@@ -82,87 +84,68 @@ def ensure_index(cfg: Config, run: RunDir, keys=("temperature", *MEMORY)) -> Non
             cfg.resmem, **{key: manifest[key] for key in ("temperature", *MEMORY) if key not in keys})))
 
 
-def neighbour_tables(cfg: Config, run: RunDir) -> dict[str, dict]:
+def memory_pairs(cfg: Config, task: Task) -> list[tuple[str, bool]]:
+    """The (distance, normalize) pairs searched: tune.distance x tune.normalize where the
+    task searches them, else the config's own."""
+    r, t = cfg.resmem, cfg.tune
+    return list(itertools.product(t.distance if "distance" in task.tune_keys else [r.distance],
+                                  t.normalize if "normalize" in task.tune_keys else [r.normalize]))
+
+
+def neighbour_tables(cfg: Config, run: RunDir, task: Task) -> dict[str, dict]:
     """One neighbour table per (distance, normalize) pair of the search space."""
     tables = {}
-    for distance in cfg.tune.distance:
-        for normalize in cfg.tune.normalize:
-            pair_cfg = with_memory(cfg, distance, normalize)
-            ensure_index(pair_cfg, run, keys=MEMORY)
-            tables[memory_key(distance, normalize)] = neighbour_table(pair_cfg, run)
+    for distance, normalize in memory_pairs(cfg, task):
+        pair_cfg = with_setting(cfg, {"distance": distance, "normalize": normalize})
+        ensure_index(pair_cfg, run, keys=MEMORY)
+        tables[memory_key(distance, normalize)] = neighbour_table(pair_cfg, run)
     return tables
 
 
-_RESIDUALS: dict = {}  # per trial process: the last T's residual rows (the grid varies T slowest)
+def setting_scores(cfg: Config, table: dict, setting: dict) -> dict[str, float]:
+    """ResMem's val scores at this setting of the searched keys, from the table alone."""
+    task = task_for(cfg)
+    return task.val_scores(with_setting(cfg, {k: setting[k] for k in searched(task)}), table, ("resmem",))["resmem"]
 
 
-def neighbour_residuals(table: dict, temperature: float) -> np.ndarray:
-    key = (table["token"], temperature)
-    if key not in _RESIDUALS:
-        _RESIDUALS.clear()
-        n, k, c = table["neighbour_logits"].shape
-        _RESIDUALS[key] = residuals(table["neighbour_logits"].reshape(-1, c),
-                                    table["neighbour_labels"].ravel(), temperature).reshape(n, k, c)
-    return _RESIDUALS[key]
+def better(task: Task, score: float, than: float | None) -> bool:
+    return than is None or (score > than if task.mode == "max" else score < than)
 
 
-def table_neighbours(table: dict, temperature: float) -> Neighbours:
-    """The table's neighbours with their residual rows at T."""
-    return Neighbours(table["distances"], table["neighbour_ids"], table["neighbour_labels"],
-                      neighbour_residuals(table, temperature))
+def best_on_grid(cfg: Config, table: dict) -> tuple[dict, float]:
+    """The best setting of tune.*'s grid on one neighbour table and its objective, in
+    process: for callers that are already a Ray Tune trial (`resmem sweep`). Ties keep the
+    first setting met."""
+    task = task_for(cfg)
+    keys, objective = searched(task), task.scores[0]
+    best, best_score = None, None
+    for values in itertools.product(*(getattr(cfg.tune, p) for p in keys)):
+        setting = dict(zip(keys, values))
+        score = setting_scores(cfg, table, setting)[objective]
+        if better(task, score, best_score):
+            best, best_score = setting, score
+    return best, best_score
 
 
-def corrected(table: dict, k: int, sigma: float, temperature: float) -> tuple[np.ndarray, np.ndarray]:
-    """(base probs, the memory's correction) of every val query."""
-    res = neighbour_residuals(table, temperature)[:, :k]
-    return softmax(table["logits"], temperature), memory_correction(res, table["distances"][:, :k], sigma)
-
-
-def reweighted_accuracy(table: dict, k: int, sigma: float, temperature: float, gate: float,
-                        gate_threshold: float = 1.0, gate_softness: float = 0.0) -> float:
-    """Val accuracy of ResMem with these settings, from the neighbour table alone."""
-    base, correction = corrected(table, k, sigma, temperature)
-    gates = confidence_gate(base, gate, gate_threshold, gate_softness)
-    return float((apply_correction(base, correction, gates).argmax(1) == table["labels"]).mean())
-
-
-def best_on_grid(table: dict, t: TuneConfig) -> tuple[dict, float]:
-    """The best setting of tune.*'s grid on one neighbour table, in process: for callers that
-    are already a Ray Tune trial (`resmem sweep`). Ties keep the first setting met."""
-    best, best_acc = None, -1.0
-    for temperature in t.temperature:  # outermost: the residual cache holds one T
-        for k, sigma, gate, threshold, softness in itertools.product(t.k, t.sigma, t.gate, t.gate_threshold,
-                                                                     t.gate_softness):
-            acc = reweighted_accuracy(table, k, sigma, temperature, gate, threshold, softness)
-            if acc > best_acc:
-                best_acc = acc
-                best = {"k": k, "sigma": sigma, "temperature": temperature, "gate": gate,
-                        "gate_threshold": threshold, "gate_softness": softness}
-    return best, best_acc
-
-
-def trial(config: dict, tables: dict) -> None:
+def trial(config: dict, cfg: Config, tables: dict) -> None:
     """One Ray Tune trial: reweight, score, report once (no scheduler can help here)."""
     from ray import tune
 
-    table = tables[config["memory"]]
-    tune.report({"val_accuracy": reweighted_accuracy(table, **{p: config[p] for p in TUNED})})
+    tune.report(setting_scores(cfg, tables[config["memory"]], config))
 
 
-def search_space(cfg: Config, memories: list[str]) -> tuple[dict, int, object]:
+def search_space(cfg: Config, task: Task, memories: list[str]) -> tuple[dict, int, object]:
     """(param_space, num_samples, search_alg) for tune.search = grid | random | optuna."""
     from ray import tune
 
     t = cfg.tune
-    if t.search == "grid":  # temperature and memory last: they vary slowest, which the cache likes
-        space = {p: tune.grid_search(getattr(t, p)) for p in TUNED if p != "temperature"}
-        return {**space, "temperature": tune.grid_search(t.temperature),
-                "memory": tune.grid_search(memories)}, 1, None
-    space = {"k": tune.choice(t.k), "memory": tune.choice(memories) if len(memories) > 1 else memories[0]}
-    for p, dist in (("sigma", tune.loguniform), ("temperature", tune.loguniform), ("gate", tune.uniform),
-                    ("gate_threshold", tune.uniform), ("gate_softness", tune.uniform)):
+    if t.search == "grid":
+        space = {p: tune.grid_search(getattr(t, p)) for p in searched(task)}
+        return {**space, "memory": tune.grid_search(memories)}, 1, None
+    space = {"memory": tune.choice(memories) if len(memories) > 1 else memories[0]}
+    for p in searched(task):
         lo, hi = min(getattr(t, p)), max(getattr(t, p))
-        space[p] = lo if lo == hi else dist(lo, hi)
+        space[p] = tune.choice(t.k) if p == "k" else lo if lo == hi else getattr(tune, SAMPLED[p])(lo, hi)
     if t.search == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -171,63 +154,72 @@ def search_space(cfg: Config, memories: list[str]) -> tuple[dict, int, object]:
     return space, t.num_samples, None
 
 
-def run_search(cfg: Config, run: RunDir, tables: dict) -> "pandas.DataFrame":  # noqa: F821
+def run_search(cfg: Config, run: RunDir, task: Task, tables: dict) -> "pandas.DataFrame":  # noqa: F821
+    """Every trial's setting and val scores, best first (ties in the order Ray Tune ran them)."""
     from ray import tune
 
-    space, samples, search_alg = search_space(cfg, list(tables))
+    keys, objective = searched(task), task.scores[0]
+    space, samples, search_alg = search_space(cfg, task, list(tables))
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial, tables=tables), {"cpu": cfg.tune.cpus_per_trial}),
+        tune.with_resources(tune.with_parameters(trial, cfg=cfg, tables=tables), {"cpu": cfg.tune.cpus_per_trial}),
         param_space=space,
         # trials are cheap reweightings: reusing trial actors saves a process start per trial
-        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", num_samples=samples,
-                                    search_alg=search_alg, reuse_actors=True),
+        tune_config=tune.TuneConfig(metric=objective, mode=task.mode, num_samples=samples, search_alg=search_alg,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name="search", storage_path=str(run.root / "tune"), verbose=0))
-    frame = tuner.fit().get_dataframe().sort_values("val_accuracy", ascending=False, kind="stable")
-    frame = frame.rename(columns={f"config/{p}": p for p in (*TUNED, "memory")})
+    frame = tuner.fit().get_dataframe().sort_values(objective, ascending=task.mode == "min", kind="stable")
+    frame = frame.rename(columns={f"config/{p}": p for p in (*keys, "memory")})
     if "memory" not in frame:
         frame["memory"] = list(tables)[0]
-    pairs = {memory_key(d, n): (d, n) for d in cfg.tune.distance for n in cfg.tune.normalize}
+    pairs = {memory_key(d, n): (d, n) for d, n in memory_pairs(cfg, task)}
     frame["distance"] = [pairs[m][0] for m in frame["memory"]]
     frame["normalize"] = [pairs[m][1] for m in frame["memory"]]
-    frame = frame[[*TUNED, *MEMORY, "memory", "val_accuracy"]]
-    return frame.astype({"k": int, **{p: float for p in TUNED[1:]}}).reset_index(drop=True)
+    frame = frame[[*keys, *MEMORY, "memory", *task.scores]]
+    return frame.astype({p: int if p == "k" else float for p in keys}).reset_index(drop=True)
 
 
-def plot_search(folder, frame) -> None:
-    """val_accuracy_vs_k.png (best over the rest per k) and sigma_T_heatmap.png."""
+def plot_search(folder, frame, task: Task) -> str:
+    """<objective>_vs_k.png (best over the rest per k) and a heatmap of sigma against T (or
+    the gate, where T is not searched); returns the heatmap's file name."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_k = frame.groupby("k")["val_accuracy"].max()
+    objective = task.scores[0]
+    label, scale = f"best {SCORES[objective][0]}", 100 if objective == "val_accuracy" else 1
+    best = "max" if task.mode == "max" else "min"
+    per_k = frame.groupby("k")[objective].agg(best)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(per_k.index, 100 * per_k.values, "o-")
+    ax.plot(per_k.index, scale * per_k.values, "o-")
     ax.set_xlabel("k")
-    ax.set_ylabel("best val accuracy (%)")
+    ax.set_ylabel(label)
     ax.set_title("ResMem on val: best setting per k")
     fig.tight_layout()
-    _save(fig, folder / "val_accuracy_vs_k.png")
+    _save(fig, folder / f"{objective}_vs_k.png")
 
+    across, short = ("temperature", "T") if "temperature" in frame else ("gate", "gate")
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    if frame["sigma"].nunique() <= 12 and frame["temperature"].nunique() <= 12:  # a grid
-        grid = frame.pivot_table(index="sigma", columns="temperature", values="val_accuracy", aggfunc="max")
-        im = ax.imshow(100 * grid.values, origin="lower", aspect="auto", cmap="viridis")
+    if frame["sigma"].nunique() <= 12 and frame[across].nunique() <= 12:  # a grid
+        grid = frame.pivot_table(index="sigma", columns=across, values=objective, aggfunc=best)
+        im = ax.imshow(scale * grid.values, origin="lower", aspect="auto", cmap="viridis")
         ax.set_xticks(range(grid.shape[1]), [f"{t:g}" for t in grid.columns])
         ax.set_yticks(range(grid.shape[0]), [f"{s:g}" for s in grid.index])
-        mid = 100 * np.nanmean([np.nanmin(grid.values), np.nanmax(grid.values)])
-        for (i, j), v in np.ndenumerate(100 * grid.values):
+        mid = scale * np.nanmean([np.nanmin(grid.values), np.nanmax(grid.values)])
+        for (i, j), v in np.ndenumerate(scale * grid.values):
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7, color="w" if v < mid else "k")
     else:  # sampled: one dot per trial
-        im = ax.scatter(frame["temperature"], frame["sigma"], c=100 * frame["val_accuracy"], cmap="viridis")
-        ax.set_xscale("log")
+        im = ax.scatter(frame[across], frame["sigma"], c=scale * frame[objective], cmap="viridis")
+        ax.set_xscale("log" if across == "temperature" else "linear")
         ax.set_yscale("log")
-    fig.colorbar(im, ax=ax, label="best val accuracy (%)")
-    ax.set_xlabel("T (softmax temperature)")
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_xlabel("T (softmax temperature)" if across == "temperature" else "gate")
     ax.set_ylabel("sigma (kernel temperature)")
-    ax.set_title("ResMem on val: sigma x T (best over k, gate)")
+    ax.set_title(f"ResMem on val: sigma x {short} (best over the rest)")
     fig.tight_layout()
-    _save(fig, folder / "sigma_T_heatmap.png")
+    name = f"sigma_{short}_heatmap.png"
+    _save(fig, folder / name)
+    return name
 
 
 def _save(fig, path) -> None:
@@ -239,85 +231,88 @@ def _save(fig, path) -> None:
     tmp.replace(path)
 
 
-def fit_gate_on_val(table: dict, best: dict) -> dict:
-    """The learned gate at the best k, sigma, T, with its (in-sample) val accuracy."""
-    base, correction = corrected(table, best["k"], best["sigma"], best["temperature"])
-    k = best["k"]
-    features = gate_features(base, table["neighbour_labels"][:, :k], table["distances"][:, :k], correction)
-    params = fit_learned_gate(features, base.argmax(1) != table["labels"])
-    g = learned_gate(params, features)
-    params["val_accuracy"] = float((apply_correction(base, correction, g).argmax(1) == table["labels"]).mean())
-    return params
+def tune_baseline(cfg: Config, table: dict, method) -> dict:
+    """A baseline tuned on val like ResMem: the best setting of its tune.<key> grid at cfg's
+    (ResMem's chosen) k and T, from the same neighbour table, by the task's objective. Ties
+    keep the first setting met; a non-finite score (lambda=1 drops the model: infinite
+    perplexity) never wins."""
+    task = task_for(cfg)
+    objective, grid = task.scores[0], [getattr(cfg.tune, key) for key in method.tuned]
+    best, best_scores = None, None
+    for values in itertools.product(*grid):
+        setting = dict(zip(method.tuned, values))
+        scores = task.val_scores(with_setting(cfg, setting), table, (method.key,))[method.key]
+        if math.isfinite(scores[objective]) and better(task, scores[objective],
+                                                        None if best is None else best_scores[objective]):
+            best, best_scores = setting, scores
+    if best is None:
+        raise ResMemError(f"every {title(method.key, task.name)} setting of "
+                          f"{' x '.join(f'tune.{key}' for key in method.tuned)} gives a non-finite {objective}")
+    return {**best, "k": cfg.resmem.k, "temperature": cfg.resmem.temperature, **best_scores,
+            "trials": math.prod(map(len, grid))}
 
 
-def tune_knn_interp(table: dict, best: dict, t: TuneConfig) -> dict:
-    """The kNN interpolation baseline tuned on val like ResMem: the best (lambda, tau) of
-    tune.knn_lambda x tune.knn_tau at ResMem's chosen k and T, from the same neighbour table.
-    Ties keep the first setting met."""
-    k = best["k"]
-    base = softmax(table["logits"], best["temperature"])
-    labels, distances = table["neighbour_labels"][:, :k], table["distances"][:, :k]
-    chosen, best_acc = None, -1.0
-    for tau, lam in itertools.product(t.knn_tau, t.knn_lambda):
-        acc = float((knn_interpolation(base, labels, distances, lam, tau).argmax(1) == table["labels"]).mean())
-        if acc > best_acc:
-            chosen, best_acc = {"knn_lambda": lam, "knn_tau": tau}, acc
-    return {**chosen, "k": k, "temperature": best["temperature"], "val_accuracy": best_acc,
-            "trials": len(t.knn_tau) * len(t.knn_lambda)}
-
-
-def check_dense(manifest: dict, cfg: Config) -> None:
-    if manifest.get("codec", "dense") != "dense":
-        raise ResMemError(f"resmem tune reweights dense or sparse residual rows; this memory holds "
-                          f"{manifest['codec']} residuals (model.name={cfg.model.name}): set resmem.k / sigma / "
-                          "gate and run `resmem evaluate`")
-
-
-def tuning_summary(cfg: Config, table: dict, best: dict, best_val_accuracy: float, trials: int, search: str,
-                   top: list[dict]) -> dict:
-    """What evaluate reports of a search: the chosen setting and, from the same neighbour
-    table, the kNN interpolation baseline's (lambda, tau) and the learned gate."""
-    summary = {"best": best, "best_val_accuracy": best_val_accuracy,
-               "base_val_accuracy": float((table["logits"].argmax(1) == table["labels"]).mean()),
-               "trials": trials, "search": search, "top": top,
-               "knn_interp": tune_knn_interp(table, best, cfg.tune)}
-    if cfg.tune.learned_gate:
-        summary["learned_gate"] = fit_gate_on_val(table, best)
+def tuning_summary(cfg: Config, table: dict, best: dict, best_scores: dict, trials: int, search: str,
+                   top: list[dict], untuned: dict | None = None) -> dict:
+    """What evaluate reports of a search: the chosen setting (with the tuned baselines'
+    settings merged in, so that the config of the evaluation holds them all), its val
+    scores and the base model's, and what the task fits on val from the same table."""
+    task = task_for(cfg)
+    chosen = with_setting(cfg, best)
+    base = task.val_scores(chosen, table, ("base",))["base"]
+    summary = {"best": dict(best), "searched": list(task.tune_keys), "scores": list(task.scores),
+               "objective": task.scores[0].replace("_", " "), "trials": trials, "search": search, "top": top,
+               **{f"best_{s}": best_scores[s] for s in task.scores}, **{f"base_{s}": base[s] for s in task.scores}}
+    if untuned:
+        summary["untuned"] = untuned
+    for method in task.tuned_baselines():
+        summary[method.key] = tune_baseline(chosen, table, method)
+        summary["best"].update({key: summary[method.key][key] for key in method.tuned})
+    summary.update(task.fit_on_val(chosen, table))
     return summary
 
 
 def evaluate_chosen(cfg: Config, run: RunDir, summary: dict) -> dict | None:
     """Rebuild the index for the chosen setting if needed, train the neighbour Transformer
     when enabled, and evaluate once on test (tune.evaluate). Returns evaluate's metrics."""
-    final = dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, **summary["best"]))
+    final = with_setting(cfg, summary["best"])
     ensure_index(final, run)  # the memory the best setting needs
     if cfg.neighbour_transformer.enabled:
         train_neighbour_transformer(final)
     return evaluate(final, tuning=summary) if cfg.tune.evaluate else None
 
 
-def tune_resmem(cfg: Config) -> dict:
+@stage_entry("tune")
+def tune_resmem(cfg: Config) -> StageSteps:
+    task = task_for(cfg)
+    if not task.tune_keys:
+        raise ResMemError(f"the {task.name} task (model.name={cfg.model.name}) is not tuned by `resmem tune`: "
+                          "set resmem.* and run `resmem evaluate`")
     run = RunDir(cfg.run_dir)
-    manifest = read_index_manifest(run, needed_by="tune")
-    if manifest.get("codec") == "sparse":
-        return tune_token_memory(cfg, run, manifest)
-    check_dense(manifest, cfg)  # before any index is rebuilt
-    tables = neighbour_tables(cfg, run)
-    run.mark_running("tune", cfg.to_dict())
-    frame = run_search(cfg, run, tables)
+    check_codec(run, read_index_manifest(run, needed_by="tune"), task.codec, task.name)  # before any rebuild
+    tables = neighbour_tables(cfg, run, task)
+    yield run
+    frame = run_search(cfg, run, task, tables)
     top = frame.iloc[0]
-    best = {p: top[p].item() for p in TUNED}  # per column: a row would upcast k
+    best = {p: top[p].item() for p in searched(task)}  # per column: a row would upcast k
     best.update(distance=str(top["distance"]), normalize=bool(top["normalize"]))
-    summary = tuning_summary(cfg, tables[top["memory"]], best, top["val_accuracy"].item(), len(frame),
-                             cfg.tune.search, frame.drop(columns="memory").head(10).to_dict("records"))
+    own = memory_key(cfg.resmem.distance, cfg.resmem.normalize)
+    config_setting = {p: getattr(cfg.resmem, p) for p in searched(task)}
+    scored = own in tables and cfg.resmem.k <= max(cfg.tune.k)  # its memory and its neighbours are in a table
+    untuned = {**config_setting, **setting_scores(cfg, tables[own], config_setting)} if scored else None
+    summary = tuning_summary(cfg, tables[top["memory"]], best, {s: top[s].item() for s in task.scores}, len(frame),
+                             cfg.tune.search, frame.drop(columns="memory").head(10).to_dict("records"), untuned)
+    summary["heatmap"] = plot_search(run.root / "tune", frame, task)
     write_json(run.root / "tune" / "best.json", summary)
-    plot_search(run.root / "tune", frame)
-    knn = summary["knn_interp"]
-    log.info(f"{len(frame)} trials; best on val: {best} -> {summary['best_val_accuracy']:.4f} "
-             f"(base {summary['base_val_accuracy']:.4f}; kNN interpolation lambda={knn['knn_lambda']}, "
-             f"tau={knn['knn_tau']} -> {knn['val_accuracy']:.4f})")
+    phrase = lambda scores: ", ".join(SCORES[s][2](scores[s]) for s in task.scores)  # noqa: E731
+    baselines = "".join(f"; {title(m.key, task.name)} "
+                        + ", ".join(f"{short}={summary[m.key][key]}" for key, short in m.tuned.items())
+                        + f" -> {phrase(summary[m.key])}" for m in task.tuned_baselines())
+    log.info(f"{len(frame)} trials; best on val: {summary['best']} -> "
+             f"{phrase({s: summary[f'best_{s}'] for s in task.scores})} "
+             f"(base {phrase({s: summary[f'base_{s}'] for s in task.scores})}{baselines})")
     evaluate_chosen(cfg, run, summary)
-    # last: rebuilding the index invalidates the stages after it, tune included
-    run.mark_done("tune", cfg.to_dict(), best=best, best_val_accuracy=summary["best_val_accuracy"],
-                  trials=len(frame))
-    return summary
+    # the entry closes last: rebuilding the index invalidates the stages after it, tune included
+    objective = task.scores[0]
+    return summary, {"best": summary["best"], "trials": len(frame), f"best_{objective}": summary[f"best_{objective}"]}
+

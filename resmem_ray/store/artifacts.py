@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from resmem_ray.errors import ResMemError
 from resmem_ray.store.files import atomic_dir, digest, inside, read_json, sha256, verify_hashes
-from resmem_ray.store.rundir import RunDir
+from resmem_ray.store.rundir import RunDir, kind
 
 
 def write_split(ds, run: RunDir, name: str, batch_size: int) -> int:
@@ -56,6 +56,34 @@ def read_split(run: RunDir, split: str, needed_by: str,
 
 
 INDEX_KEYS = ("dim", "rows", "num_classes", "distance", "normalize", "temperature", "residual_dtype", "shards")
+SHARD_KEYS = ("shard", "rows", "files", "bytes")
+MEMORIZED_KEYS = ("source", "rows", "first_id")
+
+
+def index_manifest_problem(manifest) -> str | None:
+    """What keeps `manifest` (an index manifest as read) from having the keys readers need, or None."""
+    if not isinstance(manifest, dict):
+        return f"it holds {kind(manifest)}, not a mapping"
+    missing = [k for k in INDEX_KEYS if k not in manifest]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    for name, keys, empty in (("shards", SHARD_KEYS, False), ("memorized", MEMORIZED_KEYS, True)):
+        items = manifest.get(name, [])
+        if not isinstance(items, list) or not (items or empty) or not all(isinstance(i, dict) for i in items):
+            return f"{name} is not a {'' if empty else 'non-empty '}list of mappings"
+        missing = sorted({k for i in items for k in keys if k not in i})
+        if missing:
+            return f"{name} entries without {', '.join(missing)}"
+    return None
+
+
+def load_index_manifest(path: Path) -> dict:
+    """An index manifest file with the keys readers need, or an error naming the file."""
+    manifest = read_json(path)
+    problem = index_manifest_problem(manifest)
+    if problem:
+        raise ResMemError(f"{path} is not an index manifest ({problem})")
+    return manifest
 
 
 def read_index_manifest(run: RunDir, needed_by: str) -> dict:
@@ -65,12 +93,25 @@ def read_index_manifest(run: RunDir, needed_by: str) -> dict:
     if not path.is_file():
         raise ResMemError(f"{path} is missing: rerun `resmem index`")
     verify_hashes(run.index, {"manifest.json": entry["outputs"].get("manifest.json", "")}, "index manifest")
-    manifest = read_json(path)
-    missing = [k for k in INDEX_KEYS if not isinstance(manifest, dict) or k not in manifest]
-    if missing or not isinstance(manifest["shards"], list) or not manifest["shards"]:
-        raise ResMemError(f"{path} is not an index manifest (missing {', '.join(missing) or 'shards'}): "
+    try:
+        return load_index_manifest(path)
+    except ResMemError as e:
+        raise ResMemError(f"{e}: rerun `resmem index`") from None
+
+
+def check_codec(run: RunDir, manifest: dict, codec: str, task: str) -> None:
+    """The memory must hold the residual rows (dense, sparse or scalar) the task reads."""
+    held = manifest.get("codec", "dense")
+    if held != codec:
+        raise ResMemError(f"{run.index} holds {held} residuals, the {task} task reads {codec} ones: "
                           "rerun `resmem index`")
-    return manifest
+
+
+def check_k(k: int, rows: int, keys: str | None = None) -> None:
+    """A search must not ask for more neighbours than the memory has rows; `keys`: the
+    config keys k comes from."""
+    if k > rows:
+        raise ResMemError(f"k={k}{f' ({keys})' if keys else ''} is larger than the memory ({rows} rows)")
 
 
 def model_fingerprint(run: RunDir) -> str:

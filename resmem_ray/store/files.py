@@ -32,7 +32,7 @@ def write_json(path: Path, obj) -> None:
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # not JSON, or not text at all (UnicodeDecodeError)
         raise ResMemError(f"{path} is not valid JSON: {e}") from None
 
 

@@ -18,17 +18,24 @@ A run directory is marked as one when it is created (RUN/.resmem-run): the suite
 writes into an existing folder that is neither empty nor marked. Commands that write
 hold RUN/.lock (an OS file lock, released when the process ends, however it ends) and
 say who holds it when they cannot take it.
+
+Every stage with an output folder runs inside its manifest entry (`stage_entry`): the
+entry opens (running) where the stage's work begins and closes done with what the stage
+returns, or failed / interrupted when it stops, so no stage can leave it open.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import shutil
 import socket
 import time
 from pathlib import Path
+from typing import Generator
 
 from resmem_ray.errors import ResMemError
 from resmem_ray.stage_table import STAGES
@@ -37,6 +44,35 @@ from resmem_ray.store.files import digest, file_hashes, read_json, write_json
 
 MARKER = ".resmem-run"
 LOCK = ".lock"
+
+
+NUMBER = (int, float, type(None))
+# The fields of a stage's manifest entry that readers rely on, and the types they may hold
+ENTRY_FIELDS = {"status": (str,), "config": (dict,), "outputs": (dict,), "inputs": (dict,), "files": (dict,),
+                "reads": (list,), "started_at": NUMBER, "finished_at": NUMBER, "seconds": NUMBER}
+TYPE_NAMES = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
+              type(None): "null"}
+
+
+def kind(value) -> str:
+    """What a JSON value is, in words: "a mapping", "a list", ..."""
+    return TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
+
+
+def manifest_problem(manifest) -> str | None:
+    """What keeps `manifest` (a run manifest as read) from having a run manifest's shape, or None."""
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
+        return "no stages mapping"
+    if not isinstance(manifest.get("config", {}), dict):
+        return f"its config is {kind(manifest['config'])}, not a mapping"
+    for name, entry in manifest.get("stages", {}).items():
+        if not isinstance(entry, dict):
+            return f"stage '{name}' is {kind(entry)}, not a mapping"
+        for field, types in ENTRY_FIELDS.items():
+            if field in entry and not isinstance(entry[field], types):
+                allowed = " or ".join(dict.fromkeys(TYPE_NAMES[t] for t in types))
+                return f"stage '{name}': {field} is {kind(entry[field])}, not {allowed}"
+    return None
 
 
 def pick(config: dict, keys: list[str]) -> dict:
@@ -78,8 +114,10 @@ class RunDir:
     def manifest(self) -> dict:
         if self.manifest_path.is_file():
             manifest = read_json(self.manifest_path)
-            if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
-                raise ResMemError(f"{self.manifest_path} is not a run manifest (no stages mapping)")
+            problem = manifest_problem(manifest)
+            if problem:
+                raise ResMemError(f"{self.manifest_path} is not a run manifest ({problem}): repair it, or "
+                                  "remove it to run every stage again")
             return manifest
         return {"stages": {}}
 
@@ -156,11 +194,15 @@ class RunDir:
         if self.remote:
             self.remote.push_manifest()
 
-    def mark_stopped(self, status: str, message: str) -> None:
-        """Record that the running stages stopped without finishing (failed | interrupted);
-        the caller holds the lock, so every running stage is its own."""
+    def mark_stopped(self, error: BaseException, name: str | None = None) -> None:
+        """Record that stage `name` (default: every running stage; the caller holds the
+        lock, so each is its own) stopped without finishing: interrupted by Ctrl-C, else
+        failed, with the error."""
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        message = str(getattr(error, "cause", None) or error) or type(error).__name__
         manifest = self.manifest()
-        running = [e for e in manifest.get("stages", {}).values() if e.get("status") == "running"]
+        running = [e for n, e in manifest.get("stages", {}).items()
+                   if e.get("status") == "running" and name in (None, n)]
         for entry in running:
             entry.update(status=status, error=message[:500], stopped_at=time.time())
         if running:
@@ -235,6 +277,48 @@ class RunDir:
         if actual != entry["outputs"]:
             return f"{folder} does not match the manifest"
         return None
+
+
+StageSteps = Generator[RunDir, None, tuple]  # what a function under stage_entry is
+
+
+def stage_entry(name: str):
+    """Run a stage function inside its manifest entry. The function is a generator: it
+    checks what it needs, yields its RunDir where its work begins (the entry opens:
+    running, the entries of its readers dropped), and returns (value, info): its callers
+    get value, the entry records info (done). A stop after the yield marks the entry
+    failed, or interrupted on Ctrl-C; an error before it leaves the manifest as it was."""
+    def wrap(steps):
+        if not inspect.isgeneratorfunction(steps):
+            raise TypeError(f"stage {name}: {steps.__qualname__} must yield its RunDir where its work begins")
+
+        @functools.wraps(steps)
+        def in_entry(cfg, *args, **kwargs):
+            config = cfg.to_dict()
+            work = steps(cfg, *args, **kwargs)
+            run = next(work)
+            try:
+                run.mark_running(name, config)
+                value, info = _finish(work)
+            except BaseException as e:
+                run.mark_stopped(e, name)
+                raise
+            finally:
+                work.close()
+            run.mark_done(name, config, **info)
+            return value
+
+        in_entry.stage = name
+        return in_entry
+    return wrap
+
+
+def _finish(work: StageSteps) -> tuple:
+    try:
+        next(work)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("a stage function under stage_entry yields once")
 
 
 def input_digests(stages: dict, reads) -> dict:

@@ -4,13 +4,14 @@ the evaluation of the memorization study's methods.
   base                  argmax of the model's logits
   k-NN (k=...)          majority vote over the k nearest training examples
   kNN interpolation     argmax of (1 - lambda) p + lambda p_kNN over the same resmem.k
-                        neighbours (lambda, tau: resmem.knn_*, or `resmem tune`'s choice on val)
+                        neighbours (lambda, tau: resmem.knn_*, which `resmem tune` chooses on val)
   neighbour Transformer the `transformer` stage's model over the query and its neighbours
   ResMem                argmax of p + gate * sum_i w_i r_i
   learned gate          argmax of p + g(x) * sum_i w_i r_i, g fitted on val by `resmem tune`
   oracle gate           per example, base or 1-NN, whichever is right (an upper bound)
 
-evaluate writes metrics.json, report.md, predictions.parquet, accuracy_vs_k.png and
+Each method is declared once in tasks/methods.py (key, title, order, role). evaluate
+writes metrics.json, report.md, predictions.parquet, accuracy_vs_k.png and
 per-class accuracy (per_class.png; head / tail / worst class on a long-tailed run).
 The report warns at the top when the base model did not learn (train accuracy near chance).
 """
@@ -23,15 +24,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from resmem_ray.core.gates import gate_features, learned_gate
+from resmem_ray.core.gates import fit_learned_gate, gate_features, learned_gate
 from resmem_ray.core.knn import Neighbours
 from resmem_ray.errors import ResMemError
-from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_interpolation, knn_vote, memory_correction,
-                                    residuals, softmax)
+from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_vote, memory_correction, residuals,
+                                    softmax)
 from resmem_ray.runtime.trainer import chance_warning
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import read_split
+from resmem_ray.store.artifacts import read_memory_split, read_split
 from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.methods import (METHODS, neighbour_baselines, ordered, setting, setting_line, setting_record,
+                                      title, tuned_baselines, tuning_lines)
 from resmem_ray.tasks.neighbour_model import transformer_predictions
 from resmem_ray.tasks.registry import Task
 
@@ -53,12 +56,46 @@ class ClassificationTask(Task):
                  tuning: dict | None = None) -> dict:
         return evaluate_classification(cfg, run, test, queries, nb, manifest, folder, self.model_title(cfg), tuning)
 
-    def method_accuracies(self, cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbours,
-                          tuning: dict | None) -> dict[str, float]:
-        """Every method's accuracy but the neighbour Transformer's on rows with neighbours nb
-        (`resmem sweep` scores val this way; evaluate scores test)."""
-        preds = predictions(cfg, logits, labels, nb, (tuning or {}).get("learned_gate"), knn_setting(cfg, tuning))
+    def method_accuracies(self, cfg: Config, table: dict, tuning: dict | None) -> dict[str, float]:
+        """Every method's accuracy but the neighbour Transformer's on a neighbour table's val
+        rows (`resmem sweep` scores val this way; evaluate scores test)."""
+        labels = table["val"]["label"]
+        preds = predictions(cfg, table["val"]["logits"], labels, table_neighbours(table, cfg.resmem.temperature),
+                            (tuning or {}).get("learned_gate"))
         return {m: float((p == labels).mean()) for m, p in preds.items()}
+
+    # --- tune: every trial reweights one val neighbour table --------------------------
+    tune_keys = ("k", "sigma", "temperature", "gate", "gate_threshold", "gate_softness", "distance", "normalize")
+
+    def tune_table(self, cfg: Config, run: RunDir, val: dict, nb: Neighbours) -> dict:
+        """The neighbours' residual rows at each T of tune.temperature and the config's own,
+        computed once here from their logits (kept too when a sampled T may fall between them)."""
+        memory = read_memory_split(run, "tune", ("id", "logits"))  # memorized rows included
+        logits = memory["logits"][np.searchsorted(memory["id"], nb.ids)]
+        table = {"residuals_at": {t: neighbour_residuals(logits, nb.labels, t)
+                                  for t in dict.fromkeys([*cfg.tune.temperature, cfg.resmem.temperature])}}
+        return table if cfg.tune.search == "grid" else {**table, "neighbour_logits": logits}
+
+    def val_scores(self, cfg: Config, table: dict, methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        r, val = cfg.resmem, table["val"]
+        probs = softmax(val["logits"], r.temperature)
+        near = table_neighbours(table, r.temperature).first(r.k) if set(methods) - {"base"} else None
+        out = {}
+        for key in methods:
+            if key == "base":
+                scored = probs
+            elif key == "resmem":
+                scored = resmem_prediction(cfg, probs, near)[0]
+            else:
+                scored = METHODS[key].probs(probs, near.labels, near.distances, setting(cfg, METHODS[key]))
+            out[key] = {"val_accuracy": float((scored.argmax(1) == val["label"]).mean())}
+        return out
+
+    def tuned_baselines(self) -> list:
+        return tuned_baselines()
+
+    def fit_on_val(self, cfg: Config, table: dict) -> dict:
+        return {"learned_gate": fit_gate_on_val(cfg, table)} if cfg.tune.learned_gate else {}
 
     def model_title(self, cfg: Config) -> str:
         return cfg.model.name
@@ -89,19 +126,38 @@ def resmem_prediction(cfg: Config, probs: np.ndarray, near: Neighbours) -> tuple
     return apply_correction(probs, memory_correction(near.residuals, near.distances, r.sigma), gate), gate
 
 
-def knn_setting(cfg: Config, tuning: dict | None) -> dict:
-    """The kNN interpolation's lambda and tau: `resmem tune`'s choice on val when this
-    evaluates its setting, else resmem.knn_lambda / knn_tau."""
-    if tuning and tuning.get("knn_interp"):
-        t = tuning["knn_interp"]
-        return {"lambda": t["knn_lambda"], "tau": t["knn_tau"], "k": cfg.resmem.k, "chosen_by": "tune"}
-    return {"lambda": cfg.resmem.knn_lambda, "tau": cfg.resmem.knn_tau, "k": cfg.resmem.k, "chosen_by": "config"}
+def neighbour_residuals(logits: np.ndarray, labels: np.ndarray, temperature: float) -> np.ndarray:
+    """(n, k, C) residual rows at T of neighbours with (n, k, C) logits and (n, k) labels."""
+    n, k, c = logits.shape
+    return residuals(logits.reshape(-1, c), labels.ravel(), temperature).reshape(n, k, c)
+
+
+def table_neighbours(table: dict, temperature: float) -> Neighbours:
+    """A val neighbour table's neighbours with their residual rows at T."""
+    nb = table["neighbours"]
+    at = table["residuals_at"].get(temperature)
+    if at is None:
+        at = neighbour_residuals(table["neighbour_logits"], nb.labels, temperature)
+    return Neighbours(nb.distances, nb.ids, nb.labels, at)
+
+
+def fit_gate_on_val(cfg: Config, table: dict) -> dict:
+    """The learned gate at cfg's k, sigma, T, with its (in-sample) val accuracy."""
+    r, val = cfg.resmem, table["val"]
+    near = table_neighbours(table, r.temperature).first(r.k)
+    base = softmax(val["logits"], r.temperature)
+    correction = memory_correction(near.residuals, near.distances, r.sigma)
+    features = gate_features(base, near.labels, near.distances, correction)
+    params = fit_learned_gate(features, base.argmax(1) != val["label"])
+    g = learned_gate(params, features)
+    params["val_accuracy"] = float((apply_correction(base, correction, g).argmax(1) == val["label"]).mean())
+    return params
 
 
 def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbours,
-                gate_params: dict | None = None, knn: dict | None = None) -> dict[str, np.ndarray]:
-    """Each method's predicted class for every query (all but the neighbour Transformer).
-    `knn`: the kNN interpolation's setting (knn_setting); None: the config's."""
+                gate_params: dict | None = None) -> dict[str, np.ndarray]:
+    """Each method's predicted class for every query (all but the neighbour Transformer);
+    the neighbour baselines at their settings in cfg.resmem."""
     r = cfg.resmem
     num_classes = logits.shape[1]
     probs = softmax(logits, r.temperature)
@@ -109,8 +165,8 @@ def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbo
     for k in cfg.evaluate.knn_ks:
         preds[f"knn_{k}"] = knn_vote(nb.labels[:, :k], num_classes)
     near = nb.first(r.k)
-    knn = knn or knn_setting(cfg, None)
-    preds["knn_interp"] = knn_interpolation(probs, near.labels, near.distances, knn["lambda"], knn["tau"]).argmax(1)
+    for m in neighbour_baselines():
+        preds[m.key] = m.probs(probs, near.labels, near.distances, setting(cfg, m)).argmax(1)
     preds["resmem"] = resmem_prediction(cfg, probs, near)[0].argmax(1)
     if gate_params is not None:
         correction = memory_correction(near.residuals, near.distances, r.sigma)
@@ -119,22 +175,6 @@ def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbo
     one_nn = nb.labels[:, 0]
     preds["oracle_gate"] = np.where(preds["base"] == labels, preds["base"], one_nn)
     return preds
-
-
-METHOD_NAMES = {"base": "base model", "resmem": "ResMem", "oracle_gate": "oracle gate (base or 1-NN)",
-                "learned_gate": "ResMem, learned gate", "nbr_transformer": "neighbour Transformer",
-                "knn_interp": "kNN interpolation"}
-ORDER = ("base", "knn", "knn_interp", "nbr_transformer", "resmem", "learned_gate", "oracle_gate")
-
-
-def report_rank(key: str) -> tuple[int, int]:
-    """Where a method's row goes in a report: ORDER, k-NN rows by k."""
-    k = key.removeprefix("knn_")
-    return (ORDER.index("knn"), int(k)) if k.isdigit() else (ORDER.index(key), 0)
-
-
-def method_name(key: str) -> str:
-    return METHOD_NAMES.get(key) or f"{key.split('_')[1]}-NN"
 
 
 def per_class(labels: np.ndarray, preds: dict[str, np.ndarray], train_counts: np.ndarray) -> dict:
@@ -152,50 +192,24 @@ def per_class(labels: np.ndarray, preds: dict[str, np.ndarray], train_counts: np
             "worst_class": {m: float(np.nanmin(a)) for m, a in acc.items()}}
 
 
-def tuning_lines(tuning: dict) -> list[str]:
-    lines = ["", f"## Chosen by `resmem tune` on the validation split ({tuning['trials']} "
-             f"{tuning['search']} trials; base model on val: {100 * tuning['base_val_accuracy']:.2f}%)", "",
-             "| k | sigma | T | gate | gate threshold | gate softness | distance | normalize | val accuracy (%) |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: |"]
-    lines += [f"| {t['k']} | {t['sigma']:.4g} | {t['temperature']:.4g} | {t['gate']:.4g} | "
-              f"{t['gate_threshold']:.4g} | {t['gate_softness']:.4g} | {t['distance']} | {t['normalize']} | "
-              f"{100 * t['val_accuracy']:.2f} |" for t in tuning["top"]]
-    lines += ["", "The first row is the setting evaluated on test above; test chose nothing. "
-              "Plots: `tune/val_accuracy_vs_k.png`, `tune/sigma_T_heatmap.png`."]
-    if tuning.get("knn_interp"):
-        t = tuning["knn_interp"]
-        lines += ["", f"kNN interpolation, tuned on val from the same neighbour table ({t['trials']} settings of "
-                  f"tune.knn_lambda x tune.knn_tau at the chosen k={t['k']}, T={t['temperature']:.4g}): "
-                  f"lambda={t['knn_lambda']:.4g}, tau={t['knn_tau']:.4g}, val accuracy {100 * t['val_accuracy']:.2f}%."]
-    if tuning.get("learned_gate"):
-        g = tuning["learned_gate"]
-        lines += ["", f"Learned gate: logistic regression of 'base model wrong' on {', '.join(g['features'])}, "
-                  f"fitted on {g['fit_examples']} val examples ({g['fit_base_errors']} base errors); "
-                  f"val accuracy {100 * g['val_accuracy']:.2f}% (in-sample)."]
-    return lines
-
-
-def write_report(folder, cfg: Config, metrics: dict, title: str) -> None:
+def write_report(folder, cfg: Config, metrics: dict, model_title: str) -> None:
     r = cfg.resmem
     acc = metrics["accuracy"]
-    knn = metrics["knn_interp"]
-    lines = [f"# ResMem report: {cfg.data.name}, {title}", ""]
+    lines = [f"# ResMem report: {cfg.data.name}, {model_title}", ""]
     lines += [line for w in metrics.get("warnings", []) for line in (f"> **Warning:** {w}", "")]
     lines += [f"Test split: {metrics['num_test']} examples (one example is {100 / metrics['num_test']:.2f} "
               f"points); memory: {metrics['memory_rows']} training examples in {metrics['num_shards']} shard(s).",
               f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate} "
               f"(where max p < {r.gate_threshold}), "
-              f"distance={r.distance}, normalize={r.normalize}.",
-              f"kNN interpolation: (1 - lambda) p + lambda p_kNN over the same k={knn['k']} neighbours, "
-              f"p_kNN their labels weighted by softmax(-d / tau); lambda={knn['lambda']:.4g}, tau={knn['tau']:.4g} "
-              f"({'chosen by `resmem tune` on val' if knn['chosen_by'] == 'tune' else 'from resmem.knn_lambda, resmem.knn_tau'}).",
-              "", "| method | test accuracy (%) | vs base (points, 95% CI) | fixed / broken |",
+              f"distance={r.distance}, normalize={r.normalize}."]
+    lines += [setting_line(m, metrics[m.key]) for m in neighbour_baselines() if m.key in acc]
+    lines += ["", "| method | test accuracy (%) | vs base (points, 95% CI) | fixed / broken |",
               "| --- | ---: | ---: | ---: |"]
     for m, a in acc.items():
         c = metrics["vs_base"].get(m)
         vs = " | " if c is None else (f"{100 * c['change']:+.2f} [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}] | "
                                       f"{c['fixed']} / {c['broken']}")
-        lines.append(f"| {method_name(m)} | {100 * a:.2f} | {vs} |")
+        lines.append(f"| {title(m)} | {100 * a:.2f} | {vs} |")
     lines += ["", "vs base: the change in test accuracy, with a 95% interval over the test examples "
               "(paired: each example is right or wrong under both); an interval that excludes 0 is a "
               "change beyond the test set's sampling noise. Fixed / broken: test examples the base model "
@@ -229,7 +243,7 @@ def training_warnings(run: RunDir, num_classes: int) -> list[str]:
 def per_class_lines(pc: dict, cfg: Config) -> list[str]:
     methods = [m for m in ("base", f"knn_{max(cfg.evaluate.knn_ks)}", "resmem") if m in pc["accuracy"]]
     lines = ["", "## Per class (test accuracy %, `per_class.png`)", "",
-             "| class | train examples | " + " | ".join(method_name(m) for m in methods) + " | ResMem - base |",
+             "| class | train examples | " + " | ".join(title(m) for m in methods) + " | ResMem - base |",
              "| ---: | ---: | " + " | ".join("---:" for _ in methods) + " | ---: |"]
     for c, count in enumerate(pc["train_counts"]):
         row = [pc["accuracy"][m][c] for m in methods]
@@ -273,7 +287,8 @@ def plot_accuracy_vs_k(path, cfg: Config, acc: dict) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(ks, [100 * acc[f"knn_{k}"] for k in ks], "o-", label="k-NN vote")
     ax.axhline(100 * acc["base"], color="gray", ls="--", label="base model")
-    ax.axhline(100 * acc["knn_interp"], color="C1", ls=":", label=f"kNN interpolation (k={cfg.resmem.k})")
+    for i, m in enumerate(m for m in neighbour_baselines() if m.key in acc):
+        ax.axhline(100 * acc[m.key], color=f"C{2 * i + 1}", ls=":", label=f"{m.title} (k={cfg.resmem.k})")
     ax.axhline(100 * acc["resmem"], color="C2", ls="-.", label=f"ResMem (k={cfg.resmem.k})")
     ax.set_xlabel("k")
     ax.set_ylabel("test accuracy (%)")
@@ -288,11 +303,10 @@ def evaluate_classification(cfg: Config, run: RunDir, test: dict, queries: np.nd
                             manifest: dict, folder, title: str, tuning: dict | None) -> dict:
     """Every method's test predictions and accuracy; the report files into `folder`."""
     labels = test["label"]
-    knn = knn_setting(cfg, tuning)
-    preds = predictions(cfg, test["logits"], labels, nb, (tuning or {}).get("learned_gate"), knn)
+    preds = predictions(cfg, test["logits"], labels, nb, (tuning or {}).get("learned_gate"))
     if cfg.neighbour_transformer.enabled:
         preds["nbr_transformer"] = transformer_predictions(run, queries, labels, nb)
-    preds = dict(sorted(preds.items(), key=lambda item: report_rank(item[0])))
+    preds = {m: preds[m] for m in ordered(preds)}
     train_counts = np.bincount(read_split(run, "train", "evaluate", ("id", "label"))["label"],
                                minlength=test["logits"].shape[1])
     right = {m: p == labels for m, p in preds.items()}
@@ -300,7 +314,8 @@ def evaluate_classification(cfg: Config, run: RunDir, test: dict, queries: np.nd
                "vs_base": {m: paired_change(r, right["base"]) for m, r in right.items() if m != "base"},
                "num_test": int(len(labels)), "memory_rows": manifest["rows"],
                "num_shards": len(manifest["shards"]), "resmem": cfg.resmem.__dict__, "tuning": tuning,
-               "knn_interp": knn, "warnings": training_warnings(run, test["logits"].shape[1]),
+               **{m.key: setting_record(cfg, m, tuning) for m in neighbour_baselines()},
+               "warnings": training_warnings(run, test["logits"].shape[1]),
                "per_class": per_class(labels, preds, train_counts)}
     write_report(folder, cfg, metrics, title)
     table = pa.table({"id": test["id"], "label": labels, **{m: p for m, p in preds.items()}, "nn1_id": nb.ids[:, 0]})

@@ -9,8 +9,10 @@ probabilities at resmem.temperature). The stages are the same as for images:
             embed here); val/test rows also keep their dense logits (queries need
             their own full distribution; the memory never does)
   index     the usual FAISS shards, the sparse rows in place of dense residuals
-  evaluate  next-token accuracy and perplexity, base vs kNN-LM vs ResMem, and the
+  evaluate  next-token accuracy and perplexity of the base model, the neighbour baselines
+            (tasks/methods.py: kNN interpolation, titled kNN-LM here) and ResMem, and the
             memory's residual storage against what dense rows would take
+  tune      k, sigma and the gate by val perplexity (T stays the one the top-m were encoded at)
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from resmem_ray.core.resmem import confidence_gate, kernel_weights, knn_interpolation, softmax
+from resmem_ray.core.resmem import confidence_gate, kernel_weights, softmax
 from resmem_ray.core.sparse import corrected_probs, encode, token_metrics
 from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
@@ -26,6 +28,8 @@ from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.schema import Config, ResMemConfig
 from resmem_ray.store.files import atomic_dir
 from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.methods import (neighbour_baselines, setting, setting_line, setting_record, title,
+                                      tuned_baselines, tuning_lines)
 from resmem_ray.tasks.registry import register
 from resmem_ray.tasks.splits import Split
 from resmem_ray.tasks.text import SOURCE_KEYS, TextTask, load_text_model, train_bpe
@@ -94,14 +98,17 @@ def corrected_token_probs(p: np.ndarray, g: np.ndarray, distances, labels, resid
 
 
 def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: np.ndarray | None = None,
-               batch: int = 1024) -> dict:
-    """Next-token accuracy and perplexity of the base model (T=1), of kNN-LM ((1 - lambda) p
-    + lambda p_kNN over the same k neighbours' next tokens, resmem.knn_lambda / knn_tau) and of
-    ResMem (its clipped, renormalised distribution); both over p at resmem.temperature.
-    Where the confidence gate is closed (memory_reads), kNN-LM and ResMem keep p. `nb`
-    answers the tokens marked in `reads` (None: every token)."""
+               batch: int = 1024, methods: tuple[str, ...] | None = None) -> dict:
+    """Next-token accuracy and perplexity of the base model (T=1), of each neighbour baseline
+    (tasks/methods.py; kNN-LM: (1 - lambda) p + lambda p_kNN over the same k neighbours' next
+    tokens, resmem.knn_lambda / knn_tau) and of ResMem (its clipped, renormalised
+    distribution); the last two over p at resmem.temperature. Where the confidence gate is
+    closed (memory_reads), they keep p. `nb` answers the tokens marked in `reads` (None:
+    every token). `methods`: only these (None: every one)."""
     r = cfg.resmem
-    totals = {"base": np.zeros(3), "knnlm": np.zeros(3), "resmem": np.zeros(3)}
+    baselines = [m for m in neighbour_baselines() if methods is None or m.key in methods]
+    keys = methods or ("base", *(m.key for m in baselines), "resmem")
+    totals = {m: np.zeros(3) for m in keys}
     near = nb.first(r.k)
     row = np.arange(len(labels)) if reads is None else np.cumsum(reads) - 1  # token -> its row of nb
     for s in range(0, len(labels), batch):
@@ -113,13 +120,16 @@ def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: n
             raise ResMemError("the neighbours do not cover every token whose confidence gate is open "
                               "(resmem.gate_threshold, resmem.gate_softness)")
         at = row[s + found]
-        knn = p.copy()  # before corrected_token_probs writes into p
-        knn[found] = knn_interpolation(p[found], near.labels[at], near.distances[at], r.knn_lambda, r.knn_tau)
-        q = corrected_token_probs(p, g, near.distances[at], near.labels[at], near.residual_ids[at],
-                                  near.residuals[at], cfg)
-        totals["base"] += token_metrics(softmax(logits[sl]), labels[sl])
-        totals["knnlm"] += token_metrics(knn, labels[sl])
-        totals["resmem"] += token_metrics(q, labels[sl])
+        for m in baselines:
+            q = p.copy()
+            q[found] = m.probs(p[found], near.labels[at], near.distances[at], setting(cfg, m))
+            totals[m.key] += token_metrics(q, labels[sl])
+        if "resmem" in totals:  # last: corrected_token_probs writes into p
+            q = corrected_token_probs(p, g, near.distances[at], near.labels[at], near.residual_ids[at],
+                                      near.residuals[at], cfg)
+            totals["resmem"] += token_metrics(q, labels[sl])
+        if "base" in totals:
+            totals["base"] += token_metrics(softmax(logits[sl]), labels[sl])
     return {m: {"accuracy": t[0] / t[2], "perplexity": float(np.exp(t[1] / t[2]))} for m, t in totals.items()}
 
 
@@ -131,30 +141,17 @@ def lm_report(cfg: Config, m: dict) -> str:
              f"{m['num_shards']} shard(s), embedding: {cfg.text.lm_embedding}.",
              f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate}, distance={r.distance}; "
              f"corrected distribution clipped below at {cfg.text.prob_floor} x p and renormalised.",
-             f"kNN-LM: (1 - lambda) p + lambda p_kNN over the same k={r.k} neighbours' next tokens weighted by "
-             f"softmax(-d / tau), lambda={r.knn_lambda}, tau={r.knn_tau}, p at T={r.temperature}.",
+             *(setting_line(b, m[b.key], "lm") for b in neighbour_baselines()),
              f"Residual storage: {m['sparse_bytes'] / 2**20:.2f} MiB sparse (top-{m['top_m']}) vs "
              f"{m['dense_bytes'] / 2**20:.2f} MiB dense.",
              f"Confidence gate: {100 * m['memory_read_fraction']:.1f}% of test tokens read the memory "
-             f"(resmem.gate_threshold={r.gate_threshold}, gate_softness={r.gate_softness}); kNN-LM and ResMem "
-             "keep p on the others.", "",
-             "| method | next-token accuracy (%) | perplexity |", "| --- | ---: | ---: |",
-             f"| base model | {100 * m['base_accuracy']:.2f} | {m['base_perplexity']:.2f} |",
-             f"| kNN-LM | {100 * m['knnlm_accuracy']:.2f} | {m['knnlm_perplexity']:.2f} |",
-             f"| ResMem | {100 * m['resmem_accuracy']:.2f} | {m['resmem_perplexity']:.2f} |"]
-    t = m.get("tuning")
-    if t:
-        u = t["untuned"]
-        lines += ["", f"## Chosen by `resmem tune` on the validation split ({t['trials']} {t['search']} trials over "
-                  "k, sigma and the gate, by val perplexity)", "",
-                  "| setting | k | sigma | gate | val perplexity |", "| --- | ---: | ---: | ---: | ---: |",
-                  f"| base model | | | | {t['base_val_perplexity']:.2f} |",
-                  f"| the config's ResMem | {u['k']} | {u['sigma']:g} | {u['gate']:g} | {u['val_perplexity']:.2f} |",
-                  f"| chosen ResMem (evaluated above) | {t['best']['k']} | {t['best']['sigma']:g} | "
-                  f"{t['best']['gate']:g} | {t['best_val_perplexity']:.2f} |", "",
-                  f"kNN-LM, tuned on val from the same neighbours ({t['knn_lm']['trials']} settings of "
-                  f"tune.knn_lambda x tune.knn_tau at k={t['knn_lm']['k']}): lambda={t['knn_lm']['knn_lambda']:g}, "
-                  f"tau={t['knn_lm']['knn_tau']:g}, val perplexity {t['knn_lm']['val_perplexity']:.2f}."]
+             f"(resmem.gate_threshold={r.gate_threshold}, gate_softness={r.gate_softness}); the others "
+             "keep p.", "",
+             "| method | next-token accuracy (%) | perplexity |", "| --- | ---: | ---: |"]
+    lines += [f"| {title(key, 'lm')} | {100 * m[f'{key}_accuracy']:.2f} | {m[f'{key}_perplexity']:.2f} |"
+              for key in m["accuracy"]]
+    if m.get("tuning"):
+        lines += tuning_lines(m["tuning"], "lm")
     return "\n".join(lines) + "\n"
 
 
@@ -203,8 +200,16 @@ class TokenLM(TextTask):
                                             f"(top-{extra['top_m']}) vs {sizes['dense_bytes'] / 2**20:.2f} MiB as "
                                             "dense rows"]}}
 
-    def token_scores(self, cfg: Config, logits, labels, nb) -> dict[str, dict]:
-        return lm_metrics(logits, labels, nb, cfg)
+    tune_keys = ("k", "sigma", "gate")  # T stays the index's: the top-m were encoded at it
+    scores = ("val_perplexity", "val_accuracy")
+    mode = "min"
+
+    def val_scores(self, cfg: Config, table: dict, methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        scores = lm_metrics(table["val"]["logits"], table["val"]["label"], table["neighbours"], cfg, methods=methods)
+        return {m: {"val_perplexity": d["perplexity"], "val_accuracy": d["accuracy"]} for m, d in scores.items()}
+
+    def tuned_baselines(self) -> list:
+        return tuned_baselines()
 
     def memory_reads(self, cfg: Config, test: dict) -> np.ndarray:
         return token_reads(test["logits"], cfg.resmem)
@@ -220,11 +225,12 @@ class TokenLM(TextTask):
                    "top_m": manifest["top_m"], **sizes,
                    **{f"{m}_{k}": v for m, d in scores.items() for k, v in d.items()},
                    "accuracy": {m: d["accuracy"] for m, d in scores.items()}, "resmem": cfg.resmem.__dict__,
-                   "prob_floor": cfg.text.prob_floor, "tuning": tuning}
+                   "prob_floor": cfg.text.prob_floor, "tuning": tuning,
+                   **{b.key: setting_record(cfg, b, tuning) for b in neighbour_baselines()}}
         (folder / "report.md").write_text(lm_report(cfg, metrics))
         return metrics
 
     def done_info(self, metrics: dict) -> dict:
         return {"accuracy": metrics["accuracy"],
-                "perplexity": {m: metrics[f"{m}_perplexity"] for m in ("base", "knnlm", "resmem")}}
+                "perplexity": {m: metrics[f"{m}_perplexity"] for m in metrics["accuracy"]}}
 

@@ -82,18 +82,38 @@ class Task:
 
     def evaluate(self, cfg: "Config", run: "RunDir", test: dict, queries, nb, manifest: dict, folder,
                  tuning: dict | None = None) -> dict:
-        """Score every method on the test rows from their neighbours `nb`; write
-        report.md (and plots, predictions) into `folder`; return metrics. `tuning`: `resmem
-        tune`'s summary when the config evaluates its chosen setting."""
+        """Score every method (tasks/methods.py) on the test rows from their neighbours `nb`;
+        write report.md (and plots, predictions) into `folder`; return metrics. `tuning`:
+        `resmem tune`'s summary when the config evaluates its chosen setting."""
         raise NotImplementedError
 
-    def method_accuracies(self, cfg: "Config", logits, labels, nb, tuning: dict | None) -> dict[str, float]:
-        """Every method's accuracy on rows (logits, labels) whose neighbours are nb."""
+    def method_accuracies(self, cfg: "Config", table: dict, tuning: dict | None) -> dict[str, float]:
+        """Every method's accuracy on the val rows of a neighbour table (`resmem sweep`)."""
         raise ResMemError(f"the {self.name} task has no per-method accuracies (model.name={cfg.model.name})")
 
-    def token_scores(self, cfg: "Config", logits, labels, nb) -> dict[str, dict]:
-        """{method: {accuracy, perplexity}} of next-token predictions with neighbours nb."""
-        raise ResMemError(f"the {self.name} task does not predict tokens (model.name={cfg.model.name})")
+    # --- tune -------------------------------------------------------------------------
+    # the resmem keys `resmem tune` searches, each over tune.<key> (distance and normalize:
+    # one index and one val search per pair); none: the task is not tuned
+    tune_keys: tuple[str, ...] = ()
+    scores: tuple[str, ...] = ("val_accuracy",)  # what a trial reports; the first is the objective
+    mode: str = "max"  # which end of the objective is best: max | min
+
+    def tune_table(self, cfg: "Config", run: "RunDir", val: dict, nb) -> dict:
+        """What every trial reads besides the val rows and their neighbours (a neighbour table's extras)."""
+        return {}
+
+    def val_scores(self, cfg: "Config", table: dict, methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        """{method: {score: value}} of these methods (base, resmem, a tuned baseline) on the
+        val rows of a neighbour table, at cfg's resmem setting."""
+        raise ResMemError(f"the {self.name} task (model.name={cfg.model.name}) is not tuned by `resmem tune`")
+
+    def tuned_baselines(self) -> list:
+        """The baselines whose settings `resmem tune` chooses on val (tasks/methods.py)."""
+        return []
+
+    def fit_on_val(self, cfg: "Config", table: dict) -> dict:
+        """What the task fits on val at cfg's (the chosen) setting, for the tune summary (a learned gate)."""
+        return {}
 
     def done_info(self, metrics: dict) -> dict:
         """What evaluate records in the manifest."""
@@ -102,8 +122,7 @@ class Task:
     # --- memorize ---------------------------------------------------------------------
     def read_examples(self, path: str, meta: dict):
         """New labelled examples for `resmem memorize`, as a Split."""
-        raise ResMemError(f"resmem memorize takes images; model.name={self.models[0]} ({self.name}) runs cannot "
-                          "add examples yet")
+        raise ResMemError(f"resmem memorize cannot add examples to a {self.name} run (model.name={self.models[0]})")
 
 
     # --- serve ----------------------------------------------------------------------------

@@ -14,7 +14,8 @@ memory row holds the scalar residual y_i - f(x_i), and a query's prediction is
     resmem(x) = f(x) + gate * sum_i w_i(x) (y_i - f(x_i)),   w = softmax(-d / sigma)
 
 The report compares the RMSE of the base model, k-NN regression (the mean target of
-the k nearest training examples) and ResMem.
+the k nearest training examples) and ResMem. `resmem tune` chooses k, sigma, the gate and
+the memory's distance by val RMSE.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from resmem_ray.runtime.trainer import Recipe, worker_loader
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.methods import ordered, title, tuning_lines
 from resmem_ray.tasks.registry import Task, register
 from resmem_ray.tasks.splits import DatasetInfo, Split, make_splits
 from resmem_ray.tasks.vision_models import EmbedHead
@@ -124,6 +126,14 @@ def rmse(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.sqrt(np.mean((pred - y) ** 2)))
 
 
+def resmem_regression(cfg: Config, prediction: np.ndarray, nb) -> np.ndarray:
+    """f(x) + gate * sum_i w_i (y_i - f(x_i)) over the resmem.k nearest of `nb`."""
+    r = cfg.resmem
+    near = nb.first(r.k)
+    correction = memory_correction(near.residuals, near.distances, r.sigma)
+    return apply_correction(prediction[:, None], correction, r.gate)[:, 0]
+
+
 @register
 class Regression(Task):
     name = "regression"
@@ -161,26 +171,35 @@ class Regression(Task):
     def lookup_k(self, cfg: Config) -> int:
         return max([cfg.resmem.k, *cfg.evaluate.knn_ks])
 
+    tune_keys = ("k", "sigma", "gate", "distance", "normalize")
+    scores = ("val_rmse",)
+    mode = "min"
+
+    def val_scores(self, cfg: Config, table: dict, methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
+        val = table["val"]
+        return {m: {"val_rmse": rmse(val["prediction"] if m == "base" else
+                                     resmem_regression(cfg, val["prediction"], table["neighbours"]), val["label"])}
+                for m in methods}
+
     def evaluate(self, cfg: Config, run: RunDir, test: dict, queries, nb, manifest: dict, folder,
                  tuning: dict | None = None) -> dict:
         r, y = cfg.resmem, test["label"]
         preds = {"base": test["prediction"]}
         for k in cfg.evaluate.knn_ks:
             preds[f"knn_{k}"] = nb.labels[:, :k].astype(np.float64).mean(1)
-        near = nb.first(r.k)
-        correction = memory_correction(near.residuals, near.distances, r.sigma)
-        preds["resmem"] = apply_correction(test["prediction"][:, None], correction, r.gate)[:, 0]
-        metrics = {"task": "regression", "rmse": {m: rmse(p, y) for m, p in preds.items()}, "num_test": int(len(y)),
-                   "memory_rows": manifest["rows"], "num_shards": len(manifest["shards"]),
-                   "target_std": float(y.std()), "resmem": r.__dict__}
-        names = {"base": "base model", "resmem": "ResMem"}
+        preds["resmem"] = resmem_regression(cfg, test["prediction"], nb)
+        metrics = {"task": "regression", "rmse": {m: rmse(preds[m], y) for m in ordered(preds)},
+                   "num_test": int(len(y)), "memory_rows": manifest["rows"], "num_shards": len(manifest["shards"]),
+                   "target_std": float(y.std()), "resmem": r.__dict__, "tuning": tuning}
         lines = [f"# ResMem report: {cfg.data.name}, {cfg.model.name} regression"
                  + (f" (width {cfg.model.width})" if cfg.model.name == "mlp" else ""), "",
                  f"Test split: {len(y)} examples (target std {y.std():.4g}); memory: {manifest['rows']} training "
                  f"examples in {len(manifest['shards'])} shard(s).",
                  f"ResMem: k={r.k}, sigma={r.sigma}, gate={r.gate}, distance={r.distance}, normalize={r.normalize}.",
                  "", "| method | test RMSE |", "| --- | ---: |"]
-        lines += [f"| {names.get(m, f'{m[4:]}-NN regression')} | {v:.4f} |" for m, v in metrics["rmse"].items()]
+        lines += [f"| {title(m, self.name)} | {v:.4f} |" for m, v in metrics["rmse"].items()]
+        if tuning:
+            lines += tuning_lines(tuning, self.name)
         (folder / "report.md").write_text("\n".join(lines) + "\n")
         pq.write_table(pa.table({"id": test["id"], "label": y, **preds}), folder / "predictions.parquet")
         return metrics
