@@ -15,6 +15,7 @@ import sys
 
 from resmem_ray.config import load_config
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import quiet_ray_data, set_verbose
 from resmem_ray.pipeline import enabled, run_pipeline, run_stage
 from resmem_ray.runtime import instance
 from resmem_ray.stage_table import STAGES
@@ -34,23 +35,24 @@ def init_ray(verbose: bool = False) -> None:
 
     import ray
 
-    os.environ["RESMEM_VERBOSE"] = "1" if verbose else "0"
+    set_verbose(verbose)
+    if not verbose:
+        quiet_ray_data()
     if ray.is_initialized():
         return
     quiet = None if verbose else ray.LoggingConfig(log_level="WARNING")
     address = os.environ.get("RAY_ADDRESS") or None
     # without a cluster address: this command's own instance, which every process of it
-    # names in RAY_ADDRESS (runtime/instance.py), never another instance on the machine
-    own = None if address else {"worker_process_setup_hook": instance.SETUP_HOOK}
-    ray.init(address=address, log_to_driver=True, logging_config=quiet, runtime_env=own)
+    # names in RAY_ADDRESS (runtime/instance.py), never another instance on the machine;
+    # on a cluster, the workers only keep Ray Data's lines to its log file
+    hook = instance.SETUP_HOOK if not address else None if verbose else "resmem_ray.log.quiet_ray_data"
+    ray.init(address=address, log_to_driver=True, logging_config=quiet,
+             runtime_env={"worker_process_setup_hook": hook} if hook else None)
     if not address:
         instance.bind()
     if not verbose:
-        import ray.data
-
         for name in ("ray", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its warnings speak of its progress bars
 
 
 def preflight(command: str, cfg, run: RunDir) -> None:

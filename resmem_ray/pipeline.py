@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import logger
 from resmem_ray.schema import RULES, Config, get_key
 from resmem_ray.stage_table import STAGES, Stage
 from resmem_ray.store.rundir import RunDir
@@ -49,12 +50,12 @@ def run_stage(name: str, cfg: Config, **options):
     """One stage, inside its manifest entry (store/rundir.py: stage_entry); a stage with
     outputs that returns without its entry done is an error, not a silent rerun later."""
     t0 = time.time()
-    print(f"== {name} ==", flush=True)
+    logger.info(f"== {name} ==")
     stage = STAGES[name]
     out = stage.run(cfg, **options)
     if stage.folder and RunDir(cfg.run_dir).manifest()["stages"].get(name, {}).get("status") != "done":
         raise ResMemError(f"stage {name} returned without recording its outputs in the manifest")
-    print(f"== {name} done in {time.time() - t0:.1f}s ==", flush=True)
+    logger.info(f"== {name} done in {time.time() - t0:.1f}s ==")
     return out
 
 
@@ -68,6 +69,6 @@ def run_pipeline(cfg: Config) -> None:
             continue
         reason = run.stale_reason(stage.name, config, stage_keys(stage.name, cfg))
         if reason is None:
-            print(f"== {stage.name}: finished, outputs match the manifest: skipped ==", flush=True)
+            logger.info(f"== {stage.name}: finished, outputs match the manifest: skipped ==")
         else:
             run_stage(stage.name, cfg)

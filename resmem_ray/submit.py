@@ -20,8 +20,11 @@ from pathlib import Path
 
 from resmem_ray.config import load_config, read_yaml_mapping
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.stage_table import STAGES
 from resmem_ray.store.remote import is_uri
+
+log = stage_log("submit")
 
 JOB_STAGES = (*STAGES, "run")  # what `python -m jobs STAGE` runs
 # Never uploaded with the working_dir (Ray also honours .gitignore): build outputs, and
@@ -95,22 +98,22 @@ def submit(address: str | None, stage: str, stage_args: list[str], working_dir: 
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ResMemError(f"could not submit to the Ray cluster at {address}: {str(e).strip().splitlines()[0]}") \
             from None
-    print(f"[submit] job {job_id}: {entrypoint}", flush=True)
+    log.info(f"job {job_id}: {entrypoint}")
     if not wait:
-        print(f"[submit] follow it with: ray job logs --follow --address {address} {job_id}", flush=True)
+        log.info(f"follow it with: ray job logs --follow --address {address} {job_id}")
         return str(client.get_job_status(job_id))
     try:
         asyncio.run(_stream(client, job_id))
     except KeyboardInterrupt:
-        print(f"\n[submit] stopped following; job {job_id} keeps running "
-              f"(stop it with: ray job stop --address {address} {job_id})", flush=True)
+        log.info(f"\nstopped following; job {job_id} keeps running "
+                 f"(stop it with: ray job stop --address {address} {job_id})")
         raise
     status = client.get_job_status(job_id)
     while str(status) not in TERMINAL:  # the log stream can end a moment before the status
         time.sleep(0.5)
         status = client.get_job_status(job_id)
     info = client.get_job_info(job_id)
-    print(f"[submit] job {job_id}: {status}" + (f" ({info.message})" if info.message else ""), flush=True)
+    log.info(f"job {job_id}: {status}" + (f" ({info.message})" if info.message else ""))
     return str(status)
 
 

@@ -95,8 +95,11 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
             "text.vocab_size=300", "text.lm_dim=32", "text.lm_heads=2", "text.top_m=8", "resmem.k=4",
             "text.lm_embedding=last_block_input", *FAST]
     assert main(["run", *args]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "| ResMem |" in out and "perplexity" in out and "residual storage" in out.lower()
+    # Ray Data's banners and progress bars stay in its log file (`--verbose` shows them)
+    assert "Starting execution of Dataset" not in out + captured.err and "\x1b[" not in out + captured.err
     run = RunDir(run_dir)
     train = read_split(run, "train", "test", columns=("id", "label", "embedding", "top_ids", "top_probs"))
     n = len(train["id"])

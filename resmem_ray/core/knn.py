@@ -16,7 +16,10 @@ import numpy as np
 
 from resmem_ray.core.resmem import normalize_rows
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.schema import IndexConfig
+
+log = stage_log("lookup")
 
 
 def faiss_metric(distance: str) -> int:
@@ -328,6 +331,6 @@ def place_index(index, backend: str, use_gpu: bool):
             gpu_index = faiss.index_cpu_to_gpu(resources, 0, index)  # the actor's GPU is device 0
             gpu_index.resources = resources  # keep alive as long as the index
             return gpu_index, "faiss-gpu"
-        print("[lookup] index.use_gpu=true but faiss has no GPU support or sees no GPU here: "
-              "searching on CPU", flush=True)
+        log.info("index.use_gpu=true but faiss has no GPU support or sees no GPU here: "
+                 "searching on CPU")
     return index, "faiss-cpu"

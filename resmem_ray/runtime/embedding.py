@@ -5,9 +5,6 @@ own map step before this one, so it overlaps inference."""
 
 from __future__ import annotations
 
-import sys
-
-from resmem_ray.runtime.trainer import verbose
 from resmem_ray.schema import EmbedConfig
 
 
@@ -15,10 +12,7 @@ def map_with_model(ds, actor_cls, kwargs: dict, e: EmbedConfig):
     """`ds` mapped by `actor_cls(**kwargs)` on an actor pool; numpy batches of e.batch_size."""
     import ray.data
 
-    # progress bars only on a terminal: inside a `resmem sweep` trial (a Ray worker) or in
-    # a log file they would be a line of escape codes per update
-    ray.data.DataContext.get_current().enable_progress_bars = verbose() or sys.stdout.isatty()
-
+    # progress: bars on a terminal, elsewhere logged to Ray Data's log file (log.quiet_ray_data)
     return ds.map_batches(
         actor_cls, fn_constructor_kwargs={"num_threads": max(1, int(e.cpus_per_actor)), **kwargs},
         compute=ray.data.ActorPoolStrategy(size=e.num_actors), batch_size=e.batch_size,

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 
+from resmem_ray.log import quiet_ray_data, verbose
+
 BOUND = "RESMEM_OWN_RAY_ADDRESS"  # RAY_ADDRESS as `bind` set it, not as the user gave it
 QUIET_SERVE = "RESMEM_QUIET_SERVE"  # "1": Serve's INFO lines stay in its log files (`resmem serve`)
 SETUP_HOOK = f"{__name__}.setup_worker"
@@ -35,6 +37,8 @@ def local_instance() -> bool:
 def setup_worker() -> None:
     """Ray's worker_process_setup_hook for a command's own instance (cli.init_ray)."""
     bind()
+    if not verbose():
+        quiet_ray_data()
     if os.environ.get(QUIET_SERVE) == "1":  # Serve sets its logger to INFO when imported: import it first
         import logging
 

@@ -23,12 +23,15 @@ import numpy as np
 from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check_index_config, combine_flat,
                                  merge_topk, place_index, search_shard, set_search_params)
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import Progress, stage_log
 from resmem_ray.runtime.instance import local_instance
 from resmem_ray.schema import IndexConfig
 from resmem_ray.store.artifacts import check_k, load_shard, model_fingerprint, write_memorized
 from resmem_ray.store.files import sha256, write_json
 from resmem_ray.store.remote import uri_of
 from resmem_ray.store.rundir import RunDir
+
+log = stage_log("lookup")
 
 
 def _build_shard_files(embeddings, ids, labels, residual_rows, cfg: IndexConfig, distance, shard,
@@ -194,8 +197,8 @@ class ShardedMemory:
             if available:
                 gpus = min(1.0, available / num_actors)
             else:
-                print("[lookup] index.use_gpu=true but the Ray cluster has no GPU: shard actors "
-                      "run on CPU", flush=True)
+                log.info("index.use_gpu=true but the Ray cluster has no GPU: shard actors "
+                         "run on CPU")
         actor = ray.remote(ShardActor).options(
             num_cpus=settings.cpus_per_shard, num_gpus=gpus, max_restarts=-1,
             scheduling_strategy="DEFAULT",  # not captured by an enclosing placement group (a sweep trial's)
@@ -226,7 +229,7 @@ class ShardedMemory:
         except BaseException:
             self.close()
             raise
-        print(f"[lookup] {asked}", flush=True)
+        log.info(asked)
 
     def search(self, queries: np.ndarray, k: int) -> Neighbours:
         return self._merge(self._fan_out(queries, k), k)
@@ -252,7 +255,7 @@ class ShardedMemory:
     def search_batches(self, queries: np.ndarray, k: int, batch_size: int) -> Neighbours:
         """`search` over many queries, `batch_size` per round trip, with progress. The next
         batch is sent before this one is merged, so the shards search while the driver merges."""
-        parts, t0 = [], time.time()
+        parts, t0, progress = [], time.time(), Progress(log)
         starts = range(0, max(len(queries), 1), batch_size)  # no queries: one empty answer
         sent = self._fan_out(queries[:batch_size], k)
         for start in starts:
@@ -261,8 +264,8 @@ class ShardedMemory:
             parts.append(self._merge(sent, k))
             sent = ahead
             done = min(following, len(queries))
-            print(f"[lookup] {done}/{len(queries)} queries ({done / max(time.time() - t0, 1e-9):.0f}/s)",
-                  flush=True)
+            progress(f"{done}/{len(queries)} queries ({done / max(time.time() - t0, 1e-9):.0f}/s)",
+                     last=done == len(queries))
         fields = ("distances", "ids", "labels", "residuals") + (("residual_ids",) if parts[0].residual_ids is not None
                                                                else ())
         return Neighbours(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import tempfile
 import threading
 import time
@@ -26,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log, verbose
 
 
 @dataclass
@@ -42,11 +41,6 @@ class Recipe:
     score_name: str = ""  # how the epoch line calls it (default: score), e.g. "next-token acc"
     seed_by_rank: bool = True  # False: every rank draws the same random numbers
     prepare: Callable[[], None] | None = None  # once per worker before building (e.g. load data)
-
-
-def verbose() -> bool:
-    """Whether Ray's own log lines are wanted (`resmem ... --verbose`)."""
-    return os.environ.get("RESMEM_VERBOSE") == "1"
 
 
 def worker_loader(cache: dict, split: str, epoch: int, dataset: Callable[[], Any], batch_size: int):
@@ -112,8 +106,7 @@ def worker_loop(config: dict) -> None:
             start_epoch = state["epoch"] + 1
             history = json.loads((Path(d) / "history.json").read_text())
         if rank == 0:
-            sys.stdout.write(f"[{recipe.stage}] resuming after epoch {start_epoch} from the last checkpoint\n")
-            sys.stdout.flush()
+            stage_log(recipe.stage).info(f"resuming after epoch {start_epoch} from the last checkpoint")
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     net = model.module if hasattr(model, "module") else model
@@ -130,12 +123,12 @@ def worker_loop(config: dict) -> None:
                    f"val_{recipe.score}": val_score / max(val_count, 1), "epoch_s": time.time() - t0}
         history.append(metrics)
         if rank == 0:
-            # not print(): Ray Train V2 patches it in workers and the line reaches the driver twice
+            # the log, not print(): Ray Train V2 patches print in workers, its lines reach the driver twice
             name = recipe.score_name or recipe.score
-            sys.stdout.write(f"[{recipe.stage}] epoch {epoch + 1}/{recipe.epochs}  loss {metrics['train_loss']:.4f}  "
-                             f"train {name} {metrics[f'train_{recipe.score}']:.4f}  val loss {metrics['val_loss']:.4f}"
-                             f"  val {name} {metrics[f'val_{recipe.score}']:.4f}  ({metrics['epoch_s']:.1f}s)\n")
-            sys.stdout.flush()
+            stage_log(recipe.stage).info(f"epoch {epoch + 1}/{recipe.epochs}  loss {metrics['train_loss']:.4f}  "
+                                         f"train {name} {metrics[f'train_{recipe.score}']:.4f}  val loss "
+                                         f"{metrics['val_loss']:.4f}  val {name} {metrics[f'val_{recipe.score}']:.4f}"
+                                         f"  ({metrics['epoch_s']:.1f}s)")
             with tempfile.TemporaryDirectory() as d:
                 state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch}
                 if scheduler is not None:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_model_meta, write_split
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
 from resmem_ray.tasks.splits import SPLITS
+
+log = stage_log("embed")
 
 
 @stage_entry("embed")
@@ -28,12 +31,12 @@ def embed(cfg: Config) -> StageSteps:
         split = splits[name]
         if len(split) == 0:
             raise ResMemError(f"split '{name}' is empty: check data.limit / data.val_fraction")
-        print(f"[embed] {name}: {len(split)} examples on {e.num_actors} actor(s)", flush=True)
+        log.info(f"{name}: {len(split)} examples on {e.num_actors} actor(s)")
         rows = write_split(task.embed_rows(cfg, run, split, name, meta), run, name, e.batch_size)
         if task.one_row_per_example and rows != len(split):
             raise ResMemError(f"embed wrote {rows} rows for split '{name}', expected {len(split)}")
         if not task.one_row_per_example:
-            print(f"[embed] {name}: {rows} rows", flush=True)
+            log.info(f"{name}: {rows} rows")
         counts[name] = rows
     return counts, {"rows": counts, "embedding_dim": meta["embedding_dim"], "num_classes": meta["num_classes"],
                     **task.embed_info(cfg, splits, meta)}

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from resmem_ray.core.knn import prepare_queries
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import check_codec, check_k, read_index_manifest, read_split
 from resmem_ray.store.files import atomic_dir, read_json, verify_hashes, write_json
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
+
+log = stage_log("evaluate")
 
 
 def check_matches_index(cfg: Config, manifest: dict) -> None:
@@ -54,11 +57,11 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> StageSteps:
     check_k(k, manifest["rows"], "max of resmem.k, evaluate.knn_ks and neighbour_transformer.k")
     reads = task.memory_reads(cfg, test)  # a confidence gate: the other rows never read the memory
     searched = queries if reads is None else queries[reads]
-    print(f"[evaluate] {len(searched)} of {len(queries)} test queries against {manifest['rows']} memory rows in "
-          f"{len(manifest['shards'])} shard(s), k={k}", flush=True)
+    log.info(f"{len(searched)} of {len(queries)} test queries against {manifest['rows']} memory rows in "
+             f"{len(manifest['shards'])} shard(s), k={k}")
     with ShardedMemory(run.index, manifest, cfg.index) as memory:  # the shards are checked as they load
         yield run  # once the shards are loaded and checked
-        print(f"[evaluate] shard actors search on: {', '.join(sorted(set(memory.placement)))}", flush=True)
+        log.info(f"shard actors search on: {', '.join(sorted(set(memory.placement)))}")
         nb = memory.search_batches(searched, k, cfg.evaluate.batch_size)
     with atomic_dir(run.report) as tmp:
         metrics = task.evaluate(cfg, run, test, queries, nb, manifest, tmp, tuning)

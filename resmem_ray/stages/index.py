@@ -18,12 +18,15 @@ import numpy as np
 
 from resmem_ray.core.knn import check_index_config, prepare_queries
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import write_shards
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import load_index_manifest, model_fingerprint, read_memorized, read_split
 from resmem_ray.store.files import atomic_dir, inside, write_json
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
+
+log = stage_log("index")
 
 
 @stage_entry("index")
@@ -42,8 +45,8 @@ def build_index(cfg: Config) -> StageSteps:
     memory = task.memory_rows(cfg, train, r.temperature, embedded)
     yield run  # the entry opens: running
     emb = prepare_queries(train["embedding"], r.distance, r.normalize)
-    print(f"[index] {n} rows x {dim} dims" + (f" ({sum(m['rows'] for m in kept)} of them memorized)" if kept else "")
-          + f" -> {cfg.index.num_shards} '{cfg.index.factory}' shard(s), {task.codec} residuals", flush=True)
+    log.info(f"{n} rows x {dim} dims" + (f" ({sum(m['rows'] for m in kept)} of them memorized)" if kept else "")
+             + f" -> {cfg.index.num_shards} '{cfg.index.factory}' shard(s), {task.codec} residuals")
     with atomic_dir(run.index) as tmp:
         manifest = write_shards(tmp, emb, train["id"], train["label"], memory["residuals"], cfg.index, r.distance,
                                 r.normalize, r.temperature, residual_ids=memory.get("residual_ids"))
@@ -55,7 +58,7 @@ def build_index(cfg: Config) -> StageSteps:
         manifest.update(codec=task.codec, next_id=next_id, memorized=kept, **memory["manifest"])
         write_json(tmp / "manifest.json", manifest)
     for line in memory["info"].get("lines", []):
-        print(f"[index] {line}", flush=True)
+        log.info(line)
     info = {k: v for k, v in memory["info"].items() if k != "lines"}
     return manifest, {"rows": int(n), "num_shards": len(manifest["shards"]), **info}
 
@@ -73,17 +76,16 @@ def memorized_records(run: RunDir) -> list[dict]:
         records = load_index_manifest(path).get("memorized", [])
     except ResMemError as e:  # not the suite's writing: its records cannot be trusted
         files = len(list((run.index / "memorized").glob("*.parquet")))
-        print(f"[index] {e}: no memorized rows carried over"
-              + (f" ({files} file(s) of memorized rows dropped: memorize them again)" if files else ""), flush=True)
+        log.info(f"{e}: no memorized rows carried over"
+                 + (f" ({files} file(s) of memorized rows dropped: memorize them again)" if files else ""))
         return []
     model, kept = model_fingerprint(run), []
     for m in records:
         if "file" not in m:  # memorized before rows were kept
-            print(f"[index] dropped {m['rows']} memorized rows of {m['source']}: no embedding rows were kept",
-                  flush=True)
+            log.info(f"dropped {m['rows']} memorized rows of {m['source']}: no embedding rows were kept")
         elif m.get("model") != model:
-            print(f"[index] dropped {m['rows']} memorized rows of {m['source']}: embedded by an earlier model "
-                  "(memorize them again)", flush=True)
+            log.info(f"dropped {m['rows']} memorized rows of {m['source']}: embedded by an earlier model "
+                     "(memorize them again)")
         else:
             inside(run.index, m["file"])
             kept.append({k: v for k, v in m.items() if k != "shard"})

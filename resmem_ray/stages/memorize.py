@@ -17,12 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from resmem_ray.core.knn import prepare_queries
+from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import add_shard
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_model_meta, read_index_manifest
 from resmem_ray.store.files import sha256
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
+
+log = stage_log("memorize")
 
 
 def memorize(cfg: Config, examples: str) -> dict:
@@ -33,7 +36,7 @@ def memorize(cfg: Config, examples: str) -> dict:
     split = task.read_examples(examples, meta)
     split.ids = manifest["next_id"] + np.arange(len(split), dtype=np.int64)
     ids = split.ids
-    print(f"[memorize] embedding {len(split)} examples from {examples}", flush=True)
+    log.info(f"embedding {len(split)} examples from {examples}")
     batches = list(task.embed_rows(cfg, run, split, "memorize", meta).iter_batches(batch_size=None,
                                                                                    batch_format="numpy"))
     rows = {c: np.concatenate([b[c] for b in batches]) for c in task.memory_columns}
@@ -45,7 +48,7 @@ def memorize(cfg: Config, examples: str) -> dict:
     manifest, _ = add_shard(run, manifest, emb, rows["id"], rows["label"], memory["residuals"], record, rows,
                             memory.get("residual_ids"))
     shard = manifest["shards"][-1]["shard"]
-    print(f"[memorize] added {len(ids)} rows as shard {shard} "
-          f"(ids {ids[0]}..{ids[-1]}); the memory now holds {manifest['rows']} rows", flush=True)
+    log.info(f"added {len(ids)} rows as shard {shard} "
+             f"(ids {ids[0]}..{ids[-1]}); the memory now holds {manifest['rows']} rows")
     return manifest
 

@@ -25,7 +25,6 @@ import contextlib
 import hmac
 import json
 import logging
-import os
 import re
 import signal
 import socket
@@ -40,6 +39,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import RayServeException
 
 from resmem_ray.errors import ConfigError, ResMemError
+from resmem_ray.log import stage_log, verbose
 from resmem_ray.runtime.instance import local_instance
 from resmem_ray.runtime.serving import Memory, Model
 from resmem_ray.schema import Config, ServeConfig
@@ -48,6 +48,8 @@ from resmem_ray.store.artifacts import check_codec, check_k, read_index_manifest
 from resmem_ray.store.files import read_json, write_json
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
+
+log = stage_log("serve")
 
 APP = "resmem"
 CONCURRENT_BATCHES = 4
@@ -204,7 +206,7 @@ def start(cfg: Config) -> str:
     token = read_token(s)
     check_fits(cfg, manifest)
     # Serve's INFO lines (replicas starting, each request) go to its log files unless --verbose
-    logs = None if os.environ.get("RESMEM_VERBOSE") == "1" else {"log_level": "WARNING"}
+    logs = None if verbose() else {"log_level": "WARNING"}
     if logs:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     serve.start(http_options={"host": s.host, "port": s.port}, logging_config=logs)
@@ -216,12 +218,11 @@ def start(cfg: Config) -> str:
         task, meta, s, token, model, memory)
     serve.run(ingress, name=APP, route_prefix="/", blocking=False)
     url = f"http://{s.host}:{s.port}"
-    print(f"[serve] {url}: POST /predict, POST /memorize ({'open' if s.open_memorize else 'token' if token else 'closed'}), "
-          f"GET /healthz, /readyz; {manifest['rows']} memory rows, {s.replicas} model replica(s)", flush=True)
+    log.info(f"{url}: POST /predict, POST /memorize ({'open' if s.open_memorize else 'token' if token else 'closed'}), "
+             f"GET /healthz, /readyz; {manifest['rows']} memory rows, {s.replicas} model replica(s)")
     direct = replica_urls(s)
     if direct:
-        print(f"[serve] the ingress replica(s) answer directly too, without the proxy's hop: {', '.join(direct)}",
-              flush=True)
+        log.info(f"the ingress replica(s) answer directly too, without the proxy's hop: {', '.join(direct)}")
     return url
 
 
@@ -316,8 +317,8 @@ def stop_stale_processes(path: Path) -> None:
     except (ResMemError, OSError, KeyError, TypeError):  # damaged: nothing to act on
         host, pid, entries = socket.gethostname(), "?", []
     if host != socket.gethostname():
-        print(f"[serve] a `resmem serve` (pid {pid} on {host}) was killed on this run: its Ray processes "
-              f"may still run there", flush=True)
+        log.info(f"a `resmem serve` (pid {pid} on {host}) was killed on this run: its Ray processes "
+                 f"may still run there")
         entries = []
     stale = []
     for entry in entries:
@@ -334,6 +335,6 @@ def stop_stale_processes(path: Path) -> None:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     if stale:
-        print(f"[serve] stopped {len(stale)} process(es) of the Ray instance of a killed `resmem serve` "
-              f"(pid {pid}) on this run", flush=True)
+        log.info(f"stopped {len(stale)} process(es) of the Ray instance of a killed `resmem serve` "
+                 f"(pid {pid}) on this run")
     path.unlink(missing_ok=True)

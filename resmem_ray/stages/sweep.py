@@ -21,6 +21,7 @@ import itertools
 
 import numpy as np
 
+from resmem_ray.log import logger, stage_log
 from resmem_ray.schema import Config
 from resmem_ray.stages.embed import embed
 from resmem_ray.stages.index import build_index
@@ -30,6 +31,8 @@ from resmem_ray.tasks.methods import ordered, plotted, title
 from resmem_ray.tasks.registry import task_for
 from resmem_ray.store.files import atomic_dir, write_json
 from resmem_ray.store.rundir import RunDir
+
+log = stage_log("sweep")
 
 
 def trial_config(cfg: Config, width: int, lr: float, seed: int, root: str) -> Config:
@@ -80,9 +83,9 @@ def sweep(cfg: Config) -> dict:
     seeds = s.seeds or [cfg.seed]
     space = {"width": tune.grid_search(s.width), "lr": tune.grid_search(s.lr or [cfg.train.lr]),
              "seed": tune.grid_search(seeds)}
-    print(f"[sweep] {len(s.width) * len(s.lr or [1]) * len(seeds)} base models ({len(s.width)} widths x "
-          f"{len(s.lr or [1])} lr x {len(seeds)} seeds), rungs at epochs {s.rungs}, "
-          f"ASHA reduction factor {s.reduction_factor}", flush=True)
+    log.info(f"{len(s.width) * len(s.lr or [1]) * len(seeds)} base models ({len(s.width)} widths x "
+             f"{len(s.lr or [1])} lr x {len(seeds)} seeds), rungs at epochs {s.rungs}, "
+             f"ASHA reduction factor {s.reduction_factor}")
     tuner = tune.Tuner(
         # the trial process only drives the stages; Ray Train, Ray Data and the shard actors
         # inside it ask for their own CPUs
@@ -110,7 +113,7 @@ def sweep(cfg: Config) -> dict:
         write_json(tmp / "results.json", {"trials": rows, "groups": groups})
         (tmp / "report.md").write_text(report(rows, groups, cfg))
         plot_width_sweep(tmp / "width_sweep.png", groups, cfg)
-    print((root / "summary" / "report.md").read_text(), flush=True)
+    logger.info((root / "summary" / "report.md").read_text())
     return {"trials": rows, "groups": groups}
 
 

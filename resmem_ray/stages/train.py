@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import json
 
+from resmem_ray.log import stage_log
 from resmem_ray.runtime import trainer
 from resmem_ray.schema import Config
 from resmem_ray.store.files import atomic_dir, file_hashes
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
+
+log = stage_log("train")
 
 
 @stage_entry("train")
@@ -31,6 +34,6 @@ def train(cfg: Config, until_epoch: int | None = None) -> StageSteps:
         (tmp / "history.json").write_text(json.dumps(history, indent=2))
     warning = trainer.chance_warning(history, meta.get("num_classes", 0))
     if warning:
-        print(f"[train] warning: {warning}", flush=True)
+        log.info(f"warning: {warning}")
     return history[-1], {"files": file_hashes(run.model), "history": history, "epochs_done": len(history)}
 

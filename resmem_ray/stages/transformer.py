@@ -11,6 +11,7 @@ import torch
 
 from resmem_ray.core.knn import prepare_queries
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.runtime import trainer
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
@@ -18,6 +19,8 @@ from resmem_ray.store.artifacts import read_index_manifest, read_memory_split, r
 from resmem_ray.store.files import atomic_dir, file_hashes
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.neighbour_model import build, model_inputs, neighbour_inputs
+
+log = stage_log("transformer")
 
 INPUTS = ("query", "neighbours", "labels", "distances")
 
@@ -89,8 +92,8 @@ def train_neighbour_transformer(cfg: Config) -> StageSteps:
     s = cfg.neighbour_transformer
     trainer.keep_checkpoints_to_resume(run, "transformer", cfg.to_dict(), s.epochs)
     yield run  # the entry opens: running
-    print(f"[transformer] {len(data['train']['query'])} train queries x {s.k} neighbours, "
-          f"{s.epochs} epochs on {s.num_workers} Ray Train worker(s)", flush=True)
+    log.info(f"{len(data['train']['query'])} train queries x {s.k} neighbours, "
+             f"{s.epochs} epochs on {s.num_workers} Ray Train worker(s)")
     state, history = trainer.fit(run, recipe(cfg, meta, ray.put(data)), s.num_workers, s.cpus_per_worker)
     with atomic_dir(run.transformer) as tmp:
         torch.save(state["model"], tmp / "model.pt")

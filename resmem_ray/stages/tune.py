@@ -27,6 +27,7 @@ import numpy as np
 
 from resmem_ray.core.knn import prepare_queries
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
 from resmem_ray.stages.evaluate import evaluate
@@ -37,6 +38,8 @@ from resmem_ray.store.files import write_json
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.methods import SCORES, title
 from resmem_ray.tasks.registry import Task, task_for
+
+log = stage_log("tune")
 
 MEMORY = ("distance", "normalize")  # these change the neighbours: one index and one val search each
 SAMPLED = {"sigma": "loguniform", "temperature": "loguniform", "gate": "uniform", "gate_threshold": "uniform",
@@ -66,8 +69,8 @@ def neighbour_table(cfg: Config, run: RunDir, with_knn_ks: bool = False) -> dict
     check_k(k_max, manifest["rows"], "config keys tune.k and evaluate.knn_ks" if with_knn_ks else "config key tune.k")
     val = read_split(run, "val", "tune", task.query_columns)
     queries = prepare_queries(val.pop("embedding"), manifest["distance"], manifest["normalize"])
-    print(f"[tune] searching {len(queries)} val queries once at k={k_max} "
-          f"({memory_key(manifest['distance'], manifest['normalize'])}, T={manifest['temperature']})", flush=True)
+    log.info(f"searching {len(queries)} val queries once at k={k_max} "
+             f"({memory_key(manifest['distance'], manifest['normalize'])}, T={manifest['temperature']})")
     with ShardedMemory(run.index, manifest, cfg.index) as memory:
         nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
     return {"val": val, "neighbours": nb, **task.tune_table(cfg, run, val, nb)}
@@ -305,9 +308,9 @@ def tune_resmem(cfg: Config) -> StageSteps:
     baselines = "".join(f"; {title(m.key, task.name)} "
                         + ", ".join(f"{short}={summary[m.key][key]}" for key, short in m.tuned.items())
                         + f" -> {phrase(summary[m.key])}" for m in task.tuned_baselines())
-    print(f"[tune] {len(frame)} trials; best on val: {summary['best']} -> "
-          f"{phrase({s: summary[f'best_{s}'] for s in task.scores})} "
-          f"(base {phrase({s: summary[f'base_{s}'] for s in task.scores})}{baselines})", flush=True)
+    log.info(f"{len(frame)} trials; best on val: {summary['best']} -> "
+             f"{phrase({s: summary[f'best_{s}'] for s in task.scores})} "
+             f"(base {phrase({s: summary[f'base_{s}'] for s in task.scores})}{baselines})")
     evaluate_chosen(cfg, run, summary)
     # the entry closes last: rebuilding the index invalidates the stages after it, tune included
     objective = task.scores[0]

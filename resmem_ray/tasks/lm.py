@@ -23,6 +23,7 @@ import torch
 from resmem_ray.core.resmem import confidence_gate, kernel_weights, softmax
 from resmem_ray.core.sparse import corrected_probs, encode, token_metrics
 from resmem_ray.errors import ResMemError
+from resmem_ray.log import stage_log
 from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.schema import Config, ResMemConfig
 from resmem_ray.store.files import atomic_dir
@@ -32,6 +33,8 @@ from resmem_ray.tasks.methods import (neighbour_baselines, setting, setting_line
 from resmem_ray.tasks.registry import register
 from resmem_ray.tasks.splits import Split
 from resmem_ray.tasks.text import SOURCE_KEYS, TextTask, load_text_model, train_bpe
+
+log = stage_log("train")
 
 
 class LMEmbedder:
@@ -171,8 +174,8 @@ class TokenLM(TextTask):
     def prepare_tokenizer(self, cfg: Config, run: RunDir, splits: dict) -> None:
         if cfg.text.tokenizer == "bpe":
             with atomic_dir(run.root / "tokenizer") as tmp:
-                print(f"[train] training a {cfg.text.vocab_size}-token byte-level BPE on "
-                      f"{len(splits['train'])} train texts", flush=True)
+                log.info(f"training a {cfg.text.vocab_size}-token byte-level BPE on "
+                         f"{len(splits['train'])} train texts")
                 train_bpe(splits["train"].texts, cfg.text.vocab_size, tmp)
 
     def embed_rows(self, cfg: Config, run: RunDir, split: Split, split_name: str, meta: dict):
