@@ -19,6 +19,7 @@ from resmem_ray.log import quiet_ray_data, set_verbose
 from resmem_ray.pipeline import enabled, run_pipeline, run_stage
 from resmem_ray.runtime import instance
 from resmem_ray.stage_table import STAGES
+from resmem_ray.store.remote import source_digest
 from resmem_ray.store.rundir import RunDir
 
 
@@ -58,6 +59,8 @@ def init_ray(verbose: bool = False) -> None:
 def preflight(command: str, cfg, run: RunDir) -> None:
     """The cheap checks, before Ray starts: the inputs the command reads are finished
     (the nearest first), and the run directory may be written."""
+    if command in ("run", "train") and cfg.model.source != "trained":
+        source_digest(cfg.model.path)  # the given model or embeddings exist
     if command != "run":
         stage = STAGES[command]
         for name in reversed(stage.reads):

@@ -86,6 +86,8 @@ def config_from_dict(raw: dict) -> Config:
     """A checked Config from a nested mapping (a YAML file's, or a run manifest's)."""
     cfg = _build(Config, raw, prefix="")
     _check_values(cfg)
+    if cfg.model.source != "trained" and not cfg.model.path:
+        raise ConfigError(f"config key model.path is required for model.source={cfg.model.source}")
     task_for(cfg).check_config(cfg)
     return cfg
 

@@ -62,6 +62,11 @@ class DataConfig:
 class ModelConfig:
     name: str = "small_cnn"  # picks the task (tasks/): small_cnn, resnet20, hf_classifier, gpt2_lm, mlp, ...
     width: int = setting(16, range=POSITIVE)  # small_cnn: first conv channels; cifar resnets: multiplier of 16
+    # where the base model comes from: `trained` by the train stage from model.name's recipe;
+    # `checkpoint`: a model trained elsewhere (model.path), taken as it is; `precomputed`:
+    # the embeddings, logits and labels of every split, computed elsewhere (model.path)
+    source: str = setting("trained", choices=("trained", "checkpoint", "precomputed"))
+    path: Optional[str] = None  # checkpoint: a weights file or a Hugging Face folder; precomputed: the splits' folder
 
 
 @dataclass

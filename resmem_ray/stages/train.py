@@ -1,6 +1,12 @@
 """Stage train: the task's base model, trained by the one Ray Train runtime
 (runtime/trainer.py: TorchTrainer, DDP over train.num_workers, resume from the last
-checkpoint). The final weights go to RUN/model/ with their metadata and hash."""
+checkpoint). The final weights go to RUN/model/ with their metadata and hash.
+
+A model trained elsewhere (model.source=checkpoint, model.path) is checked and written to
+RUN/model/ in the same form instead, so every later stage reads it as its own; the entry
+records the given file's fingerprint, and a changed file makes train and all after it
+stale. With model.source=precomputed the task writes what stands for the model (its
+meta.json) from the precomputed files."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ from resmem_ray.log import stage_log
 from resmem_ray.runtime import trainer
 from resmem_ray.schema import Config
 from resmem_ray.store.files import atomic_dir, file_hashes
+from resmem_ray.store.remote import source_digest
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
 
@@ -23,6 +30,15 @@ def train(cfg: Config, until_epoch: int | None = None) -> StageSteps:
     task = task_for(cfg)
     run = RunDir(cfg.run_dir)
     splits, info = task.load_splits(cfg)  # fail here, not in a worker, on bad data
+    if cfg.model.source != "trained":
+        given = task.load_given(cfg, splits, info)  # every check before the entry opens
+        yield run
+        with atomic_dir(run.model) as tmp:
+            meta = task.save_given(cfg, run, tmp, given, splits, info)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        log.info(f"the {cfg.model.source} model of {cfg.model.path}: {meta['embedding_dim']}-dim embeddings, "
+                 f"{meta['num_classes']} outputs (nothing trained)")
+        return meta, {"files": file_hashes(run.model), "sources": {cfg.model.path: source_digest(cfg.model.path)}}
     recipe, datasets = task.training(cfg, run, splits, info)
     trainer.keep_checkpoints_to_resume(run, "train", cfg.to_dict(), cfg.train.epochs)
     yield run  # the entry opens: running

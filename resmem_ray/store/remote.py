@@ -25,7 +25,7 @@ from pathlib import Path
 
 from resmem_ray.errors import ResMemError
 from resmem_ray.stage_table import STAGES
-from resmem_ray.store.files import inside, read_json, write_json
+from resmem_ray.store.files import digest, file_hashes, inside, read_json, sha256, write_json
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 SYNCED = ".synced.json"  # in the mirror: relative path -> sha256 of the copy held there
@@ -153,3 +153,25 @@ class RemoteRun:
         remote = self._remote(folder)
         if self.fs.get_file_info(remote).type == pyarrow.fs.FileType.Directory:
             self.fs.delete_dir(remote)
+
+
+def source_digest(path: str) -> str:
+    """A fingerprint of files a run reads from outside it (a given model, precomputed
+    embeddings): local files and folders by content (sha256), a URI's objects by size and
+    modification time, which object stores keep for every object."""
+    if not is_uri(path):
+        local = Path(path).expanduser()
+        if local.is_file():
+            return sha256(local)
+        if local.is_dir():
+            return digest(file_hashes(local))
+        raise ResMemError(f"model.path={path}: no such file or folder")
+    import pyarrow.fs
+
+    fs, root = open_uri(path)
+    info = fs.get_file_info(root)
+    if info.type == pyarrow.fs.FileType.NotFound:
+        raise ResMemError(f"model.path={path}: no such object or folder")
+    infos = [info] if info.type == pyarrow.fs.FileType.File else fs.get_file_info(
+        pyarrow.fs.FileSelector(root, recursive=True))
+    return digest({i.path: f"{i.size}:{i.mtime_ns}" for i in infos if i.type == pyarrow.fs.FileType.File})

@@ -268,6 +268,14 @@ class RunDir:
         old = entry.get("config", {})
         if (old != config) if keys is None else (pick(old, keys) != pick(config, keys)):
             return "config changed"
+        from resmem_ray.store.remote import source_digest
+
+        for path, seen in (entry.get("sources") or {}).items():  # files read from outside the run
+            try:
+                if source_digest(path) != seen:
+                    return f"{path} changed since the stage read it"
+            except ResMemError as e:
+                return str(e)
         now = input_digests(stages, stage.reads)
         if entry.get("inputs") != now:
             changed = [r for r in stage.reads if (entry.get("inputs") or {}).get(r) != now[r]]

@@ -55,6 +55,17 @@ class Task:
         num_classes and embedding_dim)."""
         raise NotImplementedError
 
+    # --- a given model (model.source=checkpoint) -----------------------------------------
+    def load_given(self, cfg: "Config", splits: dict, info) -> Any:
+        """The model at model.path, loaded and checked against the data (a ResMemError
+        naming the file, key, layer or shape that does not fit); what save_given writes."""
+        raise ConfigError(f"config key model.source=checkpoint: the {self.name} task (model.name={cfg.model.name}) "
+                          "takes no checkpoint")
+
+    def save_given(self, cfg: "Config", run: "RunDir", folder, given, splits: dict, info) -> dict:
+        """Write the given model into `folder` as a trained one is written; meta.json's content."""
+        return self.save_model(cfg, run, folder, given, splits, info)
+
     # --- embed ------------------------------------------------------------------------
     def embed_rows(self, cfg: "Config", run: "RunDir", split, split_name: str, meta: dict):
         """A Ray Dataset of the split's rows (id, label, embedding and what later stages read)."""
