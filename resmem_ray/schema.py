@@ -67,6 +67,8 @@ class ModelConfig:
     # the embeddings, logits and labels of every split, computed elsewhere (model.path)
     source: str = setting("trained", choices=("trained", "checkpoint", "precomputed"))
     path: Optional[str] = None  # checkpoint: a weights file or a Hugging Face folder; precomputed: the splits' folder
+    arch: Optional[str] = None  # model.name=torchvision: the torchvision.models architecture (efficientnet_b0, vit_b_16, ...)
+    embedding_layer: Optional[str] = None  # checkpoint: the module whose input is the embedding (default: the final classifier)
 
 
 @dataclass
