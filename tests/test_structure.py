@@ -167,3 +167,18 @@ def test_no_stage_tests_the_memory_codec():
     that the memory holds it (store/artifacts.check_codec); a stage that tests it holds task code."""
     for path in (PACKAGE / "stages").glob("*.py"):
         assert codec_tests(path.read_text()) == [], path.name
+
+
+def test_extending_guide_names_files_and_tests_that_exist():
+    """docs/extending.md lists, per kind of change, the files it touches and the tests that
+    hold it: each named file (or its folder, for a new one) and each named test exist."""
+    root = PACKAGE.parent
+    text = (root / "docs" / "extending.md").read_text()
+    paths = set(re.findall(r"`((?:resmem_ray|tests|jobs)/[\w/<>.]+\.(?:py|yaml))`", text))
+    assert len(paths) >= 10
+    for path in paths:
+        target = root / path
+        assert (target.parent if "<" in path else target).exists(), path
+    sources = "".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    for test in re.findall(r"`(test_\w+)`", text):
+        assert f"def {test}(" in sources, test
