@@ -4,6 +4,7 @@ SIGTERM and SIGKILL leave nothing running."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -464,7 +465,10 @@ def test_a_killed_serve_is_cleaned_by_the_next_which_sigterm_stops(run_copy):
 
     second = start_serve(run_copy)
     (line,) = [line for line in second.lines if "killed `resmem serve`" in line]
-    assert f"stopped {len(left)} process(es) of the Ray instance of a killed `resmem serve` (pid {proc.pid})" in line
+    # some of them may exit on their own before the second serve starts: it stops the rest
+    stopped = re.search(rf"stopped (\d+) process\(es\) of the Ray instance of a killed `resmem serve` \(pid {proc.pid}\)",
+                        line)
+    assert stopped and 1 <= int(stopped[1]) <= len(left), line
     assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in left)
     rest, err, _ = stop_serve(second, signal.SIGTERM)
     assert second.returncode == 143 and err == "resmem: serve stopped" and rest == "", (err, rest)
