@@ -21,7 +21,7 @@ CLASSES, DIM = 10, 16
 SIZES = {"train": 1000, "val": 300, "test": 300}
 ARGS = ["--config", "jobs/configs/precomputed.yaml", "index.cpus_per_shard=0.5", "evaluate.knn_ks=[1,10]",
         "resmem.k=10", "resmem.sigma=0.3", "resmem.temperature=2.0"]
-GRID = ["tune.k=[5,10]", "tune.sigma=[0.1,1.0]", "tune.temperature=[1.0,2.0]", "tune.gate=[1.0]",
+GRID = ["tune.k=[5,10]", "tune.sigma=[0.1]", "tune.temperature=[2.0]", "tune.gate=[1.0]",
         "tune.knn_lambda=[0.5]", "tune.knn_tau=[0.1]", "tune.learned_gate=false"]
 
 
@@ -147,7 +147,7 @@ def test_run_and_tune_give_brute_force_resmem(pre_run, source, data, tmp_path):
     shutil.copytree(pre_run, tuned)
     assert main(["tune", *args_of(tuned, source, *GRID)]) == 0
     summary = json.loads((tuned / "tune" / "best.json").read_text())
-    assert summary["trials"] == 8
+    assert summary["trials"] == 2
     best = summary["best"]
     val = brute_resmem(data, "val", best["k"], best["sigma"], best["temperature"], best["gate"])
     assert summary["best_val_accuracy"] == pytest.approx((val.argmax(1) == data["val"]["label"]).mean(), abs=2 / 300)
