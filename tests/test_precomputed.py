@@ -11,9 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from resmem_ray.cli import main
+from resmem_ray.config import load_config
+from resmem_ray.errors import ConfigError
 from resmem_ray.runtime.instance import QUIET_SERVE
 from resmem_ray.store.artifacts import read_split
 from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.registry import task_for
 
 from .test_pipeline import one_error_line
 
@@ -23,6 +26,13 @@ ARGS = ["--config", "jobs/configs/precomputed.yaml", "index.cpus_per_shard=0.5",
         "resmem.k=10", "resmem.sigma=0.3", "resmem.temperature=2.0"]
 GRID = ["tune.k=[5,10]", "tune.sigma=[0.1]", "tune.temperature=[2.0]", "tune.gate=[1.0]",
         "tune.knn_lambda=[0.5]", "tune.knn_tau=[0.1]", "tune.learned_gate=false"]
+
+
+def test_the_source_picks_the_task_whatever_model_name_says():
+    assert task_for(load_config("jobs/configs/precomputed.yaml", ("model.name=resnet20",))).name == "precomputed"
+    with pytest.raises(ConfigError, match=r"^config key data.limit=10 does not apply to model.source=precomputed: "
+                                          "every row of model.path is read as it is$"):
+        load_config("jobs/configs/precomputed.yaml", ("data.limit=10",))
 
 
 def mixture(seed: int = 0) -> dict:
@@ -176,6 +186,25 @@ def test_npy_and_probabilities_give_the_same_rows(pre_run, data, tmp_path):
             np.testing.assert_allclose(softmax(ours["logits"] / t), softmax(theirs["logits"] / t), atol=1e-5)
 
 
+def test_an_s3_folder_gives_the_same_rows(pre_run, data, s3, tmp_path, monkeypatch):
+    """model.path on an object store through pyarrow.fs; its npy files are read, not mapped."""
+    import pyarrow.fs
+
+    for key, value in s3.CREDENTIALS.items():
+        monkeypatch.setenv(key, value)
+    local = write_parquet(tmp_path / "given", {n: data[n] for n in ("train", "test")})
+    write_npy(local, {"val": data["val"]})
+    pyarrow.fs.copy_files(str(local), f"{s3.bucket}/given", destination_filesystem=s3.fs)
+    run_dir = tmp_path / "run"
+    assert main(["train", *args_of(run_dir, s3.uri("given"))]) == 0
+    assert main(["embed", *args_of(run_dir, s3.uri("given"))]) == 0
+    assert json.loads((run_dir / "model" / "meta.json").read_text())["splits"]["val"]["format"] == "npy"
+    for name in SIZES:
+        ours, theirs = read_split(RunDir(run_dir), name, "test"), read_split(RunDir(pre_run), name, "test")
+        for c in ("id", "label", "embedding", "logits"):
+            np.testing.assert_array_equal(ours[c], theirs[c])
+
+
 def test_a_changed_file_makes_train_onward_stale(pre_run, source, data, tmp_path, capsys):
     path = source / "val.parquet"
     original = path.read_bytes()
@@ -230,40 +259,53 @@ def probs_row(row, value):
     return change
 
 
-BAD = [  # (layout, change to the good rows, the line, with {S} for model.path)
-    ("parquet", lambda d: d.pop("val"),
+def ids_from(make):
+    """An id column in every split: make(split number, rows)."""
+    def change(d):
+        for i, name in enumerate(SIZES):
+            d[name]["id"] = make(i, SIZES[name]).astype(np.int64)
+    return change
+
+
+BAD = [  # (name, layout, change to the good rows, the line, with {S} for model.path)
+    ("missing split", "parquet", lambda d: d.pop("val"),
      "model.path={S}: no split 'val' (put val.parquet there, or a val/ folder of parquet parts or of .npy files)"),
-    ("parquet", drop("train", "label"), "{S}/train.parquet (split train): no column label (it has embedding, logits)"),
-    ("parquet", put("val", "probs", lambda d: softmax(d["val"]["logits"])),
+    ("missing column", "parquet", drop("train", "label"),
+     "{S}/train.parquet (split train): no column label (it has embedding, logits)"),
+    ("logits and probs", "parquet", put("val", "probs", lambda d: softmax(d["val"]["logits"])),
      "{S}/val.parquet (split val): both logits and probs columns: keep one (it has embedding, logits, label, probs)"),
-    ("parquet", ragged, "{S}/val.parquet (split val): column embedding: row 0 has 16 values, row 3 has 15 "
-                        "(not 2-D: every row needs the same number)"),
-    ("npy", put("train", "embedding", lambda d: d["train"]["embedding"].reshape(1000, 4, 4)),
+    ("ragged rows", "parquet", ragged,
+     "{S}/val.parquet (split val): column embedding: row 0 has 16 values, row 3 has 15 "
+     "(not 2-D: every row needs the same number)"),
+    ("npy not 2-D", "npy", put("train", "embedding", lambda d: d["train"]["embedding"].reshape(1000, 4, 4)),
      "{S}/train/embedding.npy (split train): shape (1000, 4, 4), not 2-D (N, D)"),
-    ("parquet", put("val", "embedding", lambda d: d["val"]["embedding"][:, :15]),
+    ("other dim", "parquet", put("val", "embedding", lambda d: d["val"]["embedding"][:, :15]),
      "{S}/val.parquet (split val): embedding has 15 values per row, train's has 16"),
-    ("parquet", put("test", "logits", lambda d: d["test"]["logits"][:, :9]),
+    ("other classes", "parquet", put("test", "logits", lambda d: d["test"]["logits"][:, :9]),
      "{S}/test/ (split test): logits has 9 values per row, train's has 10 (the number of classes)"),
-    ("parquet", at_row("test", "embedding", 160, np.nan),
+    ("NaN", "parquet", at_row("test", "embedding", 160, np.nan),
      "{S}/test/part-1.parquet (split test): column embedding, row 10: NaN or inf"),
-    ("npy", at_row("val", "logits", 2, np.inf), "{S}/val/logits.npy (split val): row 2: NaN or inf"),
-    ("parquet", probs_row(7, np.r_[1.5, -0.5, np.zeros(8)]),
+    ("inf", "npy", at_row("val", "logits", 2, np.inf),
+     "{S}/val/logits.npy (split val): row 2: NaN or inf"),
+    ("probs outside", "parquet", probs_row(7, np.r_[1.5, -0.5, np.zeros(8)]),
      "{S}/test/part-0.parquet (split test): column probs, row 7: probabilities outside [0, 1] (min -0.5, max 1.5)"),
-    ("parquet", probs_row(8, np.full(10, 0.2)),
+    ("probs sum", "parquet", probs_row(8, np.full(10, 0.2)),
      "{S}/test/part-0.parquet (split test): column probs, row 8: probabilities sum to 2, not 1 "
      "(give logits instead, or normalised probabilities)"),
-    ("parquet", put("train", "label", lambda d: d["train"]["label"].astype(np.float64)),
+    ("float labels", "parquet", put("train", "label", lambda d: d["train"]["label"].astype(np.float64)),
      "{S}/train.parquet (split train): column label is double, not integers"),
-    ("parquet", at_row("train", "label", 4, 12),
-     "{S}/train.parquet (split train): column label, row 4: label 12 is outside [0, 10) (10 classes: the logits' width)"),
-    ("parquet", lambda d: [d[n].__setitem__("id", np.arange(SIZES[n]) + 10 * i) for i, n in enumerate(SIZES)],
+    ("label range", "parquet", at_row("train", "label", 4, 12),
+     "{S}/train.parquet (split train): column label, row 4: label 12 is outside [0, 10) "
+     "(10 classes: the logits' width)"),
+    ("duplicate across", "parquet", ids_from(lambda i, n: np.arange(n) + 10 * i),
      "duplicate id 10: {S}/train.parquet (split train): column id, row 10 and {S}/val.parquet (split val): column id, "
      "row 0 (ids must be distinct across every split)"),
-    ("npy", lambda d: [d[n].__setitem__("id", np.zeros(SIZES[n], np.int64) + 5000 + 1000 * i)
-                       for i, n in enumerate(SIZES)],
+    ("negative id", "parquet", ids_from(lambda i, n: np.arange(n) + 2000 * i - 1),
+     "{S}/train.parquet (split train): column id, row 0: id -1 is negative (ids must be >= 0)"),
+    ("duplicate within", "npy", ids_from(lambda i, n: np.full(n, 5000 + 1000 * i)),
      "duplicate id 5000: {S}/train/id.npy (split train): row 0 and {S}/train/id.npy (split train): row 1 "
      "(ids must be distinct across every split)"),
-    ("npy", put("test", "label", lambda d: d["test"]["label"][:-1]),
+    ("npy row counts", "npy", put("test", "label", lambda d: d["test"]["label"][:-1]),
      "{S}/test/ (split test): the arrays hold different numbers of rows: embedding.npy 300, logits.npy 300, "
      "label.npy 299"),
 ]
@@ -274,8 +316,9 @@ def snapshot(run_dir) -> dict:
             if p.is_file() and p.name != ".lock"}
 
 
-@pytest.mark.parametrize("layout,change,line", BAD, ids=[b[2].split(": ", 1)[-1][:40] for b in BAD])
-def test_bad_input_is_one_line_and_leaves_the_run_as_it_was(pre_run, data, tmp_path, capsys, layout, change, line):
+@pytest.mark.parametrize("name,layout,change,line", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_and_leaves_the_run_as_it_was(pre_run, data, tmp_path, capsys, name, layout, change,
+                                                             line):
     rows = {n: dict(c) for n, c in data.items()}
     change(rows)
     bad = (write_parquet if layout == "parquet" else write_npy)(tmp_path / "bad", rows)

@@ -98,7 +98,7 @@ def _filesystem(path: str):
 def read_rows(path: str) -> dict[str, Rows]:
     """Every split of model.path, read and shaped (values are checked by check_rows)."""
     fs, root = _filesystem(path)
-    shown = path.rstrip("/")
+    shown = path.split("?")[0].rstrip("/")  # messages name files without a URI's options
     splits, offset = {}, 0
     for name in SPLITS:
         rows = _read_split(fs, root.rstrip("/"), shown, name)
@@ -211,8 +211,8 @@ def _read_npy(fs, folder: str, shown: str, name: str, files: list[str]) -> Rows:
     at = f"{shown}/ (split {name})"
     given = [c for c in OUTPUTS if f"{c}.npy" in files]
     if len(given) != 1:
-        raise ResMemError(f"{at}: {'both logits.npy and probs.npy: keep one' if given else 'no logits.npy or probs.npy'}"
-                          f" (it has {', '.join(files)})")
+        problem = "both logits.npy and probs.npy: keep one" if given else "no logits.npy or probs.npy"
+        raise ResMemError(f"{at}: {problem} (it has {', '.join(files)})")
     kind = given[0]
     for needed in ("embedding", "label"):
         if f"{needed}.npy" not in files:
@@ -323,14 +323,12 @@ def check_ids(splits: dict[str, Rows]) -> None:
                           "(ids must be distinct across every split)")
 
 
-def check_unchanged(cfg: Config, run: RunDir, needed_by: str) -> str:
-    """The files at model.path are those the train stage checked; their fingerprint."""
+def check_unchanged(cfg: Config, run: RunDir, needed_by: str) -> None:
+    """The files at model.path are those the train stage checked."""
     seen = (run.stage_output("train", needed_by=needed_by).get("sources") or {}).get(cfg.model.path)
-    now = source_digest(cfg.model.path)
-    if now != seen:
+    if source_digest(cfg.model.path) != seen:
         raise ResMemError(f"model.path={cfg.model.path} changed since `resmem train` checked it: "
                           "run `resmem train` (or `resmem run`) again")
-    return now
 
 
 # --- the task ---------------------------------------------------------------------------
