@@ -152,7 +152,7 @@ def _read_parquet(fs, files: list[str], shown: list[str], name: str, source: str
             if column not in have:
                 raise ResMemError(f"{at}: no column {column} (it has {', '.join(have)})")
         if parts and (given[0] != kinds[0] or ("id" in have) != bool(columns["id"])):
-            raise ResMemError(f"{at}: its columns are {', '.join(have)}, the split's first part's are not the same "
+            raise ResMemError(f"{at}: columns {', '.join(have)}, unlike the split's first part {parts[0][0]} "
                               "(every part needs the same columns)")
         kinds.append(given[0])
         columns["embedding"].append(_matrix(table.column("embedding"), at, "embedding"))
