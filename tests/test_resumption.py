@@ -48,6 +48,7 @@ EXPECTED = {
     "bbc_lm": {**COMMON, "resmem.temperature": FROM_EMBED, **{k: ALL for k in TEXT_SOURCE + LM_MODEL},
                "text.top_m": FROM_EMBED, "text.lm_embedding": FROM_EMBED, "text.prob_floor": {"evaluate"}},
     "diabetes": COMMON,
+    "precomputed": {**COMMON, "resmem.temperature": FROM_INDEX},
 }
 
 

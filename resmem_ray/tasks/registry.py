@@ -168,8 +168,12 @@ def register(cls: type[Task]) -> type[Task]:
 
 
 def task_for(cfg: "Config") -> Task:
-    """The task that cfg.model.name picks, after checking that data.name fits it."""
+    """The task that cfg.model.name picks, after checking that data.name fits it. With
+    model.source=precomputed the files at model.path are the model and the data both:
+    the precomputed task, whatever model.name says (data.name only names the data)."""
     _discover()
+    if cfg.model.source == "precomputed":
+        return _TASKS["precomputed"]
     by_model = {m: t for t in _TASKS.values() for m in t.models}
     by_data = {d: t for t in _TASKS.values() for d in t.datasets}
     if cfg.data.name not in by_data:

@@ -1,0 +1,408 @@
+"""Precomputed embeddings (model.source=precomputed): ResMem over a model that ran
+elsewhere, from the embeddings, logits (or probabilities) and labels it wrote for every
+split. Nothing is trained or embedded here.
+
+model.path is a folder (local, or s3:// / gs:// / any pyarrow.fs URI) holding, for each
+split (train, val, test), one of:
+
+    <split>.parquet, or a <split>/ folder of parquet parts (read in name order), with the
+        columns embedding (a list of D floats per row), logits or probs (a list of C
+        floats), label (an integer in [0, C)) and optionally id (a non-negative integer)
+    a <split>/ folder of .npy files: embedding.npy (N, D), logits.npy or probs.npy (N, C),
+        label.npy (N,) integers and optionally id.npy (N,) (memory-mapped where local;
+        never unpickled)
+
+Without ids, an example's id is its row number, counted on across the splits (train
+first, then val, then test). The number of classes is the logits' width. Probabilities
+become logits as log p, p clipped below at float32's smallest normal number so that a
+zero stays finite: softmax(log p / T) at T=1 gives p back (renormalised to sum to 1),
+and T > 1 flattens it as it flattens a model's softmax.
+
+The train stage reads and checks every split (load_splits, load_given: before the
+manifest entry opens, so a bad file leaves the run as it was) and writes RUN/model/
+meta.json, which stands for the model (no weights). Embed writes the rows in the
+classification tasks' form (id, label, embedding and logits as float32), so index, tune,
+evaluate and the report read them unchanged. A changed file makes train and embed stale.
+There is no model to embed new inputs: `resmem serve` refuses the run, and `resmem
+memorize --examples` takes precomputed rows (a .parquet file in the split format).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from resmem_ray.errors import ConfigError, ResMemError
+from resmem_ray.schema import Config
+from resmem_ray.store.remote import is_uri, open_uri, source_digest
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.classification import ClassificationTask
+from resmem_ray.tasks.registry import register
+from resmem_ray.tasks.splits import SPLITS, Split
+
+OUTPUTS = ("logits", "probs")  # a split gives one of the two
+FLOOR = float(np.finfo(np.float32).tiny)  # probabilities are clipped here before the log
+SUM_TOLERANCE = 1e-3  # how far a row of probabilities may sum from 1
+CHUNK = 65536  # rows checked at a time: memory-mapped arrays are never read whole
+NO_MODEL = "a precomputed run (model.source=precomputed) has no model to embed new inputs"
+
+
+@dataclass
+class Rows(Split):
+    """One split's precomputed rows, as read (npy arrays memory-mapped where local)."""
+
+    name: str = ""  # the split
+    source: str = ""  # the file or folder it was read from, as model.path names it
+    embeddings: Optional[np.ndarray] = None  # (N, D)
+    outputs: Optional[np.ndarray] = None  # (N, C): logits, or probabilities
+    kind: str = "logits"  # what `outputs` holds: logits | probs
+    layout: str = "parquet"  # parquet | npy
+    parts: list = field(default_factory=list)  # parquet: (file, rows) in order; npy: [(folder, rows)]
+
+    def at(self, column: str, row: int) -> str:
+        """Where a row of a column lies, in words: the file, the split, the column, the row."""
+        if self.layout == "npy":
+            return f"{self.parts[0][0]}/{column}.npy (split {self.name}): row {row}"
+        for file, n in self.parts:
+            if row < n:
+                break
+            row -= n
+        return f"{file} (split {self.name}): column {column}, row {row}"
+
+    def where(self) -> str:
+        return f"{self.source} (split {self.name})"
+
+    def logits(self, rows: slice = slice(None)) -> np.ndarray:
+        """float32 logits of these rows (log p for probabilities)."""
+        out = np.asarray(self.outputs[rows], dtype=np.float32)
+        return np.log(np.maximum(out, FLOOR)) if self.kind == "probs" else out
+
+
+# --- reading --------------------------------------------------------------------------
+
+def _filesystem(path: str):
+    import pyarrow.fs
+
+    if is_uri(path):
+        return open_uri(path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def read_rows(path: str) -> dict[str, Rows]:
+    """Every split of model.path, read and shaped (values are checked by check_rows)."""
+    fs, root = _filesystem(path)
+    shown = path.split("?")[0].rstrip("/")  # messages name files without a URI's options
+    splits, offset = {}, 0
+    for name in SPLITS:
+        rows = _read_split(fs, root.rstrip("/"), shown, name)
+        if rows.ids is None:  # row numbers, counted on across the splits
+            rows.ids = offset + np.arange(len(rows.labels), dtype=np.int64)
+        offset += len(rows.labels)
+        splits[name] = rows
+    return splits
+
+
+def _read_split(fs, root: str, shown: str, name: str) -> Rows:
+    from pyarrow.fs import FileSelector, FileType
+
+    is_file = fs.get_file_info(f"{root}/{name}.parquet").type == FileType.File
+    is_dir = fs.get_file_info(f"{root}/{name}").type == FileType.Directory
+    if is_file and is_dir:
+        raise ResMemError(f"model.path={shown}: holds both {name}.parquet and a {name}/ folder: keep one")
+    if is_file:
+        return _read_parquet(fs, [f"{root}/{name}.parquet"], [f"{shown}/{name}.parquet"], name,
+                             f"{shown}/{name}.parquet")
+    if not is_dir:
+        raise ResMemError(f"model.path={shown}: no split '{name}' (put {name}.parquet there, or a {name}/ folder "
+                          "of parquet parts or of .npy files)")
+    files = sorted(i.base_name for i in fs.get_file_info(FileSelector(f"{root}/{name}"))
+                   if i.type == FileType.File)
+    if any(f.endswith(".npy") for f in files):
+        return _read_npy(fs, f"{root}/{name}", f"{shown}/{name}", name, files)
+    parts = [f for f in files if f.endswith(".parquet")]
+    if not parts:
+        raise ResMemError(f"{shown}/{name}/ (split {name}): holds neither .parquet parts nor .npy files")
+    return _read_parquet(fs, [f"{root}/{name}/{p}" for p in parts], [f"{shown}/{name}/{p}" for p in parts], name,
+                         f"{shown}/{name}/")
+
+
+def _read_parquet(fs, files: list[str], shown: list[str], name: str, source: str) -> Rows:
+    """A split from parquet files: each file's columns checked and turned into arrays."""
+    columns = {c: [] for c in ("embedding", "outputs", "label", "id")}
+    kinds, parts = [], []
+    for file, where in zip(files, shown):
+        at = f"{where} (split {name})"
+        try:
+            table = pq.read_table(file, filesystem=fs)
+        except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
+            raise ResMemError(f"{at}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        have = table.column_names
+        given = [c for c in OUTPUTS if c in have]
+        if len(given) != 1:
+            problem = "both logits and probs columns: keep one" if given else "no column logits or probs"
+            raise ResMemError(f"{at}: {problem} (it has {', '.join(have)})")
+        for column in ("embedding", "label"):
+            if column not in have:
+                raise ResMemError(f"{at}: no column {column} (it has {', '.join(have)})")
+        if parts and (given[0] != kinds[0] or ("id" in have) != bool(columns["id"])):
+            raise ResMemError(f"{at}: columns {', '.join(have)}, unlike the split's first part {parts[0][0]} "
+                              "(every part needs the same columns)")
+        kinds.append(given[0])
+        columns["embedding"].append(_matrix(table.column("embedding"), at, "embedding"))
+        columns["outputs"].append(_matrix(table.column(given[0]), at, given[0]))
+        columns["label"].append(_integers(table.column("label"), at, "label"))
+        if "id" in have:
+            columns["id"].append(_integers(table.column("id"), at, "id"))
+        parts.append((where, table.num_rows))
+    for key, column in (("embedding", "embedding"), ("outputs", kinds[0])):
+        widths = sorted({m.shape[1] for m in columns[key]})
+        if len(widths) > 1:
+            raise ResMemError(f"{source} (split {name}): the parts' {column} columns have different widths "
+                              f"({', '.join(map(str, widths))})")
+    rows = Rows(ids=np.concatenate(columns["id"]) if columns["id"] else None, labels=np.concatenate(columns["label"]),
+                name=name, source=source, embeddings=np.concatenate(columns["embedding"]),
+                outputs=np.concatenate(columns["outputs"]), kind=kinds[0], layout="parquet", parts=parts)
+    _check_not_empty(rows)
+    return rows
+
+
+def _matrix(col: pa.ChunkedArray, at: str, column: str) -> np.ndarray:
+    """An (N, width) array from a column of equal-length lists of numbers."""
+    t = col.type
+    if isinstance(t, pa.ExtensionType):  # e.g. a Ray tensor column: its storage is a list column
+        col, t = pa.chunked_array([c.storage for c in col.chunks], t.storage_type), t.storage_type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
+        raise ResMemError(f"{at}: column {column} is {t}, not a list of floats per row")
+    if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        raise ResMemError(f"{at}: column {column} holds lists of {t.value_type}, not of floats "
+                          "(one flat list per row: the rows are not 2-D)")
+    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    if arr.null_count:
+        raise ResMemError(f"{at}: column {column}, row {_first(arr.is_null())}: null")
+    lengths = pc.list_value_length(arr).to_numpy()
+    if len(lengths) and (lengths != lengths[0]).any():
+        row = int(np.flatnonzero(lengths != lengths[0])[0])
+        raise ResMemError(f"{at}: column {column}: row 0 has {lengths[0]} values, row {row} has {lengths[row]} "
+                          "(not 2-D: every row needs the same number)")
+    values = pc.list_flatten(arr).to_numpy(zero_copy_only=False)  # a null value becomes NaN
+    return values.reshape(len(arr), int(lengths[0]) if len(lengths) else 0)
+
+
+def _integers(col: pa.ChunkedArray, at: str, column: str) -> np.ndarray:
+    if not pa.types.is_integer(col.type):
+        raise ResMemError(f"{at}: column {column} is {col.type}, not integers")
+    if col.null_count:
+        raise ResMemError(f"{at}: column {column}, row {_first(col.is_null())}: null")
+    return col.to_numpy().astype(np.int64)
+
+
+def _first(mask) -> int:
+    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False)))[0])
+
+
+def _read_npy(fs, folder: str, shown: str, name: str, files: list[str]) -> Rows:
+    at = f"{shown}/ (split {name})"
+    given = [c for c in OUTPUTS if f"{c}.npy" in files]
+    if len(given) != 1:
+        problem = "both logits.npy and probs.npy: keep one" if given else "no logits.npy or probs.npy"
+        raise ResMemError(f"{at}: {problem} (it has {', '.join(files)})")
+    kind = given[0]
+    for needed in ("embedding", "label"):
+        if f"{needed}.npy" not in files:
+            raise ResMemError(f"{at}: no {needed}.npy (it has {', '.join(files)})")
+    names = ["embedding", kind, "label"] + (["id"] if "id.npy" in files else [])
+    arrays = {n: _load_npy(fs, f"{folder}/{n}.npy", f"{shown}/{n}.npy", name) for n in names}
+    for n, ndim, shape in (("embedding", 2, "(N, D)"), (kind, 2, "(N, C)"), ("label", 1, "(N,)"), ("id", 1, "(N,)")):
+        if n in arrays and arrays[n].ndim != ndim:
+            raise ResMemError(f"{shown}/{n}.npy (split {name}): shape {arrays[n].shape}, not {ndim}-D {shape}")
+    for n in ("embedding", kind):
+        if not (np.issubdtype(arrays[n].dtype, np.floating) or np.issubdtype(arrays[n].dtype, np.integer)):
+            raise ResMemError(f"{shown}/{n}.npy (split {name}): dtype {arrays[n].dtype}, not floats")
+    for n in ("label", "id"):
+        if n in arrays and not np.issubdtype(arrays[n].dtype, np.integer):
+            raise ResMemError(f"{shown}/{n}.npy (split {name}): dtype {arrays[n].dtype}, not integers")
+    counts = {n: len(a) for n, a in arrays.items()}
+    if len(set(counts.values())) > 1:
+        raise ResMemError(f"{at}: the arrays hold different numbers of rows: "
+                          + ", ".join(f"{n}.npy {c}" for n, c in counts.items()))
+    rows = Rows(ids=np.asarray(arrays["id"], np.int64) if "id" in arrays else None,
+                labels=np.asarray(arrays["label"], np.int64), name=name, source=f"{shown}/",
+                embeddings=arrays["embedding"],
+                outputs=arrays[kind], kind=kind, layout="npy", parts=[(shown, counts["label"])])
+    _check_not_empty(rows)
+    return rows
+
+
+def _load_npy(fs, path: str, shown: str, name: str) -> np.ndarray:
+    from pyarrow.fs import LocalFileSystem
+
+    try:
+        if isinstance(fs, LocalFileSystem):
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        else:
+            with fs.open_input_file(path) as f:
+                array = np.load(io.BytesIO(f.read()), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # object arrays (a pickle) are a ValueError: never loaded
+        raise ResMemError(f"{shown} (split {name}): not a readable .npy file of numbers "
+                          f"({str(e).splitlines()[0]})") from None
+    if not isinstance(array, np.ndarray):
+        raise ResMemError(f"{shown} (split {name}): an .npz archive, not one .npy array")
+    return array
+
+
+def _check_not_empty(rows: Rows) -> None:
+    if not len(rows.labels):
+        raise ResMemError(f"{rows.where()}: no rows")
+
+
+# --- checks -----------------------------------------------------------------------------
+
+def check_rows(rows: Rows, dim: int, classes: int, reference: str) -> None:
+    """A split's widths against the run's (`reference` says whose), then its values:
+    finite, probabilities that are distributions, labels among the classes."""
+    out = rows.kind
+    if rows.embeddings.shape[1] != dim:
+        raise ResMemError(f"{rows.where()}: embedding has {rows.embeddings.shape[1]} values per row, "
+                          f"{reference} {dim}")
+    if rows.outputs.shape[1] != classes:
+        raise ResMemError(f"{rows.where()}: {out} has {rows.outputs.shape[1]} values per row, {reference} "
+                          f"{classes} (the number of classes)")
+    for a in range(0, len(rows.labels), CHUNK):
+        for column, values in (("embedding", rows.embeddings), (out, rows.outputs)):
+            block = np.asarray(values[a:a + CHUNK])
+            bad = ~np.isfinite(block).all(axis=1)
+            if bad.any():
+                raise ResMemError(f"{rows.at(column, a + _first_true(bad))}: NaN or inf")
+        if out == "probs":
+            block = np.asarray(rows.outputs[a:a + CHUNK], dtype=np.float64)
+            bad = ((block < 0) | (block > 1)).any(axis=1)
+            if bad.any():
+                r = _first_true(bad)
+                raise ResMemError(f"{rows.at(out, a + r)}: probabilities outside [0, 1] "
+                                  f"(min {block[r].min():.4g}, max {block[r].max():.4g})")
+            sums = block.sum(axis=1)
+            bad = np.abs(sums - 1) > SUM_TOLERANCE
+            if bad.any():
+                r = _first_true(bad)
+                raise ResMemError(f"{rows.at(out, a + r)}: probabilities sum to {sums[r]:.4g}, not 1 "
+                                  "(give logits instead, or normalised probabilities)")
+    bad = (rows.labels < 0) | (rows.labels >= classes)
+    if bad.any():
+        r = _first_true(bad)
+        raise ResMemError(f"{rows.at('label', r)}: label {rows.labels[r]} is outside [0, {classes}) "
+                          f"({classes} classes: the {out}' width)")
+
+
+def _first_true(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def check_ids(splits: dict[str, Rows]) -> None:
+    """Ids are non-negative (FAISS's -1 means no neighbour) and distinct across all splits."""
+    for rows in splits.values():
+        if len(rows.ids) and rows.ids.min() < 0:
+            r = _first_true(rows.ids < 0)
+            raise ResMemError(f"{rows.at('id', r)}: id {rows.ids[r]} is negative (ids must be >= 0)")
+    names = list(splits)
+    ids = np.concatenate([splits[n].ids for n in names])
+    owner = np.repeat(np.arange(len(names)), [len(splits[n].ids) for n in names])
+    row = np.concatenate([np.arange(len(splits[n].ids)) for n in names])
+    order = np.argsort(ids, kind="stable")
+    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
+    if len(same):
+        i, j = order[same[0]], order[same[0] + 1]
+        first, second = splits[names[owner[i]]], splits[names[owner[j]]]
+        raise ResMemError(f"duplicate id {ids[i]}: {first.at('id', row[i])} and {second.at('id', row[j])} "
+                          "(ids must be distinct across every split)")
+
+
+def check_unchanged(cfg: Config, run: RunDir, needed_by: str) -> None:
+    """The files at model.path are those the train stage checked."""
+    seen = (run.stage_output("train", needed_by=needed_by).get("sources") or {}).get(cfg.model.path)
+    if source_digest(cfg.model.path) != seen:
+        raise ResMemError(f"model.path={cfg.model.path} changed since `resmem train` checked it: "
+                          "run `resmem train` (or `resmem run`) again")
+
+
+# --- the task ---------------------------------------------------------------------------
+
+@register
+class Precomputed(ClassificationTask):
+    """model.source=precomputed picks this task whatever model.name says (tasks/registry.py)."""
+
+    name = "precomputed"
+    reads = {"index": ("resmem.temperature",)}  # the dense residuals' T
+
+    def check_config(self, cfg: Config) -> None:
+        for key, value, default in (("data.limit", cfg.data.limit, None),
+                                    ("data.imbalance_ratio", cfg.data.imbalance_ratio, 1.0)):
+            if value != default:
+                raise ConfigError(f"config key {key}={value} does not apply to model.source=precomputed: every row "
+                                  "of model.path is read as it is")
+
+    def load_splits(self, cfg: Config):
+        return read_rows(cfg.model.path), None
+
+    def load_given(self, cfg: Config, splits: dict, info) -> dict:
+        train = splits["train"]
+        dim, classes = train.embeddings.shape[1], train.outputs.shape[1]
+        if classes < 2:
+            raise ResMemError(f"{train.where()}: {train.kind} has {classes} value per row: ResMem needs "
+                              "at least 2 classes")
+        for rows in splits.values():
+            check_rows(rows, dim, classes, "train's has")
+        check_ids(splits)
+        return {"source": "precomputed", "path": cfg.model.path, "num_classes": int(classes),
+                "embedding_dim": int(dim), "fingerprint": source_digest(cfg.model.path),
+                "splits": {n: {"format": r.layout, "outputs": r.kind, "rows": len(r)} for n, r in splits.items()}}
+
+    def save_given(self, cfg: Config, run: RunDir, folder, given, splits: dict, info) -> dict:
+        return given  # meta.json stands for the model; the rows stay at model.path
+
+    def embed_rows(self, cfg: Config, run: RunDir, split: Rows, split_name: str, meta: dict):
+        import ray.data
+        from ray.data.extensions import ArrowTensorArray
+
+        if split_name == SPLITS[0]:  # `resmem embed` on its own: the files must be those train checked
+            check_unchanged(cfg, run, "embed")
+        step = max(1, (32 << 20) // (4 * (meta["embedding_dim"] + meta["num_classes"])))  # ~32 MiB blocks
+        blocks = [pa.table({"id": split.ids[a:a + step], "label": split.labels[a:a + step],
+                            "embedding": ArrowTensorArray.from_numpy(
+                                np.ascontiguousarray(split.embeddings[a:a + step], dtype=np.float32)),
+                            "logits": ArrowTensorArray.from_numpy(split.logits(slice(a, a + step)))})
+                  for a in range(0, len(split), step)]
+        return ray.data.from_arrow(blocks)
+
+    def embed_info(self, cfg: Config, splits: dict, meta: dict) -> dict:
+        # embed read model.path itself: a changed file makes it stale too, not only train
+        return {**super().embed_info(cfg, splits, meta), "sources": {cfg.model.path: source_digest(cfg.model.path)}}
+
+    def model_title(self, cfg: Config) -> str:
+        return f"precomputed embeddings ({cfg.model.path})"
+
+    def read_examples(self, path: str, meta: dict) -> Rows:
+        """Precomputed rows in the split format: one .parquet file with embedding, logits
+        or probs, and label (an id column is ignored: memorize numbers the rows itself)."""
+        if not str(path).endswith(".parquet") or is_uri(str(path)):
+            raise ResMemError(f"{path}: {NO_MODEL}: `resmem memorize` adds precomputed rows, a local .parquet "
+                              "file with columns embedding, logits or probs, and label")
+        if not Path(path).is_file():
+            raise ResMemError(f"{path}: no such file")
+        import pyarrow.fs
+
+        rows = _read_parquet(pyarrow.fs.LocalFileSystem(), [str(Path(path).resolve())], [str(path)], "memorize",
+                             str(path))
+        check_rows(rows, meta["embedding_dim"], meta["num_classes"], "the run's has")
+        rows.ids = np.zeros(len(rows.labels), np.int64)
+        return rows
+
+    def serve_inputs(self, items: list, meta: dict) -> list:
+        raise ResMemError(f"{NO_MODEL}: `resmem serve` serves runs with a model (model.source=trained or "
+                          "checkpoint); add precomputed rows with `resmem memorize --examples rows.parquet`")
