@@ -55,8 +55,11 @@ def folders(tmp_path_factory):
     (root / "no_weights").mkdir()
     gpt2(root / "lm", vocab, tokenizer=root / "bpe")
     shutil.copy(root / "lm" / "config.json", root / "no_weights")
+    shutil.copytree(root / "lm", root / "truncated")
+    weights = root / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     return {"root": root, "vocab": vocab, "lm": root / "lm", "empty": root / "empty",
-            "no_weights": root / "no_weights", "no_tokenizer": gpt2(root / "no_tokenizer", vocab),
+            "no_weights": root / "no_weights", "truncated": root / "truncated", "no_tokenizer": gpt2(root / "no_tokenizer", vocab),
             "small_vocab": gpt2(root / "small_vocab", vocab // 2, tokenizer=root / "bpe"),
             "classifier": bert_classifier(root / "classifier", 5), "three_labels": bert_classifier(root / "three", 3)}
 
@@ -134,6 +137,8 @@ def test_wrong_given_folders_are_refused(lm_run, folders, capsys):
                            f"Unrecognized model in {f['empty']}. Should have a `model_type` key in its config.json.")
     assert lm("no_weights").startswith(f"resmem: error: model.path={f['no_weights']}: not a loadable "
                                        "AutoModelForCausalLM: ")
+    assert lm("truncated").startswith(f"resmem: error: model.path={f['truncated']}: not a loadable "
+                                      "AutoModelForCausalLM: Error while deserializing header")
     assert lm("classifier") == (f"resmem: error: model.path={f['classifier']} holds a BertForSequenceClassification, "
                                 "not a model for model.name=gpt2_lm (AutoModelForCausalLM)")
     assert lm("no_tokenizer").startswith(f"resmem: error: model.path={f['no_tokenizer']} holds no tokenizer (none of ")
@@ -170,3 +175,40 @@ def test_given_classifier_is_taken_as_it_is(ray_session, folders, tmp_path):
     enc = load_tokenizer(tokenizer)(["a given model", "taken as it is"], padding=True, return_tensors="pt")
     with torch.inference_mode():
         assert torch.equal(model(**enc).logits, given.eval()(**enc).logits)
+
+
+def test_any_causal_lm_folder(ray_session, folders, tmp_path):
+    """A Llama-style folder (its tokenizer padding on the left) through the token memory's
+    train stage and embedder: the rows are the model's own, position by position."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from resmem_ray.tasks.lm import LMEmbedder
+    from resmem_ray.tasks.text import tokenize_batch
+
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=folders["vocab"], hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=32)).eval()
+    model.save_pretrained(str(folder))
+    left = AutoTokenizer.from_pretrained(str(folders["root"] / "bpe"), local_files_only=True)
+    left.padding_side = "left"
+    left.save_pretrained(str(folder))
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", LM, f"run_dir={run_dir}", f"model.path={folder}", *FAST]) == 0
+    meta = read_model_meta(RunDir(run_dir), needed_by="test")
+    assert meta["architecture"] == "LlamaForCausalLM" and meta["embedding_dim"] == 32
+    assert meta["num_classes"] == folders["vocab"] and meta["layers"] == 2
+    texts = np.array(["a short one", "a somewhat longer text about the news of the day"], dtype=object)
+    batch = tokenize_batch({"id": np.arange(2), "label": np.zeros(2, np.int64), "text": texts},
+                           str(RunDir(run_dir).model), 24)
+    rows = LMEmbedder(str(run_dir), temperature=1.0, num_threads=1, keep_logits=True, top_m=8,
+                      layer="last_block_input")(batch)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask[:, 0].all() and not mask[0, -1]  # padded on the right: positions from the left
+    text, pos = np.nonzero(mask[:, 1:])
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), output_hidden_states=True)
+    assert np.array_equal(rows["label"], ids[text, pos + 1])
+    assert np.allclose(rows["logits"], out.logits[text, pos].numpy(), atol=1e-5)
+    assert np.allclose(rows["embedding"], out.hidden_states[-2][text, pos].numpy(), atol=1e-5)

@@ -140,6 +140,7 @@ def load_given_model(cfg: Config, lm: bool):
     """(model, tokenizer folder) of model.path, a local Hugging Face folder of the task's
     kind (a causal LM, or a sequence classifier) with its tokenizer, every weight from the
     folder; never a hub."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.models.auto import modeling_auto
     from transformers.utils import logging
@@ -163,9 +164,9 @@ def load_given_model(cfg: Config, lm: bool):
     try:
         model, loading = (AutoModelForCausalLM if lm else AutoModelForSequenceClassification).from_pretrained(
             path, local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # RuntimeError: weights of other shapes
         raise ResMemError(f"model.path={path}: not a loadable {kind}: {str(e).splitlines()[0]}") from None
-    missing = sorted(loading["missing_keys"]) + sorted(k for k, *_ in loading["mismatched_keys"])
+    missing = sorted(loading["missing_keys"])
     if missing:
         raise ResMemError(f"model.path={path} is not a whole {kind} ({archs[0] if archs else config.model_type}): "
                           f"no weights for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
