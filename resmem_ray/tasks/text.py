@@ -257,7 +257,9 @@ def check_cpus(cfg: Config) -> None:
 def load_text_model(run: RunDir):
     """(model, tokenizer folder, meta) of a run, checked against the manifest."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # one "Loading weights" bar per actor on the driver's stderr otherwise
     meta = read_model_meta(run, needed_by="embed")
     cls = AutoModelForCausalLM if meta["task"] == "lm" else AutoModelForSequenceClassification
     model = cls.from_pretrained(str(run.model), local_files_only=True)
