@@ -1,4 +1,5 @@
-"""Token-level ResMem for causal language models (model.name=gpt2_lm).
+"""Token-level ResMem for causal language models (model.name=gpt2_lm: a GPT-2 trained from
+scratch, or with model.source=checkpoint any Hugging Face causal LM folder with its tokenizer).
 
 Every token position t of a text is one memory row: its embedding (the final hidden
 state, or the input of the last block: text.lm_embedding), its label (the next token)
@@ -26,6 +27,7 @@ from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
 from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.schema import Config, ResMemConfig
+from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.files import atomic_dir
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import (neighbour_baselines, setting, setting_line, setting_record, title,
@@ -133,10 +135,16 @@ def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: n
     return {m: {"accuracy": t[0] / t[2], "perplexity": float(np.exp(t[1] / t[2]))} for m, t in totals.items()}
 
 
+def model_line(cfg: Config, meta: dict) -> str:
+    """The base model in the report's title: the run's own GPT-2 or the given model."""
+    name = "GPT-2" if cfg.model.source == "trained" else f"{meta.get('architecture')} of {cfg.model.path}"
+    return f"{name}, {meta.get('layers', cfg.text.lm_layers)} layers, {meta['embedding_dim']} dims"
+
+
 def lm_report(cfg: Config, m: dict) -> str:
     r = cfg.resmem
-    lines = [f"# ResMem report: {cfg.data.name}, next-token prediction (GPT-2, {cfg.text.lm_layers} layers, "
-             f"{cfg.text.lm_dim} dims, vocabulary {m['vocab_size']})", "",
+    lines = [f"# ResMem report: {cfg.data.name}, next-token prediction ({m['base_model']}, vocabulary "
+             f"{m['vocab_size']})", "",
              f"Test split: {m['num_test_tokens']} tokens; memory: {m['memory_rows']} training tokens in "
              f"{m['num_shards']} shard(s), embedding: {cfg.text.lm_embedding}.",
              f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate}, distance={r.distance}; "
@@ -219,7 +227,8 @@ class TokenLM(TextTask):
         reads = token_reads(test["logits"], cfg.resmem)
         scores = lm_metrics(test["logits"], test["label"], nb, cfg, reads)
         sizes = residual_storage(manifest)
-        metrics = {"task": "lm", "num_test_tokens": int(len(queries)), "memory_rows": manifest["rows"],
+        metrics = {"task": "lm", "base_model": model_line(cfg, read_model_meta(run, needed_by="evaluate")),
+                   "num_test_tokens": int(len(queries)), "memory_rows": manifest["rows"],
                    "memory_read_fraction": float(reads.mean()) if len(reads) else 0.0,
                    "num_shards": len(manifest["shards"]), "vocab_size": manifest["num_classes"],
                    "top_m": manifest["top_m"], **sizes,

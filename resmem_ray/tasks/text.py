@@ -9,6 +9,8 @@ runtime, embedded by a Ray Data actor pool.
                  evaluation (classification.py) and `resmem tune` apply unchanged.
   gpt2_lm        a GPT-2 config trained from scratch; one memory row per token (lm.py).
 
+With model.source=checkpoint, model.path is a local Hugging Face folder (a model of the
+task's kind and its tokenizer), checked and taken as it is: for gpt2_lm any causal LM.
 RUN/model/ holds the model (save_pretrained: safetensors), its tokenizer and meta.json.
 """
 
@@ -54,6 +56,7 @@ def load_tokenizer(path: str):
         raise ResMemError(f"no tokenizer at {path}: {str(e).splitlines()[0]}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"  # rows are read by position from the left (some tokenizers pad left)
     return tok
 
 
@@ -122,6 +125,73 @@ def build_text_model(cfg: Config, num_classes: int, tokenizer: str | None = None
     return model
 
 
+def check_positions(cfg: Config, model) -> None:
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and cfg.text.max_length > positions:
+        raise ResMemError(f"text.max_length={cfg.text.max_length} is over the model's {positions} positions")
+
+
+# the files a saved transformers tokenizer has (one of them)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model",
+                   "spiece.model")
+
+
+def load_given_model(cfg: Config, lm: bool):
+    """(model, tokenizer folder) of model.path, a local Hugging Face folder of the task's
+    kind (a causal LM, or a sequence classifier) with its tokenizer, every weight from the
+    folder; never a hub."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.models.auto import modeling_auto
+    from transformers.utils import logging
+
+    path, kind = cfg.model.path, "AutoModelForCausalLM" if lm else "AutoModelForSequenceClassification"
+    names = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if lm
+             else modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if not Path(path).expanduser().is_dir():
+        raise ResMemError(f"model.path={path}: model.name={cfg.model.name} takes a local Hugging Face model folder")
+    path = str(Path(path).expanduser())
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ResMemError(f"model.path={path}: not a loadable transformers model: {str(e).splitlines()[0]}") from None
+    archs = config.architectures or []
+    if archs and not set(archs) & set(names.values()):
+        raise ResMemError(f"model.path={path} holds a {archs[0]}, not a model for model.name={cfg.model.name} "
+                          f"({kind})")
+    try:
+        model, loading = (AutoModelForCausalLM if lm else AutoModelForSequenceClassification).from_pretrained(
+            path, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # RuntimeError: weights of other shapes
+        raise ResMemError(f"model.path={path}: not a loadable {kind}: {str(e).splitlines()[0]}") from None
+    missing = sorted(loading["missing_keys"])
+    if missing:
+        raise ResMemError(f"model.path={path} is not a whole {kind} ({archs[0] if archs else config.model_type}): "
+                          f"no weights for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ResMemError(f"model.path={path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
+                          "model's tokenizer into the folder (tokenizer.save_pretrained)")
+    load_tokenizer.cache_clear()  # the folder may have changed since this process last read it
+    tokens, rows = len(load_tokenizer(path)), model.get_input_embeddings().num_embeddings
+    if tokens > rows:
+        raise ResMemError(f"model.path={path}: the tokenizer has {tokens} tokens, the model's input embedding "
+                          f"{rows} rows: not the model's tokenizer")
+    check_positions(cfg, model)
+    return model.eval(), path
+
+
+def model_meta(cfg: Config, model, tokenizer: str, lm: bool, num_classes: int) -> dict:
+    """meta.json of a run's text model, trained or given."""
+    vocab_size = model.get_output_embeddings().weight.shape[0] if lm else len(load_tokenizer(tokenizer))
+    return {"model": cfg.model.__dict__, "dataset": cfg.data.name, "task": "lm" if lm else "classification",
+            "num_classes": vocab_size if lm else num_classes, "vocab_size": vocab_size,
+            "max_length": cfg.text.max_length, "pretrained": None if lm else tokenizer,
+            "embedding_dim": model.config.hidden_size, "architecture": type(model).__name__,
+            "layers": getattr(model.config, "num_hidden_layers", None)}
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of the hidden states over real (unpadded) tokens."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -187,7 +257,9 @@ def check_cpus(cfg: Config) -> None:
 def load_text_model(run: RunDir):
     """(model, tokenizer folder, meta) of a run, checked against the manifest."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()  # one "Loading weights" bar per actor on the driver's stderr otherwise
     meta = read_model_meta(run, needed_by="embed")
     cls = AutoModelForCausalLM if meta["task"] == "lm" else AutoModelForSequenceClassification
     model = cls.from_pretrained(str(run.model), local_files_only=True)
@@ -224,10 +296,7 @@ class TextTask(Task):
         self.prepare_tokenizer(cfg, run, splits)
         tokenizer = self.tokenizer(cfg, run)
         load_tokenizer.cache_clear()
-        probe = build_text_model(cfg, info.num_classes, tokenizer)  # a bad text.pretrained fails here, not in a worker
-        positions = getattr(probe.config, "max_position_embeddings", None)
-        if positions is not None and cfg.text.max_length > positions:
-            raise ResMemError(f"text.max_length={cfg.text.max_length} is over the model's {positions} positions")
+        check_positions(cfg, build_text_model(cfg, info.num_classes, tokenizer))  # a bad text.pretrained fails here
         blocks = 4 * max(1, cfg.train.num_workers)
         # tokenised once (Ray Data tasks) and kept in the object store, not redone every epoch
         datasets = {s: tokenized(splits[s], tokenizer, cfg.text.max_length, blocks).materialize()
@@ -238,13 +307,16 @@ class TextTask(Task):
         tokenizer = self.tokenizer(cfg, run)
         model = build_text_model(cfg, info.num_classes, tokenizer)
         model.load_state_dict(state["model"])
+        return self.save_given(cfg, run, folder, (model, tokenizer), splits, info)
+
+    def load_given(self, cfg: Config, splits: dict, info):
+        return load_given_model(cfg, self.lm)
+
+    def save_given(self, cfg: Config, run: RunDir, folder, given, splits: dict, info) -> dict:
+        model, tokenizer = given
         model.save_pretrained(str(folder))
         load_tokenizer(tokenizer).save_pretrained(str(folder))
-        vocab_size = len(load_tokenizer(tokenizer))
-        return {"model": cfg.model.__dict__, "dataset": cfg.data.name, "task": "lm" if self.lm else "classification",
-                "num_classes": vocab_size if self.lm else info.num_classes, "vocab_size": vocab_size,
-                "max_length": cfg.text.max_length, "pretrained": None if self.lm else tokenizer,
-                "embedding_dim": cfg.text.lm_dim if self.lm else model.config.hidden_size}
+        return model_meta(cfg, model, tokenizer, self.lm, info.num_classes)
 
     def token_rows(self, cfg: Config, run: RunDir, split: Split, meta: dict):
         """The split's texts tokenised by Ray Data tasks with the run's tokenizer."""
@@ -281,6 +353,13 @@ class TextClassification(TextTask, ClassificationTask):
         super().check_config(cfg)
         if not cfg.text.label_column:
             raise ConfigError("config key text.label_column is required for model.name=hf_classifier")
+
+    def load_given(self, cfg: Config, splits: dict, info):
+        model, tokenizer = super().load_given(cfg, splits, info)
+        if model.config.num_labels != info.num_classes:
+            raise ResMemError(f"model.path={tokenizer}: the classifier has {model.config.num_labels} labels "
+                              f"(num_labels), the data {info.num_classes} classes (data.name={cfg.data.name})")
+        return model, tokenizer
 
     def embed_rows(self, cfg: Config, run: RunDir, split: Split, split_name: str, meta: dict):
         return map_with_model(self.token_rows(cfg, run, split, meta), TextEmbedder, {"run_dir": run.location},
