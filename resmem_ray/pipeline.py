@@ -41,7 +41,7 @@ def stage_keys(name: str, cfg: Config) -> list[str]:
             continue
         seen.add(stage.name)
         keys += [key for key, rules in RULES.items() if stage.name in rules.stages]
-        keys += task.reads.get(stage.name, ())
+        keys += task.stage_reads(cfg).get(stage.name, ())
         frontier += [r for r in stage.reads if enabled(STAGES[r], cfg)]
     return _expand(keys)
 

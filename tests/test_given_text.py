@@ -11,6 +11,7 @@ import torch
 
 from resmem_ray.cli import main
 from resmem_ray.config import load_config
+from resmem_ray.pipeline import stage_keys
 from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.files import file_hashes
 from resmem_ray.store.rundir import RunDir
@@ -212,3 +213,10 @@ def test_any_causal_lm_folder(ray_session, folders, tmp_path):
     assert np.array_equal(rows["label"], ids[text, pos + 1])
     assert np.allclose(rows["logits"], out.logits[text, pos].numpy(), atol=1e-5)
     assert np.allclose(rows["embedding"], out.hidden_states[-2][text, pos].numpy(), atol=1e-5)
+
+
+def test_keys_that_only_shape_a_trained_model_leave_a_given_one_current():
+    trained = load_config("jobs/configs/bbc_lm.yaml")
+    given = load_config("jobs/configs/given_causal_lm.yaml", ("model.path=models/lm",))
+    assert "text.lm_dim" in stage_keys("train", trained) and "text.lm_dim" not in stage_keys("train", given)
+    assert "text.max_length" in stage_keys("embed", given)  # the given model still reads it

@@ -175,6 +175,8 @@ class TokenLM(TextTask):
                                      "text.lm_layers", "text.lm_dim", "text.lm_heads"),
              "embed": ("resmem.temperature", "text.top_m", "text.lm_embedding"),
              "evaluate": ("text.prob_floor",)}
+    builds_model = ("text.pretrained", "text.tokenizer", "text.vocab_size", "text.lm_layers", "text.lm_dim",
+                    "text.lm_heads")
 
     def tokenizer(self, cfg: Config, run: RunDir) -> str:
         return str(run.root / "tokenizer") if cfg.text.tokenizer == "bpe" else super().tokenizer(cfg, run)

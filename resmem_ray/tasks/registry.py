@@ -38,6 +38,10 @@ class Task:
     memory_columns: tuple[str, ...] = ("id", "label", "embedding", "logits")
 
     # --- config and data --------------------------------------------------------------
+    def stage_reads(self, cfg: "Config") -> dict[str, tuple[str, ...]]:
+        """`reads` for this config (a given model does not read the keys that build one)."""
+        return self.reads
+
     def check_config(self, cfg: "Config") -> None:
         """Raise ConfigError naming the key for settings this task cannot run."""
 

@@ -276,6 +276,12 @@ class TextTask(Task):
 
     datasets = tuple(TEXT_SOURCES)
     lm = False
+    builds_model: tuple[str, ...] = ()  # train keys that only shape a model trained here
+
+    def stage_reads(self, cfg: Config) -> dict[str, tuple[str, ...]]:
+        if cfg.model.source == "trained":
+            return self.reads
+        return {**self.reads, "train": tuple(k for k in self.reads["train"] if k not in self.builds_model)}
 
     def check_config(self, cfg: Config) -> None:
         if cfg.data.name == "hf" and not cfg.text.hf_path:
@@ -348,6 +354,7 @@ class TextClassification(TextTask, ClassificationTask):
     models = ("hf_classifier",)
     reads = {"train": SOURCE_KEYS + ("text.max_length", "text.pretrained", "text.freeze_encoder"),
              "index": ("resmem.temperature",)}
+    builds_model = ("text.pretrained", "text.freeze_encoder")
 
     def check_config(self, cfg: Config) -> None:
         super().check_config(cfg)
