@@ -167,7 +167,7 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size
 
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A state dict file (names -> tensors), read without unpickling any Python object."""
-    import pickle
+    import re
     import warnings
 
     how = "save one with torch.save(model.state_dict(), path)"
@@ -175,20 +175,18 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise ResMemError(f"model.path={path}: holds pickled Python objects, which are never loaded "
-                          f"(torch.load weights_only=True): {how}") from None
-    except RuntimeError as e:
-        what = "a TorchScript archive, which is not read" if "TorchScript" in str(e) else "not a PyTorch weights file"
+    except Exception as e:  # torch.load's errors on a file that is no torch file at all vary
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = (f"holds pickled Python objects ({found[1]}), which are never loaded (torch.load weights_only=True)"
+                if found else "a TorchScript archive, which is not read" if "TorchScript" in str(e)
+                else "not a PyTorch weights file")
         raise ResMemError(f"model.path={path}: {what}: {how}") from None
-    except Exception:  # torch.load's errors on a file that is no torch file at all vary
-        raise ResMemError(f"model.path={path}: not a PyTorch weights file: {how}") from None
     if not isinstance(state, dict):
         raise ResMemError(f"model.path={path}: holds a {type(state).__name__}, not a state dict: {how}")
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise ResMemError(f"model.path={path}: not a state dict: its entry {bad!r} is a {type(state[bad]).__name__}, "
-                          f"not a tensor (a checkpoint with more in it? {how})")
+        raise ResMemError(f"model.path={path}: not a state dict: its entry {bad!r} is not a tensor "
+                          f"({type(state[bad]).__name__}; a checkpoint with more in it? {how})")
     return state
 
 
