@@ -60,7 +60,8 @@ def trained_resnet(tmp_path_factory):
 def test_torchvision_resnet18_checkpoint_end_to_end(ray_session, trained_resnet, tmp_path, capsys):
     path, net, splits = trained_resnet
     run_dir = tmp_path / "run"
-    args = [*GIVEN, "model.name=resnet18", f"model.path={path}", f"run_dir={run_dir}"]
+    args = [*GIVEN, "model.name=resnet18", f"model.path={path}", "embed.num_actors=1", "embed.cpus_per_actor=1",
+            "index.num_shards=1", f"run_dir={run_dir}"]
     assert main(["run", *args]) == 0
     run = RunDir(run_dir)
     test = splits["test"]
