@@ -168,9 +168,16 @@ def test_bad_checkpoints_exit_2_with_one_line_and_change_nothing(run_copy, tmp_p
          f"model.path={f}: a TorchScript archive, which is not read: save one with torch.save(model.state_dict(), "
          "path)"),
         (net.state_dict(), ["model.name=torchvision", "model.arch=resnet18", "model.embedding_layer=layer9"],
-         "model.embedding_layer=layer9: no such module in the network (e.g. conv1, bn1, relu, maxpool, layer1"),
+         "model.embedding_layer=layer9: no such module in model.arch=resnet18 (e.g. conv1, bn1, relu, maxpool, "
+         "layer1"),
+        (net.state_dict(), ["model.name=torchvision", "model.arch=squeezenet1_1"],
+         "model.arch=squeezenet1_1 has no nn.Linear classifier: set model.embedding_layer"),
+        (net.state_dict(), ["model.name=torchvision", "model.arch=squeezenet1_1", "model.embedding_layer=classifier.1"],
+         "model.arch=squeezenet1_1 does not run on 1x8x8 images: Given input size: (128x1x1)"),
         (net.state_dict(), ["model.name=torchvision", "model.arch=resnet19"],
          "config key model.arch: unknown torchvision architecture 'resnet19'"),
+        (net.state_dict(), ["model.name=torchvision", "model.arch=resnet18", "model.source=trained"],
+         "config key model.name=torchvision takes a model trained elsewhere: set model.source=checkpoint"),
         (net.state_dict(), ["model.name=resnet18", "model.embedding_layer=layer4"],
          "config key model.embedding_layer applies to model.name=torchvision only"),
     ]

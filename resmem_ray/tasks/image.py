@@ -125,6 +125,10 @@ class ImageClassification(ClassificationTask):
         if m.name == "torchvision" and not m.arch:
             raise ConfigError("config key model.arch is required for model.name=torchvision (a torchvision.models "
                               "architecture: resnet18, mobilenet_v3_small, efficientnet_b0, ...)")
+        if m.name == "torchvision" and m.source != "checkpoint":
+            raise ConfigError("config key model.name=torchvision takes a model trained elsewhere: set "
+                              "model.source=checkpoint and model.path (the suite trains small_cnn, resnet20/32/56, "
+                              "resnet18/50)")
         for key in ("arch", "embedding_layer"):
             if m.name != "torchvision" and getattr(m, key) is not None:
                 raise ConfigError(f"config key model.{key} applies to model.name=torchvision only (model.name={m.name} "

@@ -37,38 +37,44 @@ class HookedClassifier(nn.Module):
     """A whole classifier network whose embedding is the (flattened) input of one of its
     modules, `layer` (a name from named_modules()); logits are the network's output."""
 
-    def __init__(self, net: nn.Module, layer: str, in_channels: int, image_size: int):
+    def __init__(self, net: nn.Module, layer: str, in_channels: int, image_size: int, name: str):
         super().__init__()
         self.net, self.layer = net, layer
         modules = dict(net.named_modules())
         if layer not in modules:
             names = [n for n, _ in net.named_children()] + [n for n in modules if n][-4:]
-            raise ResMemError(f"model.embedding_layer={layer}: no such module in the network "
+            raise ResMemError(f"model.embedding_layer={layer}: no such module in {name} "
                               f"(e.g. {', '.join(dict.fromkeys(names))})")
-        self._seen: list[torch.Tensor] = []
-        modules[layer].register_forward_pre_hook(lambda _, inputs: self._seen.append(inputs[0]))
+        self._seen: list[torch.Tensor] | None = None  # a list only inside embed_logits: plain forwards keep nothing
+        modules[layer].register_forward_pre_hook(self._catch)
         was_training = net.training
         net.eval()
         try:  # one probe: the embedding's size, and whether the network takes these images at all
             with torch.no_grad():
                 self.embedding_dim = self.embed_logits(torch.zeros(2, in_channels, image_size, image_size))[0].shape[1]
-        except RuntimeError as e:
-            raise ResMemError(f"the network does not run on {in_channels}x{image_size}x{image_size} images: "
-                              f"{str(e).splitlines()[0]}") from None
+        except Exception as e:  # torch's, or an architecture's own assertion (ViT: its image size)
+            raise ResMemError(f"{name} does not run on {in_channels}x{image_size}x{image_size} images: "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
         finally:
             net.train(was_training)
+
+    def _catch(self, module: nn.Module, inputs: tuple) -> None:
+        if self._seen is not None:
+            self._seen.append(inputs[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def embed_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self._seen.clear()
-        logits = self.net(x)
-        if not self._seen:
+        self._seen = []
+        try:
+            logits = self.net(x)
+            seen = self._seen
+        finally:
+            self._seen = None
+        if not seen:
             raise ResMemError(f"model.embedding_layer={self.layer}: the forward pass never runs that module")
-        z = torch.flatten(self._seen[-1], 1)
-        self._seen.clear()
-        return z, logits
+        return torch.flatten(seen[-1], 1), logits
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -153,7 +159,8 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size
         if not layer:
             raise ResMemError(f"model.arch={cfg.arch} has no nn.Linear classifier: set model.embedding_layer "
                               "(a module name from named_modules())")
-        return HookedClassifier(net, layer if isinstance(layer, str) else layer[0], in_channels, image_size)
+        return HookedClassifier(net, layer if isinstance(layer, str) else layer[0], in_channels, image_size,
+                                f"model.arch={cfg.arch}")
     if cfg.name == "small_cnn":
         return small_cnn(in_channels, num_classes, cfg.width)
     if cfg.name in ("resnet20", "resnet32", "resnet56"):
