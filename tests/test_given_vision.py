@@ -135,6 +135,18 @@ def test_torchvision_arch_embeds_at_the_named_layer_input(tmp_path):
     assert meta["embedding_dim"] == 1024 and meta["model"]["arch"] == "mobilenet_v3_small"
 
 
+def test_a_suite_resnet18_state_dict_is_read_in_its_own_layout(tmp_path):
+    """model.name=resnet18 reads a run's RUN/model/model.pt as well as torchvision's layout."""
+    cfg = load_config("jobs/configs/digits.yaml", ("model.source=checkpoint", "model.name=resnet18",
+                                                  f"model.path={tmp_path / 'model.pt'}"))
+    task = ImageClassification()
+    splits, info = task.load_splits(cfg)
+    ours = build_model(cfg.model, 1, 10).state_dict()
+    torch.save(ours, cfg.model.path)
+    given = task.load_given(cfg, splits, info)["model"]
+    assert given.keys() == ours.keys() and all(torch.equal(given[k], ours[k]) for k in ours)
+
+
 def listing(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
@@ -154,8 +166,11 @@ def test_bad_checkpoints_exit_2_with_one_line_and_change_nothing(run_copy, tmp_p
         ({"state_dict": net.state_dict(), "epoch": 3}, ["model.name=resnet18"],
          f"model.path={f}: not a state dict: its entry 'state_dict' is not a tensor (OrderedDict; a "
          "checkpoint with more in it?"),
-        (small_cnn, ["model.name=resnet18"], f"model.path={f} does not fit torchvision's resnet18: missing keys "
-                                             "conv1.weight, bn1.weight, bn1.bias (+"),
+        (torchvision.models.mobilenet_v3_small(num_classes=10).state_dict(), ["model.name=resnet18"],
+         f"model.path={f} does not fit torchvision's resnet18: missing keys conv1.weight, bn1.weight, bn1.bias (+119 "
+         "more); unexpected keys features.0.0.weight, features.0.1.weight, features.0.1.bias (+"),
+        (small_cnn, ["model.name=resnet18"], f"model.path={f} does not fit model.name=resnet18: missing keys "
+                                             "features.4.0.conv1.weight, "),
         (digits_resnet18(num_classes=1000).state_dict(), ["model.name=resnet18"],
          f"model.path={f}: its classifier fc.weight has 1000 outputs, data.name=digits has 10 classes"),
         (torchvision.models.resnet18(num_classes=10).state_dict(), ["model.name=resnet18"],

@@ -147,20 +147,22 @@ class ImageClassification(ClassificationTask):
                 "in_channels": info.in_channels, "image_size": info.image_size, "embedding_dim": probe.embedding_dim}
 
     def load_given(self, cfg: Config, splits: dict, info):
-        """A state dict checked against the architecture and the data, in the suite's layout."""
+        """A state dict checked against the architecture and the data, in the suite's layout
+        (resnet18/50: torchvision's layout, or the suite's own: a run's model.pt)."""
         if cfg.model.source != "checkpoint":
             return super().load_given(cfg, splits, info)
         m, path = cfg.model, cfg.model.path
         state = read_state_dict(path)
         data = f"data.name={cfg.data.name}"
-        if m.name in ("resnet18", "resnet50"):  # torchvision's key layout, into the suite's
+        if m.name in ("resnet18", "resnet50") and "head.weight" not in state:  # torchvision's layout, into the suite's
             net = torchvision_net(m.name, info.in_channels, info.num_classes)
             check_fits(state, net, path, f"torchvision's {m.name}", data, info.num_classes, info.in_channels)
             net.load_state_dict(state)
             return {"model": torchvision_resnet(m.name, info.in_channels, info.num_classes, net).state_dict()}
         model = build_model(m, info.in_channels, info.num_classes, info.image_size)
         net = model.net if m.name == "torchvision" else model
-        what = f"torchvision's {m.arch}" if m.name == "torchvision" else f"model.name={m.name} (width {m.width})"
+        what = f"torchvision's {m.arch}" if m.name == "torchvision" else f"model.name={m.name}" + (
+            "" if m.name in ("resnet18", "resnet50") else f" (width {m.width})")
         check_fits(state, net, path, what, data, info.num_classes, info.in_channels)
         net.load_state_dict(state)
         return {"model": model.state_dict()}
