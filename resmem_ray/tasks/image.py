@@ -178,10 +178,8 @@ class ImageClassification(ClassificationTask):
     def model_title(self, cfg: Config) -> str:
         m = cfg.model
         if m.source == "trained":
-            return f"torchvision {m.arch}" if m.name == "torchvision" else f"{m.name} (width {m.width})"
-        arch = m.arch if m.name == "torchvision" else m.name if m.name in ("resnet18", "resnet50") else \
-            f"{m.name} (width {m.width})"
-        return f"{arch} from {m.path}"
+            return f"{m.name} (width {m.width})"
+        return f"{m.arch if m.name == 'torchvision' else m.name} from {m.path}"
 
     def read_examples(self, path: str, meta: dict) -> Split:
         """An .npz with images (uint8, N x C x H x W, the model's input size) and labels (N,)."""
