@@ -1,7 +1,11 @@
 """Image classification: vision sources (image_data.py), CNNs and ResNets
 (vision_models.py), SGD with a cosine schedule, embeddings from the pooled penultimate
 layer. Each Ray Train worker loads the dataset itself (shared storage on a cluster) and
-takes its shard through a DistributedSampler."""
+takes its shard through a DistributedSampler.
+
+A model trained elsewhere (model.source=checkpoint) is a state dict file: in the suite's
+own layout for its models (a run's RUN/model/model.pt), in torchvision's for resnet18/50
+and for model.name=torchvision (any torchvision.models classifier, model.arch)."""
 
 from __future__ import annotations
 
@@ -22,13 +26,14 @@ from resmem_ray.tasks.image_data import (SOURCES, SplitDataset, augment_batch, d
                                          request_image)
 from resmem_ray.tasks.registry import register
 from resmem_ray.tasks.splits import Split
-from resmem_ray.tasks.vision_models import EmbedHead, build_model
+from resmem_ray.tasks.vision_models import (build_model, check_fits, read_state_dict, torchvision_net,
+                                            torchvision_resnet)
 
 
-def load_model(run: RunDir) -> tuple[EmbedHead, dict]:
-    """The trained model of a run, checked against the manifest."""
+def load_model(run: RunDir) -> tuple[torch.nn.Module, dict]:
+    """The trained model of a run, checked against the manifest; it gives embed_logits(x)."""
     meta = read_model_meta(run, needed_by="embed")
-    model = build_model(ModelConfig(**meta["model"]), meta["in_channels"], meta["num_classes"])
+    model = build_model(ModelConfig(**meta["model"]), meta["in_channels"], meta["num_classes"], meta["image_size"])
     model.load_state_dict(torch.load(run.model / "model.pt", weights_only=True))
     return model.eval(), meta
 
@@ -45,9 +50,9 @@ class Embedder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             x = normalize(batch["image"], self.meta["dataset"]).to(self.device)
-            z = self.model.embed(x)
-            logits = self.model.head(z).float().cpu().numpy()
-        return {"id": batch["id"], "label": batch["label"], "embedding": z.float().cpu().numpy(), "logits": logits}
+            z, logits = self.model.embed_logits(x)
+        return {"id": batch["id"], "label": batch["label"], "embedding": z.float().cpu().numpy(),
+                "logits": logits.float().cpu().numpy()}
 
 
 def _decode(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
@@ -84,7 +89,7 @@ def recipe(cfg: Config) -> Recipe:
 
     def build():
         info = held["info"]
-        model = build_model(cfg.model, info.in_channels, info.num_classes)
+        model = build_model(cfg.model, info.in_channels, info.num_classes, info.image_size)
         optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay,
                                     nesterov=True)
         return model, optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
@@ -110,12 +115,24 @@ def recipe(cfg: Config) -> Recipe:
 class ImageClassification(ClassificationTask):
     name = "image"
     datasets = tuple(SOURCES)
-    models = ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50")
+    models = ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "torchvision")
     reads = {"index": ("resmem.temperature",)}  # the dense residuals' T
 
     def check_config(self, cfg: Config) -> None:
         if cfg.data.name == "imagefolder" and not cfg.data.root:
             raise ConfigError("config key data.root is required for data.name=imagefolder")
+        m = cfg.model
+        if m.name == "torchvision" and not m.arch:
+            raise ConfigError("config key model.arch is required for model.name=torchvision (a torchvision.models "
+                              "architecture: resnet18, mobilenet_v3_small, efficientnet_b0, ...)")
+        if m.name == "torchvision" and m.source != "checkpoint":
+            raise ConfigError("config key model.name=torchvision takes a model trained elsewhere: set "
+                              "model.source=checkpoint and model.path (the suite trains small_cnn, resnet20/32/56, "
+                              "resnet18/50)")
+        for key in ("arch", "embedding_layer"):
+            if m.name != "torchvision" and getattr(m, key) is not None:
+                raise ConfigError(f"config key model.{key} applies to model.name=torchvision only (model.name={m.name} "
+                                  "embeds at its classifier's input)")
 
     def load_splits(self, cfg: Config):
         return load_splits(cfg.data, cfg.seed)
@@ -125,9 +142,30 @@ class ImageClassification(ClassificationTask):
 
     def save_model(self, cfg: Config, run: RunDir, folder, state: dict, splits: dict, info) -> dict:
         torch.save(state["model"], folder / "model.pt")
-        probe = build_model(cfg.model, info.in_channels, info.num_classes)
+        probe = build_model(cfg.model, info.in_channels, info.num_classes, info.image_size)
         return {"model": cfg.model.__dict__, "dataset": cfg.data.name, "num_classes": info.num_classes,
                 "in_channels": info.in_channels, "image_size": info.image_size, "embedding_dim": probe.embedding_dim}
+
+    def load_given(self, cfg: Config, splits: dict, info):
+        """A state dict checked against the architecture and the data, in the suite's layout
+        (resnet18/50: torchvision's layout, or the suite's own: a run's model.pt)."""
+        if cfg.model.source != "checkpoint":
+            return super().load_given(cfg, splits, info)
+        m, path = cfg.model, cfg.model.path
+        state = read_state_dict(path)
+        data = f"data.name={cfg.data.name}"
+        if m.name in ("resnet18", "resnet50") and "head.weight" not in state:  # torchvision's layout, into the suite's
+            net = torchvision_net(m.name, info.in_channels, info.num_classes)
+            check_fits(state, net, path, f"torchvision's {m.name}", data, info.num_classes, info.in_channels)
+            net.load_state_dict(state)
+            return {"model": torchvision_resnet(m.name, info.in_channels, info.num_classes, net).state_dict()}
+        model = build_model(m, info.in_channels, info.num_classes, info.image_size)
+        net = model.net if m.name == "torchvision" else model
+        what = f"torchvision's {m.arch}" if m.name == "torchvision" else f"model.name={m.name}" + (
+            "" if m.name in ("resnet18", "resnet50") else f" (width {m.width})")
+        check_fits(state, net, path, what, data, info.num_classes, info.in_channels)
+        net.load_state_dict(state)
+        return {"model": model.state_dict()}
 
     def embed_rows(self, cfg: Config, run: RunDir, split: Split, split_name: str, meta: dict):
         e = cfg.embed
@@ -138,7 +176,10 @@ class ImageClassification(ClassificationTask):
         return map_with_model(ds, Embedder, {"run_dir": run.location}, e)
 
     def model_title(self, cfg: Config) -> str:
-        return f"{cfg.model.name} (width {cfg.model.width})"
+        m = cfg.model
+        if m.source == "trained":
+            return f"{m.name} (width {m.width})"
+        return f"{m.arch if m.name == 'torchvision' else m.name} from {m.path}"
 
     def read_examples(self, path: str, meta: dict) -> Split:
         """An .npz with images (uint8, N x C x H x W, the model's input size) and labels (N,)."""

@@ -1,5 +1,7 @@
-"""Base models. Each exposes `embed(x)` (pooled penultimate layer) and `head(z)`
-separately; `forward(x) == head(embed(x))`."""
+"""Base models. Each gives `embed_logits(x)`: the embedding and the logits of one
+forward pass. The suite's own models split into `embed(x)` (pooled penultimate layer)
+and `head(z)`, `forward(x) == head(embed(x))`; any torchvision classifier
+(model.name=torchvision) embeds at the input of a named layer, caught by a hook."""
 
 from __future__ import annotations
 
@@ -25,6 +27,54 @@ class EmbedHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
+
+    def embed_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.embed(x)
+        return z, self.head(z)
+
+
+class HookedClassifier(nn.Module):
+    """A whole classifier network whose embedding is the (flattened) input of one of its
+    modules, `layer` (a name from named_modules()); logits are the network's output."""
+
+    def __init__(self, net: nn.Module, layer: str, in_channels: int, image_size: int, name: str):
+        super().__init__()
+        self.net, self.layer = net, layer
+        modules = dict(net.named_modules())
+        if layer not in modules:
+            names = [n for n, _ in net.named_children()] + [n for n in modules if n][-4:]
+            raise ResMemError(f"model.embedding_layer={layer}: no such module in {name} "
+                              f"(e.g. {', '.join(dict.fromkeys(names))})")
+        self._seen: list[torch.Tensor] | None = None  # a list only inside embed_logits: plain forwards keep nothing
+        modules[layer].register_forward_pre_hook(self._catch)
+        was_training = net.training
+        net.eval()
+        try:  # one probe: the embedding's size, and whether the network takes these images at all
+            with torch.no_grad():
+                self.embedding_dim = self.embed_logits(torch.zeros(2, in_channels, image_size, image_size))[0].shape[1]
+        except Exception as e:  # torch's, or an architecture's own assertion (ViT: its image size)
+            raise ResMemError(f"{name} does not run on {in_channels}x{image_size}x{image_size} images: "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+        finally:
+            net.train(was_training)
+
+    def _catch(self, module: nn.Module, inputs: tuple) -> None:
+        if self._seen is not None:
+            self._seen.append(inputs[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def embed_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._seen = []
+        try:
+            logits = self.net(x)
+            seen = self._seen
+        finally:
+            self._seen = None
+        if not seen:
+            raise ResMemError(f"model.embedding_layer={self.layer}: the forward pass never runs that module")
+        return torch.flatten(seen[-1], 1), logits
 
 
 def _conv_bn(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -71,19 +121,46 @@ def cifar_resnet(depth: int, in_channels: int, num_classes: int, width: int = 1)
     return EmbedHead(nn.Sequential(*layers), widths[-1], num_classes)
 
 
-def torchvision_resnet(name: str, in_channels: int, num_classes: int) -> EmbedHead:
-    """torchvision resnet18/50 (random init: no weights are downloaded), its fc split off as the head."""
+def torchvision_net(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    """A torchvision.models classifier (random init: no weights are downloaded); for images
+    of other than 3 channels its first convolution takes `in_channels` instead."""
     import torchvision
 
-    net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes)
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise ResMemError(f"config key model.arch: unknown torchvision architecture {arch!r} (e.g. resnet18, "
+                          "mobilenet_v3_small, efficientnet_b0: torchvision.models.list_models())")
+    net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if in_channels != 3:
-        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        name, conv = next((n, m) for n, m in net.named_modules() if isinstance(m, nn.Conv2d))
+        parent, _, leaf = name.rpartition(".")
+        setattr(net.get_submodule(parent), leaf, nn.Conv2d(
+            in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+            conv.bias is not None, conv.padding_mode))
+    return net
+
+
+def torchvision_resnet(name: str, in_channels: int, num_classes: int, net: nn.Module | None = None) -> EmbedHead:
+    """torchvision resnet18/50, its fc split off as the head; `net`: such a network (in
+    torchvision's own layout, weights loaded) to take the layers from instead of a new one."""
+    if net is None:
+        net = torchvision_net(name, in_channels, num_classes)
     model = EmbedHead(nn.Sequential(*list(net.children())[:-1]), net.fc.in_features, num_classes)
     model.head = net.fc
     return model
 
 
-def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> EmbedHead:
+def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int | None = None) -> nn.Module:
+    """The network that model.name (and for torchvision, model.arch and model.embedding_layer)
+    names, for images of `in_channels` x `image_size` x `image_size` (needed by torchvision's)."""
+    if cfg.name == "torchvision":
+        assert image_size, "a torchvision network's embedding size is probed on an image of the data's size"
+        net = torchvision_net(cfg.arch, in_channels, num_classes)
+        layer = cfg.embedding_layer or [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1:]
+        if not layer:
+            raise ResMemError(f"model.arch={cfg.arch} has no nn.Linear classifier: set model.embedding_layer "
+                              "(a module name from named_modules())")
+        return HookedClassifier(net, layer if isinstance(layer, str) else layer[0], in_channels, image_size,
+                                f"model.arch={cfg.arch}")
     if cfg.name == "small_cnn":
         return small_cnn(in_channels, num_classes, cfg.width)
     if cfg.name in ("resnet20", "resnet32", "resnet56"):
@@ -91,3 +168,57 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int) -> EmbedHe
     if cfg.name in ("resnet18", "resnet50"):
         return torchvision_resnet(cfg.name, in_channels, num_classes)
     raise ResMemError(f"unknown model model.name={cfg.name!r}")
+
+
+# --- weights made elsewhere ----------------------------------------------------------
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict file (names -> tensors), read without unpickling any Python object."""
+    import re
+    import warnings
+
+    how = "save one with torch.save(model.state_dict(), path)"
+    try:
+        with warnings.catch_warnings():  # torch warns before refusing a TorchScript archive
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch.load's errors on a file that is no torch file at all vary
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = (f"holds pickled Python objects ({found[1]}), which are never loaded (torch.load weights_only=True)"
+                if found else "a TorchScript archive, which is not read" if "TorchScript" in str(e)
+                else "not a PyTorch weights file")
+        raise ResMemError(f"model.path={path}: {what}: {how}") from None
+    if not isinstance(state, dict):
+        raise ResMemError(f"model.path={path}: holds a {type(state).__name__}, not a state dict: {how}")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ResMemError(f"model.path={path}: not a state dict: its entry {bad!r} is not a tensor "
+                          f"({type(state[bad]).__name__}; a checkpoint with more in it? {how})")
+    return state
+
+
+def _few(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def check_fits(state: dict, net: nn.Module, path: str, what: str, data: str, num_classes: int,
+               in_channels: int) -> None:
+    """A ResMemError naming what in `state` does not fit `net` (`what` names the network):
+    the classes or channels against `data`, else missing / unexpected keys and shapes."""
+    want = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+    weights = [k for k, shape in want.items() if k.endswith("weight") and len(shape) >= 2]
+    if weights:
+        first, last = weights[0], weights[-1]
+        if have.get(last, want[last])[:1] != want[last][:1]:
+            raise ResMemError(f"model.path={path}: its classifier {last} has {have[last][0]} outputs, "
+                              f"{data} has {num_classes} classes")
+        if len(want[first]) == 4 and have.get(first, want[first])[1:2] != want[first][1:2]:
+            raise ResMemError(f"model.path={path}: its {first} {have[first]} takes {have[first][1]}-channel images, "
+                              f"{data} has {in_channels} channel(s) (the model's {first}: {want[first]})")
+    missing, unexpected = [k for k in want if k not in have], [k for k in have if k not in want]
+    shapes = [f"{k} is {have[k]} in the file, {want[k]} in the model" for k in want if k in have and have[k] != want[k]]
+    problems = ([f"missing keys {_few(missing)}"] if missing else []) + \
+               ([f"unexpected keys {_few(unexpected)}"] if unexpected else []) + shapes[:3]
+    if problems:
+        raise ResMemError(f"model.path={path} does not fit {what}: {'; '.join(problems)}")

@@ -1,0 +1,212 @@
+"""A vision model trained elsewhere (model.source=checkpoint): a torchvision ResNet-18
+state dict through the whole pipeline, any torchvision classifier embedded at a named
+layer's input, and every bad checkpoint refused in one line before the run changes."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from resmem_ray.cli import main
+from resmem_ray.config import load_config
+from resmem_ray.schema import ModelConfig
+from resmem_ray.store.artifacts import read_split
+from resmem_ray.store.files import sha256
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.image import ImageClassification, load_model
+from resmem_ray.tasks.image_data import load_splits, normalize
+from resmem_ray.tasks.vision_models import build_model
+
+CONFIG = load_config("jobs/configs/digits.yaml")
+GIVEN = ["--config", "jobs/configs/digits.yaml", "model.source=checkpoint", "neighbour_transformer.enabled=false"]
+
+
+def digits_resnet18(num_classes=10, in_channels=1) -> nn.Module:
+    """What a torchvision user has: resnet18 with a first convolution for gray images."""
+    net = torchvision.models.resnet18(num_classes=num_classes)
+    if in_channels != 3:
+        net.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+    return net
+
+
+@pytest.fixture(scope="module")
+def trained_resnet(tmp_path_factory):
+    """A ResNet-18 trained here with plain torch on digits' train split, its state dict saved."""
+    splits, _ = load_splits(CONFIG.data, CONFIG.seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared machine, more threads are slower
+    try:
+        torch.manual_seed(0)
+        net = digits_resnet18()
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        x, y = normalize(splits["train"].images, "digits"), torch.as_tensor(splits["train"].labels)
+        for _ in range(150):
+            i = torch.randint(0, len(y), (32,))
+            loss = nn.functional.cross_entropy(net(x[i]), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    path = tmp_path_factory.mktemp("given") / "resnet18.pt"
+    torch.save(net.state_dict(), path)
+    return path, net.eval(), splits
+
+
+def test_torchvision_resnet18_checkpoint_end_to_end(ray_session, trained_resnet, tmp_path, capsys):
+    path, net, splits = trained_resnet
+    run_dir = tmp_path / "run"
+    args = [*GIVEN, "model.name=resnet18", f"model.path={path}", "embed.num_actors=1", "embed.cpus_per_actor=1",
+            "index.num_shards=1", f"run_dir={run_dir}"]
+    assert main(["run", *args]) == 0
+    run = RunDir(run_dir)
+    test = splits["test"]
+    with torch.no_grad():
+        x = normalize(test.images, "digits")
+        logits = net(x)
+        fc_input = torch.flatten(net.avgpool(nn.Sequential(*list(net.children())[:-2])(x)), 1)
+    preds = pq.read_table(run.report / "predictions.parquet").to_pydict()
+    assert preds["id"] == test.ids.tolist()
+    assert preds["base"] == logits.argmax(1).tolist()  # the given network's own predictions
+    rows = read_split(run, "test", "test")
+    np.testing.assert_allclose(rows["embedding"], fc_input.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rows["logits"], logits.numpy(), rtol=1e-4, atol=1e-5)
+    report = (run.report / "report.md").read_text()
+    assert f"resnet18 from {path}" in report and "| ResMem |" in report and "| 1-NN |" in report
+    entry = run.manifest()["stages"]["train"]
+    assert entry["sources"] == {str(path): sha256(path)}
+    assert json.loads((run.model / "meta.json").read_text())["embedding_dim"] == 512
+
+    capsys.readouterr()
+    assert main(["status", str(run_dir)]) == 0
+    assert "| train | done |" in capsys.readouterr().out
+    torch.save(digits_resnet18().state_dict(), path)  # other weights in the same file
+    assert main(["status", str(run_dir)]) == 0
+    assert f"| train | stale | {path} changed since the stage read it |" in capsys.readouterr().out
+
+
+def test_suite_models_embed_as_before(digits_run):
+    """The suite's own trained model: embed_logits(x) gives what the embed stage wrote."""
+    run = RunDir(digits_run)
+    model, meta = load_model(run)
+    splits, _ = load_splits(CONFIG.data, CONFIG.seed)
+    rows = read_split(run, "val", "test")
+    with torch.no_grad():
+        x = normalize(splits["val"].images, meta["dataset"])
+        z, logits = model.embed_logits(x)
+        assert torch.equal(z, model.embed(x)) and torch.equal(logits, model.head(model.embed(x)))
+    np.testing.assert_allclose(rows["embedding"], z.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows["logits"], logits.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_torchvision_arch_embeds_at_the_named_layer_input(tmp_path):
+    x = torch.randn(3, 1, 8, 8)
+    for layer in (None, "classifier.0"):
+        model = build_model(ModelConfig(name="torchvision", arch="mobilenet_v3_small", embedding_layer=layer),
+                            1, 10, 8).eval()
+        net = model.net
+        assert net.features[0][0].in_channels == 1  # the first convolution takes the data's channels
+        with torch.no_grad():
+            z, logits = model.embed_logits(x)
+            pooled = torch.flatten(net.avgpool(net.features(x)), 1)
+            want = pooled if layer else net.classifier[:3](pooled)  # the input of classifier.3, the last Linear
+            torch.testing.assert_close(z, want, rtol=0, atol=0)
+            torch.testing.assert_close(logits, net(x), rtol=0, atol=0)
+        assert model.embedding_dim == want.shape[1] == (576 if layer else 1024)
+
+    # load_given / save_model write what load_model's build reads back, same outputs
+    cfg = load_config("jobs/configs/digits.yaml", ("model.source=checkpoint", "model.name=torchvision",
+                                                  "model.arch=mobilenet_v3_small", f"model.path={tmp_path / 'm.pt'}"))
+    torch.manual_seed(1)
+    theirs = torchvision.models.mobilenet_v3_small(num_classes=10)
+    theirs.features[0][0] = nn.Conv2d(1, 16, 3, 2, 1, bias=False)
+    torch.save(theirs.state_dict(), cfg.model.path)
+    task = ImageClassification()
+    splits, info = task.load_splits(cfg)
+    meta = task.save_given(cfg, None, tmp_path, task.load_given(cfg, splits, info), splits, info)
+    again = build_model(ModelConfig(**meta["model"]), meta["in_channels"], meta["num_classes"], meta["image_size"])
+    again.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval().embed_logits(x)[1], theirs.eval()(x), rtol=0, atol=0)
+    assert meta["embedding_dim"] == 1024 and meta["model"]["arch"] == "mobilenet_v3_small"
+
+
+def test_a_suite_resnet18_state_dict_is_read_in_its_own_layout(tmp_path):
+    """model.name=resnet18 reads a run's RUN/model/model.pt as well as torchvision's layout."""
+    cfg = load_config("jobs/configs/digits.yaml", ("model.source=checkpoint", "model.name=resnet18",
+                                                  f"model.path={tmp_path / 'model.pt'}"))
+    task = ImageClassification()
+    splits, info = task.load_splits(cfg)
+    ours = build_model(cfg.model, 1, 10).state_dict()
+    torch.save(ours, cfg.model.path)
+    given = task.load_given(cfg, splits, info)["model"]
+    assert given.keys() == ours.keys() and all(torch.equal(given[k], ours[k]) for k in ours)
+
+
+def listing(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_bad_checkpoints_exit_2_with_one_line_and_change_nothing(run_copy, tmp_path, capsys):
+    f = tmp_path / "weights.pt"
+    small_cnn = build_model(ModelConfig(name="small_cnn", width=4), 1, 10).state_dict()
+    net = digits_resnet18()
+    cases = [  # (file content or None, overrides, the line's text)
+        (None, ["model.name=resnet18", f"model.path={tmp_path}/nothing.pt"],
+         f"model.path={tmp_path}/nothing.pt: no such file or folder"),
+        (b"not weights", ["model.name=resnet18"], f"model.path={f}: not a PyTorch weights file: save one with "
+                                                  "torch.save(model.state_dict(), path)"),
+        (net, ["model.name=resnet18"], f"model.path={f}: holds pickled Python objects (torchvision.models.resnet."
+                                       "ResNet), which are never loaded (torch.load weights_only=True): save one with "
+                                       "torch.save(model.state_dict(), path)"),
+        ({"state_dict": net.state_dict(), "epoch": 3}, ["model.name=resnet18"],
+         f"model.path={f}: not a state dict: its entry 'state_dict' is not a tensor (OrderedDict; a "
+         "checkpoint with more in it?"),
+        (torchvision.models.mobilenet_v3_small(num_classes=10).state_dict(), ["model.name=resnet18"],
+         f"model.path={f} does not fit torchvision's resnet18: missing keys conv1.weight, bn1.weight, bn1.bias (+119 "
+         "more); unexpected keys features.0.0.weight, features.0.1.weight, features.0.1.bias (+"),
+        (small_cnn, ["model.name=resnet18"], f"model.path={f} does not fit model.name=resnet18: missing keys "
+                                             "features.4.0.conv1.weight, "),
+        (digits_resnet18(num_classes=1000).state_dict(), ["model.name=resnet18"],
+         f"model.path={f}: its classifier fc.weight has 1000 outputs, data.name=digits has 10 classes"),
+        (torchvision.models.resnet18(num_classes=10).state_dict(), ["model.name=resnet18"],
+         f"model.path={f}: its conv1.weight (64, 3, 7, 7) takes 3-channel images, data.name=digits has 1 "
+         "channel(s) (the model's conv1.weight: (64, 1, 7, 7))"),
+        ({**small_cnn, "features.3.weight": torch.zeros(8, 4, 5, 5)}, ["model.name=small_cnn", "model.width=4"],
+         f"model.path={f} does not fit model.name=small_cnn (width 4): features.3.weight is (8, 4, 5, 5) in the "
+         "file, (8, 4, 3, 3) in the model"),
+        (torch.jit.script(nn.Linear(2, 2)), ["model.name=resnet18"],
+         f"model.path={f}: a TorchScript archive, which is not read: save one with torch.save(model.state_dict(), "
+         "path)"),
+        (net.state_dict(), ["model.name=torchvision", "model.arch=resnet18", "model.embedding_layer=layer9"],
+         "model.embedding_layer=layer9: no such module in model.arch=resnet18 (e.g. conv1, bn1, relu, maxpool, "
+         "layer1"),
+        (net.state_dict(), ["model.name=torchvision", "model.arch=squeezenet1_1"],
+         "model.arch=squeezenet1_1 has no nn.Linear classifier: set model.embedding_layer"),
+        (net.state_dict(), ["model.name=torchvision", "model.arch=squeezenet1_1", "model.embedding_layer=classifier.1"],
+         "model.arch=squeezenet1_1 does not run on 1x8x8 images: Given input size: (128x1x1)"),
+        (net.state_dict(), ["model.name=torchvision", "model.arch=resnet19"],
+         "config key model.arch: unknown torchvision architecture 'resnet19'"),
+        (net.state_dict(), ["model.name=torchvision", "model.arch=resnet18", "model.source=trained"],
+         "config key model.name=torchvision takes a model trained elsewhere: set model.source=checkpoint"),
+        (net.state_dict(), ["model.name=resnet18", "model.embedding_layer=layer4"],
+         "config key model.embedding_layer applies to model.name=torchvision only"),
+    ]
+    run = RunDir(run_copy)
+    before = listing(run.root)
+    for content, overrides, line in cases:
+        if isinstance(content, bytes):
+            f.write_bytes(content)
+        elif isinstance(content, torch.jit.ScriptModule):
+            torch.jit.save(content, f)
+        elif content is not None:
+            torch.save(content, f)
+        capsys.readouterr()
+        assert main(["run", *GIVEN, f"model.path={f}", *overrides, f"run_dir={run_copy}"]) == 2, line
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"resmem: error: {line}"), (err, line)
+        assert listing(run.root) == before, line
