@@ -86,7 +86,9 @@ def test_torchvision_resnet18_checkpoint_end_to_end(ray_session, trained_resnet,
     assert "| train | done |" in capsys.readouterr().out
     torch.save(digits_resnet18().state_dict(), path)  # other weights in the same file
     assert main(["status", str(run_dir)]) == 0
-    assert f"| train | stale | {path} changed since the stage read it |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    for stage in ("train", "embed", "index", "evaluate"):  # the stages that read it, transitively
+        assert f"| {stage} | stale | {path} changed since the stage read it |" in out, stage
 
 
 def test_suite_models_embed_as_before(digits_run):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from resmem_ray.errors import ResMemError
 from resmem_ray.stage_table import STAGES
-from resmem_ray.store.files import digest, file_hashes, inside, read_json, sha256, write_json
+from resmem_ray.store.files import digest, inside, read_json, sha256, write_json
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 SYNCED = ".synced.json"  # in the mirror: relative path -> sha256 of the copy held there
@@ -125,11 +125,11 @@ class RemoteRun:
             folder = STAGES[stage].folder  # where this stage writes, whatever the manifest says
             if not folder or (folders is not None and folder not in folders):
                 continue
-            for name, digest in entry.get("outputs", {}).items():
+            for name, recorded in entry.get("outputs", {}).items():
                 rel = str(inside(self.mirror / folder, name).relative_to(self.mirror))
-                if synced.get(rel) != digest or not (self.mirror / rel).is_file():
+                if synced.get(rel) != recorded or not (self.mirror / rel).is_file():
                     self.download(rel)
-                    fetched[rel] = digest
+                    fetched[rel] = recorded
         if fetched:
             self._record(fetched)
 
@@ -155,6 +155,17 @@ class RemoteRun:
             self.fs.delete_dir(remote)
 
 
+_SHA256: dict[tuple, str] = {}  # (path, size, mtime): a file's sha256, hashed once per process
+
+
+def _local_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256:
+        _SHA256[key] = sha256(path)
+    return _SHA256[key]
+
+
 def source_digest(path: str) -> str:
     """A fingerprint of files a run reads from outside it (a given model, precomputed
     embeddings): local files and folders by content (sha256), a URI's objects by size and
@@ -162,9 +173,9 @@ def source_digest(path: str) -> str:
     if not is_uri(path):
         local = Path(path).expanduser()
         if local.is_file():
-            return sha256(local)
+            return _local_sha256(local)
         if local.is_dir():
-            return digest(file_hashes(local))
+            return digest({str(p.relative_to(local)): _local_sha256(p) for p in sorted(local.rglob("*")) if p.is_file()})
         raise ResMemError(f"model.path={path}: no such file or folder")
     import pyarrow.fs
 

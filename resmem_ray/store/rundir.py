@@ -270,7 +270,7 @@ class RunDir:
             return "config changed"
         from resmem_ray.store.remote import source_digest
 
-        for path, seen in (entry.get("sources") or {}).items():  # files read from outside the run
+        for path, seen in sources_read(stages, name).items():  # files read from outside the run
             try:
                 if source_digest(path) != seen:
                     return f"{path} changed since the stage read it"
@@ -327,6 +327,19 @@ def _finish(work: StageSteps) -> tuple:
     except StopIteration as done:
         return done.value
     raise RuntimeError("a stage function under stage_entry yields once")
+
+
+def sources_read(stages: dict, name: str) -> dict[str, str]:
+    """The outside files (a given model, precomputed embeddings) that stage `name` and the
+    stages it reads, transitively, recorded: a change of one makes all of them stale."""
+    sources, seen, frontier = {}, set(), [name]
+    while frontier:
+        stage = frontier.pop()
+        if stage not in seen:
+            seen.add(stage)
+            sources.update((stages.get(stage) or {}).get("sources") or {})
+            frontier += STAGES[stage].reads
+    return sources
 
 
 def input_digests(stages: dict, reads) -> dict:
