@@ -42,6 +42,8 @@ def init_ray(verbose: bool = False) -> None:
     if ray.is_initialized():
         return
     quiet = None if verbose else ray.LoggingConfig(log_level="WARNING")
+    if not verbose:  # "token authentication is enabled": Ray's default, said at every start
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     address = os.environ.get("RAY_ADDRESS") or None
     # without a cluster address: this command's own instance, which every process of it
     # names in RAY_ADDRESS (runtime/instance.py), never another instance on the machine;
