@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -91,6 +92,8 @@ def quiet_ray_data() -> None:
     codes a Ray worker would forward to the driver. A terminal still gets the driver's
     own progress bars. Also Ray's `worker_process_setup_hook` (cli.init_ray)."""
     os.environ.setdefault("RAY_TQDM", "0")
+    # a false alarm of the actor pool on a split of few blocks (a short text split)
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     if RAY_DATA_LOGGING.is_file():  # read when ray.data configures its logger
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
     if "ray.data" in sys.modules:  # configured at its import: change it in place
