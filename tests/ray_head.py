@@ -85,10 +85,10 @@ class RayHead:
         pgid = self.proc.pid
         try:
             self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # a drain after a test's killed drivers rarely ends
             pass
-        deadline = time.time() + 10
+        deadline = time.time() + 3
         while time.time() < deadline and _group_alive(pgid):
             time.sleep(0.5)
         if _group_alive(pgid):

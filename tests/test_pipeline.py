@@ -1,6 +1,7 @@
 """Every stage through the CLI on tiny real data, with a shared local Ray instance."""
 
 import json
+import runpy
 import subprocess
 import sys
 
@@ -105,10 +106,14 @@ def test_bad_config_exits_with_one_line(tmp_path, override, message):
 
 
 @pytest.mark.parametrize("stage", JOB_STAGES)
-def test_job_entry_points(stage):
-    """`ray job submit -- python -m jobs STAGE ...` runs each stage."""
-    out = subprocess.run([sys.executable, "-m", "jobs", stage, "--help"], capture_output=True, text=True)
-    assert out.returncode == 0 and f"usage: resmem {stage}" in out.stdout and "--config" in out.stdout
+def test_job_entry_points(stage, monkeypatch, capsys):
+    """`ray job submit -- python -m jobs STAGE ...` runs each stage (the module run as
+    `python -m jobs` runs it, in this process)."""
+    monkeypatch.setattr(sys, "argv", ["jobs", stage, "--help"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("jobs", run_name="__main__", alter_sys=True)
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and f"usage: resmem {stage}" in out and "--config" in out
 
 
 def one_error_line(capsys) -> str:
