@@ -18,16 +18,13 @@ TINY = ["--config", "jobs/configs/digits.yaml", "train.epochs=1", "neighbour_tra
 
 
 @pytest.mark.timeout(300)
-def test_two_runs_at_once_each_on_its_own_instance(digits_run, tmp_path):
-    """The session's instance runs too, so each run finds more than one on the machine.
-    One run trains with Ray Train (whose placement-group cleaner looked the instance up);
-    the other takes the session run's model as given, to fit both on 2 cores."""
+def test_two_runs_at_once_each_on_its_own_instance(ray_session, tmp_path):
+    """The session's instance runs too, so each run finds more than one on the machine."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_ADDRESS", instance.BOUND, "RAY_SERVE_THROUGHPUT_OPTIMIZED")}
     limits = {"a": 100, "b": 140}
-    given = {"a": [], "b": ["model.source=checkpoint", f"model.path={digits_run / 'model' / 'model.pt'}"]}
     procs = {name: subprocess.Popen([sys.executable, "-m", "resmem_ray.cli", "run", *TINY, f"data.limit={limit}",
-                                     *given[name], f"run_dir={tmp_path / name}"], stdout=subprocess.PIPE,
+                                     f"run_dir={tmp_path / name}"], stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, env=env)
              for name, limit in limits.items()}
     outs = {name: p.communicate(timeout=280)[0] for name, p in procs.items()}

@@ -464,13 +464,15 @@ def test_a_killed_serve_is_cleaned_by_the_next_which_sigterm_stops(run_copy):
     assert left  # Ray's agents outlive a SIGKILLed driver
 
     second = start_serve(run_copy)
-    (line,) = [line for line in second.lines if "killed `resmem serve`" in line]
-    # some of them may exit on their own before the second serve starts: it stops the rest
-    stopped = re.search(rf"stopped (\d+) process\(es\) of the Ray instance of a killed `resmem serve` \(pid {proc.pid}\)",
-                        line)
-    assert stopped and 1 <= int(stopped[1]) <= len(left), line
-    assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in left)
-    rest, err, _ = stop_serve(second, signal.SIGTERM)
+    try:
+        (line,) = [line for line in second.lines if "killed `resmem serve`" in line]
+        # some of them may exit on their own before the second serve starts: it stops the rest
+        stopped = re.search(rf"stopped (\d+) process\(es\) of the Ray instance of a killed `resmem serve` "
+                            rf"\(pid {proc.pid}\)", line)
+        assert stopped and 1 <= int(stopped[1]) <= len(left), line
+        assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in left)
+    finally:  # stopped whatever the assertions found: a serve left running outlives the suite
+        rest, err, _ = stop_serve(second, signal.SIGTERM)
     assert second.returncode == 143 and err == "resmem: serve stopped" and rest == "", (err, rest)
 
 
