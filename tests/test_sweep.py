@@ -16,7 +16,7 @@ from .conftest import DIGITS_ARGS
 def test_width_sweep_over_seeds_reports_every_method_as_mean_and_spread(ray_session, tmp_path):
     run_dir = tmp_path / "sweep"
     assert main(["sweep", "--config", "jobs/configs/digits_sweep.yaml", f"run_dir={run_dir}",
-                 "sweep.width=[4]", "sweep.seeds=[0,1]", "sweep.rungs=[1,2]", "tune.k=[5,10]"]) == 0
+                 "sweep.width=[4]", "sweep.seeds=[0,1]", "sweep.rungs=[2]", "tune.k=[5,10]"]) == 0
     summary = run_dir / "sweep" / "summary"
     results = json.loads((summary / "results.json").read_text())
     rows = results["trials"]
@@ -62,10 +62,12 @@ def test_sweep_summary_is_mean_and_spread_per_width_over_the_seeds_that_finished
 
 
 @pytest.mark.timeout(600)
-def test_long_tailed_run_reports_head_tail_and_worst_class(ray_session, tmp_path):
+def test_long_tailed_run_reports_head_tail_and_worst_class(digits_run, tmp_path):
+    """What a long-tailed memory reports; the base model (the session run's, as a given
+    one: no second training) is not what is tested."""
     run_dir = tmp_path / "lt"
-    assert main(["run", "--config", "jobs/configs/digits_lt.yaml", f"run_dir={run_dir}", "train.epochs=2",
-                 "train.num_workers=1", "train.cpus_per_worker=0.5"]) == 0
+    assert main(["run", "--config", "jobs/configs/digits_lt.yaml", f"run_dir={run_dir}", "model.source=checkpoint",
+                 f"model.path={digits_run / 'model' / 'model.pt'}"]) == 0
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     counts = np.array(metrics["per_class"]["train_counts"])
     assert counts[0] == counts.max() and counts[-1] == pytest.approx(counts[0] / 10, abs=1)
