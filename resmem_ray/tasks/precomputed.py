@@ -380,10 +380,6 @@ class Precomputed(ClassificationTask):
                   for a in range(0, len(split), step)]
         return ray.data.from_arrow(blocks)
 
-    def embed_info(self, cfg: Config, splits: dict, meta: dict) -> dict:
-        # embed read model.path itself: a changed file makes it stale too, not only train
-        return {**super().embed_info(cfg, splits, meta), "sources": {cfg.model.path: source_digest(cfg.model.path)}}
-
     def model_title(self, cfg: Config) -> str:
         return f"precomputed embeddings ({cfg.model.path})"
 
