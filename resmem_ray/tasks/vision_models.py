@@ -155,12 +155,12 @@ def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size
     if cfg.name == "torchvision":
         assert image_size, "a torchvision network's embedding size is probed on an image of the data's size"
         net = torchvision_net(cfg.arch, in_channels, num_classes)
-        layer = cfg.embedding_layer or [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1:]
+        linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+        layer = cfg.embedding_layer or (linears[-1] if linears else None)
         if not layer:
             raise ResMemError(f"model.arch={cfg.arch} has no nn.Linear classifier: set model.embedding_layer "
                               "(a module name from named_modules())")
-        return HookedClassifier(net, layer if isinstance(layer, str) else layer[0], in_channels, image_size,
-                                f"model.arch={cfg.arch}")
+        return HookedClassifier(net, layer, in_channels, image_size, f"model.arch={cfg.arch}")
     if cfg.name == "small_cnn":
         return small_cnn(in_channels, num_classes, cfg.width)
     if cfg.name in ("resnet20", "resnet32", "resnet56"):
