@@ -14,6 +14,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # when the session's Ray instance starts
 os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "0")  # as `resmem serve` (cli.py)
+# Ray Train's controller polls its workers every 2 s and starts a preemption watcher (one
+# more actor process): together ~4.5 s of every TorchTrainer run on a 2-core machine.
+# The tests train a few epochs on tiny data and are never preempted; subprocesses inherit both.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
