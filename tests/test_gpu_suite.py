@@ -102,3 +102,11 @@ def test_faiss_gpu_without_gpu_faiss_or_wheel_is_skipped_with_the_reason(tmp_pat
 def test_without_a_gpu_only_the_dry_run_runs(capsys):
     assert gpu_suite.main([]) == 2
     assert "torch sees no CUDA GPU here; --dry-run" in capsys.readouterr().err
+
+
+def test_training_batches_are_normalised_on_the_device_they_arrive_on():
+    """Ray Train hands a GPU worker its batches on the GPU; "meta" stands in for CUDA here."""
+    from resmem_ray.tasks.image_data import normalize
+
+    x = torch.zeros(2, 3, 4, 4, dtype=torch.uint8, device="meta")
+    assert normalize(x, "cifar10").device.type == "meta"
