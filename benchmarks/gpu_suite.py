@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import section, write  # noqa: E402
+from results import machine, section, write  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 30
@@ -116,12 +116,15 @@ def last_line(text: str) -> str:
 
 def ray_cpus() -> float:
     """The CPUs free in this process's Ray instance (joined, or started with every core and
-    GPU of the machine)."""
+    GPU of the machine), once the workers of a step before have given theirs back."""
     import ray
 
     from resmem_ray.cli import init_ray
 
     init_ray()
+    total, deadline = ray.cluster_resources().get("CPU", 0), time.monotonic() + 10
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.2)
     return float(ray.available_resources().get("CPU", 0))
 
 
@@ -466,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[gpu_suite] {name}: {outcome(records[name])}", flush=True)
             for setting, result in rows[name] if name in rows else []:
                 print(f"[gpu_suite]   {setting}: {result}", flush=True)
-            write_json(args.json, {"dry_run": s.dry, "budget_s": args.budget, "steps": records})
+            write_json(args.json, {"machine": machine(), "dry_run": s.dry, "budget_s": args.budget, "steps": records})
     if args.write_results:
         write(args.out, results_lines(s, args.budget, records, rows), "dry-run" if s.dry else "")
     return 0
