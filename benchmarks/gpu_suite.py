@@ -11,15 +11,15 @@
   lm        the token memory on CUDA: a GPT-2 of bbc_lm's shape (random weights) with and
             without ResMem lookups, benchmarks/lm_throughput.py's passes
 
-On the GPU machine, from the repository root (about 5 minutes; --budget caps it):
+On the GPU machine, from the repository root (sized for about 4 minutes; --budget caps it):
 
-    python -m benchmarks.gpu_suite --json $OUT/gpu_suite.json --wheels .whl --write-results
+    PYTHONPATH=$PWD python -m benchmarks.gpu_suite --json $OUT/gpu_suite.json --wheels .whl --write-results
 
 Each step is timed and guarded on its own: a step that fails records its error line and
 the next one runs; one over its time limit, or that would start past --budget, is
 stopped or skipped ("skipped: time budget"). Every figure goes to --json, rewritten after
 each step, and with --write-results to this script's section of benchmarks/RESULTS.md
-(--out). --dry-run runs every step at tiny sizes on the CPU (training with
+(--out). A step stopped at its limit may leave its Ray workers running until they end. --dry-run runs every step at tiny sizes on the CPU (training with
 use_gpu=False, torch_lowp on the host, FAISS on the CPU), so the code paths run anywhere.
 """
 
@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import machine, section, write  # noqa: E402
+from results import section, write  # noqa: E402
+from results import machine  # noqa: E402  (the JSON record)
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 30
@@ -310,8 +311,9 @@ def faiss_step(s: Suite):
             raise Skipped(f"{missing}, and " + (f"{s.wheels} holds no faiss_gpu*.whl or faiss_cuda*.whl"
                                                 if s.wheels else "no --wheels DIR was given"))
         target = s.tmp / "faiss_gpu"
+        libraries = glob.glob(os.path.join(s.wheels, "nvidia_*.whl"))  # its CUDA libraries, if brought along
         pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
-                              str(target), wheel], capture_output=True, text=True)
+                              str(target), wheel, *libraries], capture_output=True, text=True)
         if pip.returncode != 0:
             raise RuntimeError(f"pip could not install {wheel}: " + last_line(pip.stderr))
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -471,7 +473,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[gpu_suite]   {setting}: {result}", flush=True)
             write_json(args.json, {"machine": machine(), "dry_run": s.dry, "budget_s": args.budget, "steps": records})
     if args.write_results:
-        write(args.out, results_lines(s, args.budget, records, rows), "dry-run" if s.dry else "")
+        lines = results_lines(s, args.budget, records, rows)
+        write(args.out, lines, "dry-run" if s.dry else "")
     return 0
 
 
