@@ -19,8 +19,9 @@ Each step is timed and guarded on its own: a step that fails records its error l
 the next one runs; one over its time limit, or that would start past --budget, is
 stopped or skipped ("skipped: time budget"). Every figure goes to --json, rewritten after
 each step, and with --write-results to this script's section of benchmarks/RESULTS.md
-(--out). A step stopped at its limit may leave its Ray workers running until they end. --dry-run runs every step at tiny sizes on the CPU (training with
-use_gpu=False, torch_lowp on the host, FAISS on the CPU), so the code paths run anywhere.
+(--out). A step stopped at its limit may leave its Ray workers running until they end.
+--dry-run runs every step at tiny sizes on the CPU (training with use_gpu=False,
+torch_lowp on the host, FAISS on the CPU), so the code paths run anywhere.
 """
 
 from __future__ import annotations
@@ -294,7 +295,9 @@ def faiss_figures(rows: int, dims: list, queries: int, factory: str, nprobe: int
 
 def faiss_wheel(folder: str | None) -> str | None:
     """The newest faiss GPU wheel in `folder` (faiss-gpu-cu12: faiss_gpu_cu12-*.whl; faiss-cuda)."""
-    found = sorted(glob.glob(os.path.join(folder, "faiss_gpu*.whl")) + glob.glob(os.path.join(folder, "faiss_cuda*.whl"))) if folder else []
+    if not folder:
+        return None
+    found = sorted(glob.glob(os.path.join(folder, "faiss_gpu*.whl")) + glob.glob(os.path.join(folder, "faiss_cuda*.whl")))
     return found[-1] if found else None
 
 

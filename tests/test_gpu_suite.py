@@ -66,7 +66,8 @@ def test_a_failing_step_records_its_error_line_and_the_next_step_runs(tmp_path, 
 
     monkeypatch.setitem(gpu_suite.STEPS, "lowp", broken)
     steps = run(tmp_path, "--steps", "lowp", "faiss_gpu")
-    assert steps["lowp"]["status"] == "error" and steps["lowp"]["error"] == "ValueError: memory shape (3, 4) is not (3, 5)"
+    assert steps["lowp"]["status"] == "error"
+    assert steps["lowp"]["error"] == "ValueError: memory shape (3, 4) is not (3, 5)"
     assert steps["faiss_gpu"]["status"] == "ok" and steps["faiss_gpu"]["figures"]["dims"]
 
 
