@@ -196,8 +196,8 @@ def fit(run, recipe: Recipe, num_workers: int, cpus_per_worker: float, use_gpu: 
     result = _fit_in_a_thread(trainer)
     if result.checkpoint is None:
         raise ResMemError(f"{recipe.stage}: training produced no checkpoint ({recipe.epochs} epochs)")
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(Path(d) / "state.pt", weights_only=True)
+    with result.checkpoint.as_directory() as d:  # on the host: a GPU worker's tensors, for a driver without one
+        state = torch.load(Path(d) / "state.pt", weights_only=True, map_location="cpu")
         history = json.loads((Path(d) / "history.json").read_text())
     return state, history
 

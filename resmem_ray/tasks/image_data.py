@@ -142,8 +142,8 @@ def normalize(images: np.ndarray | torch.Tensor, dataset: str) -> torch.Tensor:
         images = images.copy()  # Ray Data hands over read-only buffers, which torch warns about
     x = torch.as_tensor(images).float().div_(255.0)
     mean, std = NORMALIZATION[dataset]
-    mean = torch.tensor(mean).view(1, -1, 1, 1)
-    std = torch.tensor(std).view(1, -1, 1, 1)
+    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)  # batches on the GPU: Ray Train moves them there
+    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
     return (x - mean) / std
 
 
