@@ -47,19 +47,22 @@ class LMEmbedder:
                  layer: str):
         torch.set_num_threads(num_threads)
         self.model, _, self.meta = load_text_model(RunDir(run_dir))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # embed.gpus_per_actor gave it one
+        self.model.to(self.device)
         self.temperature, self.keep_logits, self.top_m = temperature, keep_logits, top_m
         self.hidden = -1 if layer == "final" else -2  # hidden_states[-2]: the last block's input
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                             output_hidden_states=True)
+            out = self.model(input_ids=torch.tensor(ids, device=self.device),
+                             attention_mask=torch.tensor(mask, device=self.device), output_hidden_states=True)
         rows, pos = np.nonzero(mask[:, 1:])  # positions whose next token is real
-        logits = out.logits[rows, pos].float().numpy()
+        at = (torch.as_tensor(rows, device=self.device), torch.as_tensor(pos, device=self.device))
+        logits = out.logits[at].float().cpu().numpy()
         top_ids, top_probs = encode(logits, self.top_m, self.temperature)
         result = {"id": batch["id"][rows] * ids.shape[1] + pos, "label": ids[rows, pos + 1],
-                  "embedding": out.hidden_states[self.hidden][rows, pos].float().numpy(),
+                  "embedding": out.hidden_states[self.hidden][at].float().cpu().numpy(),
                   "top_ids": top_ids, "top_probs": top_probs}
         if self.keep_logits:
             result["logits"] = logits

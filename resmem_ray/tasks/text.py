@@ -337,14 +337,16 @@ class TextEmbedder:
     def __init__(self, run_dir: str, num_threads: int):
         torch.set_num_threads(num_threads)
         self.model, _, self.meta = load_text_model(RunDir(run_dir))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"  # embed.gpus_per_actor gave it one
+        self.model.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        mask = torch.tensor(batch["attention_mask"])
+        mask = torch.tensor(batch["attention_mask"], device=self.device)
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=mask,
+            out = self.model(input_ids=torch.tensor(batch["input_ids"], device=self.device), attention_mask=mask,
                              output_hidden_states=True)
-            z = mean_pool(out.hidden_states[-1], mask).float().numpy()
-            logits = out.logits.float().numpy()
+            z = mean_pool(out.hidden_states[-1], mask).float().cpu().numpy()
+            logits = out.logits.float().cpu().numpy()
         return {"id": batch["id"], "label": batch["label"], "embedding": z, "logits": logits}
 
 
