@@ -4,6 +4,7 @@ never the split, and the shards equal the ones built from the whole split in mem
 import tracemalloc
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -119,3 +120,32 @@ def test_the_plan_follows_ids_when_row_groups_do_not_overlap():
         plan = plan_shards([group("b", 4, [4, 7]), group("a", 4, second)], 2)
         assert [[(p["file"], p["start"], p["stop"], p["by_id"]) for p in s] for s in plan] == \
             [[("b", 0, 4, False)], [("a", 0, 4, False)]]
+
+
+def test_a_task_on_a_host_without_the_run_reads_its_rows_from_the_uri(tmp_path, monkeypatch):
+    from resmem_ray.errors import ResMemError
+    from resmem_ray.store.artifacts import read_pieces, row_groups
+    from resmem_ray.store.files import sha256
+
+    run, rel = tmp_path / "run", "embeddings/train/part.parquet"
+    (run / "embeddings" / "train").mkdir(parents=True)
+    ids = np.array([5, 3, 4, 0, 2, 1])
+    emb = np.arange(12, dtype=np.float32).reshape(6, 2)
+    pq.write_table(pa.table({"id": ids, "label": ids % 2, "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(emb.ravel()), 2)}), run / rel, row_group_size=3)
+    groups = row_groups(run, rel, sha256(run / rel), ("id", "label", "embedding"))
+    assert [(g["rows"], g["ids"]) for g in groups] == [(3, [3, 5]), (3, [0, 2])]
+    [first, second] = plan_shards(groups, 2)  # groups in id order, each ranked by id
+    monkeypatch.setenv("RESMEM_CACHE", str(tmp_path / "cache"))
+    elsewhere = tmp_path / "not-here"  # the driver's path, which this host lacks
+    rows = read_pieces(elsewhere, second, ("id", "embedding"), run_uri=f"file://{run}")
+    np.testing.assert_array_equal(rows["id"], [3, 4, 5])
+    np.testing.assert_array_equal(rows["embedding"], emb[[1, 2, 0]])
+    assert read_pieces(run, first, ("id",))["id"].tolist() == [0, 1, 2]
+    with pytest.raises(ResMemError, match="is not on this host: a run directory on local disk"):
+        read_pieces(elsewhere, first, ("id",))
+    (run / rel).write_bytes(b"changed")
+    for p in (tmp_path / "cache").rglob("*.parquet"):
+        p.unlink()
+    with pytest.raises(ResMemError, match=f"{rel} does not match its manifest hash"):
+        read_pieces(elsewhere, first, ("id",), run_uri=f"file://{run}")
