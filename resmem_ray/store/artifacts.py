@@ -106,7 +106,7 @@ def read_pieces(root: Path, pieces: list[dict], columns, run_uri: str | None = N
     ranked by id when piece["by_id"]), sorted by id, only `columns` read, a group's other
     rows dropped batch by batch. A file missing under `root` (the run directory is another
     host's) is fetched from `run_uri` into this host's mirror and checked against its hash."""
-    tables = []
+    parts = []
     for piece in pieces:
         path = root / piece["file"]
         if not path.is_file():
@@ -120,12 +120,12 @@ def read_pieces(root: Path, pieces: list[dict], columns, run_uri: str | None = N
             offset = 0
             for batch in file.iter_batches(batch_size=batch_rows, row_groups=[piece["group"]], columns=list(columns)):
                 mask, offset = keep[offset:offset + batch.num_rows], offset + batch.num_rows
-                if mask.any():
-                    tables.append(pa.Table.from_batches([batch]).filter(pa.array(mask)))
+                if mask.any():  # as arrays: a split's and memorized rows' list types differ
+                    parts.append(table_arrays(pa.Table.from_batches([batch]).filter(pa.array(mask)), columns))
         except (OSError, ValueError) as e:
             raise ResMemError(f"{path}: unreadable parquet ({str(e).splitlines()[0]})") from None
-    table = pa.concat_tables(tables)
-    return table_arrays(table, columns, np.argsort(table.column("id").to_numpy(), kind="stable"))
+    order = np.argsort(np.concatenate([p["id"] for p in parts]), kind="stable")
+    return {c: np.concatenate([p[c] for p in parts])[order] for c in columns}
 
 
 def read_first_row(root: Path, group: dict, columns) -> dict[str, np.ndarray]:
