@@ -21,12 +21,12 @@ import faiss
 import numpy as np
 
 from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check_index_config, combine_flat,
-                                 merge_topk, place_index, search_shard, set_search_params)
+                                 merge_topk, place_index, prepare_queries, search_shard, set_search_params)
 from resmem_ray.errors import ResMemError
 from resmem_ray.log import Progress, stage_log
 from resmem_ray.runtime.instance import local_instance
 from resmem_ray.schema import IndexConfig
-from resmem_ray.store.artifacts import check_k, load_shard, model_fingerprint, write_memorized
+from resmem_ray.store.artifacts import check_k, load_shard, model_fingerprint, read_pieces, write_memorized
 from resmem_ray.store.files import sha256, write_json
 from resmem_ray.store.remote import uri_of
 from resmem_ray.store.rundir import RunDir
@@ -48,34 +48,123 @@ def _build_shard_files(embeddings, ids, labels, residual_rows, cfg: IndexConfig,
             "data": {f"{name}.faiss": faiss.serialize_index(index).tobytes(), f"{name}.npz": rows.getvalue()}}
 
 
+def _delivered(folder: str, built: dict) -> dict:
+    """A built shard's manifest entry: its files written into `folder` where this host
+    sees it (the driver's host, or storage every node mounts), else the files' bytes
+    for the driver to write."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return built
+    for name, data in built["data"].items():
+        (folder / name).write_bytes(data)
+    return {"shard": built["shard"], "rows": built["rows"], "files": {n: sha256(folder / n) for n in built["data"]},
+            "bytes": {n: len(d) for n, d in built["data"].items()}}
+
+
+def _build_shard_task(folder: str, *args, **kwargs) -> dict:
+    return _delivered(folder, _build_shard_files(*args, **kwargs))
+
+
+def _collect(folder: Path, refs: list) -> list[dict]:
+    """The shards' manifest entries in shard order, writing the files of shards built on a
+    host that does not see `folder` (one shard's bytes held at a time)."""
+    import ray
+
+    shards = []
+    for i in range(len(refs)):
+        try:
+            built, refs[i] = ray.get(refs[i]), None
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ResMemError):  # one line, not the worker's traceback
+                raise e.cause from None
+            raise
+        if "data" in built:
+            built = _delivered(str(folder), built)
+        shards.append(built)
+    return shards
+
+
+def _remote_build(fn):
+    import ray
+
+    # "DEFAULT": not captured by an enclosing placement group (a `resmem sweep` trial's)
+    return ray.remote(num_cpus=0.5, scheduling_strategy="DEFAULT")(fn)
+
+
+def _index_manifest(dim: int, shards: list[dict], num_classes: int, cfg: IndexConfig, distance: str,
+                    normalize: bool, temperature: float) -> dict:
+    return {"dim": int(dim), "rows": sum(s["rows"] for s in shards), "num_classes": int(num_classes),
+            "factory": cfg.factory, "distance": distance, "normalize": normalize,
+            "temperature": temperature, "residual_dtype": cfg.residual_dtype, "shards": shards}
+
+
 def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray,
                  residual_rows: np.ndarray, cfg: IndexConfig, distance: str, normalize: bool,
                  temperature: float, first_shard: int = 0, residual_ids: np.ndarray | None = None) -> dict:
-    """Split rows into cfg.num_shards contiguous shards, build each in its own Ray task (on
-    any node: it returns the files' bytes) and write them to `folder`; return the index
-    manifest (not written: the caller places it atomically).
-    With `residual_ids`, residual rows are sparse: the probabilities of those token ids."""
-    import ray
-
+    """Split rows held here into cfg.num_shards contiguous shards, build each in its own
+    Ray task and write them to `folder`; return the index manifest (not written: the
+    caller places it atomically). With `residual_ids`, residual rows are sparse: the
+    probabilities of those token ids. (`resmem index` builds from the split's files
+    instead: build_planned_shards.)"""
     n, dim = embeddings.shape
     check_index_config(cfg, n, dim, distance)
     bounds = np.linspace(0, n, cfg.num_shards + 1).astype(int)
-    # "DEFAULT": not captured by an enclosing placement group (a `resmem sweep` trial's)
-    build = ray.remote(num_cpus=0.5, scheduling_strategy="DEFAULT")(_build_shard_files)
-    refs = [build.remote(embeddings[a:b], ids[a:b], labels[a:b], residual_rows[a:b], cfg, distance,
+    build = _remote_build(_build_shard_task)
+    refs = [build.remote(str(folder), embeddings[a:b], ids[a:b], labels[a:b], residual_rows[a:b], cfg, distance,
                          first_shard + s, None if residual_ids is None else residual_ids[a:b])
             for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
-    shards = []
-    for i in range(len(refs)):  # in shard order, one shard's bytes held at a time
-        built, refs[i] = ray.get(refs[i]), None
-        files = [Path(folder) / name for name in built["data"]]
-        for p in files:
-            p.write_bytes(built["data"][p.name])
-        shards.append({"shard": built["shard"], "rows": built["rows"], "files": {p.name: sha256(p) for p in files},
-                       "bytes": {p.name: p.stat().st_size for p in files}})
-    return {"dim": int(dim), "rows": int(n), "num_classes": int(residual_rows.shape[1]),
-            "factory": cfg.factory, "distance": distance, "normalize": normalize,
-            "temperature": temperature, "residual_dtype": cfg.residual_dtype, "shards": shards}
+    return _index_manifest(dim, _collect(folder, refs), residual_rows.shape[1], cfg, distance, normalize,
+                           temperature)
+
+
+def plan_shards(groups: list[dict], num_shards: int) -> list[list[dict]]:
+    """num_shards contiguous shards of the rows of parquet row groups (artifacts.row_groups),
+    each a list of pieces (a group's rows start:stop). When the groups' id ranges do not
+    overlap (as embed and memorize write them), the plan is in id order, rows of a group
+    ranked by id, so shard s holds the same rows as slicing the memory sorted by id;
+    otherwise it is in file order (the same exact answers, other shard boundaries)."""
+    ordered = sorted(groups, key=lambda g: g["ids"][0]) if all(g["ids"] for g in groups) else None
+    by_id = bool(ordered) and all(a["ids"][1] < b["ids"][0] for a, b in zip(ordered, ordered[1:]))
+    groups = ordered if by_id else groups
+    starts = np.cumsum([0] + [g["rows"] for g in groups])
+    bounds = np.linspace(0, starts[-1], num_shards + 1).astype(int)
+    plan = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        plan.append([{"file": g["file"], "sha256": g["sha256"], "group": g["group"], "by_id": by_id,
+                      "start": int(max(a, first) - first), "stop": int(min(b, first + g["rows"]) - first)}
+                     for g, first in zip(groups, starts) if first < b and a < first + g["rows"]])
+    return plan
+
+
+def _build_planned_shard(folder: str, root: str, run_uri: str | None, pieces: list[dict], columns, memory_rows,
+                         dim: int, cfg: IndexConfig, distance: str, normalize: bool, shard: int) -> dict:
+    """One shard from its rows of the split's files: read (only its memory columns), turned
+    into memory rows by the task, prepared, built."""
+    rows = read_pieces(Path(root), pieces, columns, run_uri)
+    if rows["embedding"].ndim != 2 or rows["embedding"].shape[1] != dim:
+        raise ResMemError(f"{', '.join(sorted({p['file'] for p in pieces}))}: embeddings of shape "
+                          f"{rows['embedding'].shape}, the memory's first row has {dim} dims")
+    memory = memory_rows(rows)
+    built = _build_shard_files(prepare_queries(rows["embedding"], distance, normalize), rows["id"], rows["label"],
+                               memory["residuals"], cfg, distance, shard, memory.get("residual_ids"))
+    return {**_delivered(folder, built), "num_classes": int(memory["residuals"].shape[1])}
+
+
+def build_planned_shards(folder: Path, root: Path, run_uri: str | None, plan: list[list[dict]], columns,
+                         memory_rows, dim: int, num_classes: int, cfg: IndexConfig, distance: str, normalize: bool,
+                         temperature: float) -> dict:
+    """Build each shard of `plan` (plan_shards) in its own Ray task, which reads its own rows
+    from the run directory `root` (or, on a host without it, from `run_uri`) and computes
+    their memory rows (`memory_rows(rows)`); the driver holds the plan and one shard's
+    entry at a time. Returns the index manifest, as write_shards."""
+    build = _remote_build(_build_planned_shard)
+    refs = [build.remote(str(folder), str(root), run_uri, pieces, columns, memory_rows, dim, cfg, distance,
+                         normalize, s) for s, pieces in enumerate(plan)]
+    shards = _collect(folder, refs)
+    widths = {s.pop("num_classes") for s in shards}
+    if widths != {num_classes}:
+        raise ResMemError(f"residual rows of widths {sorted(widths)} across shards, expected {num_classes}")
+    return _index_manifest(dim, shards, num_classes, cfg, distance, normalize, temperature)
 
 
 def add_shard(run: RunDir, manifest: dict, embeddings: np.ndarray, ids: np.ndarray, labels: np.ndarray,

@@ -6,22 +6,25 @@ one Ray task per shard.
     RUN/index/shard-NNNNN.npz      ids, labels, residual rows (no pickle)
     RUN/index/memorized/*.parquet  embedding rows of memorized examples, carried over
 
-The task turns embedding rows into residual rows (dense: computed here from the stored
+The driver never reads the memory's rows: it checks the split's files against the embed
+manifest (names, hashes, row counts from parquet metadata) and plans contiguous shards
+as pieces of row groups (runtime/shards.py: plan_shards); each shard's task reads its
+own rows and turns them into residual rows (dense: computed there from the stored
 logits at resmem.temperature, so the memory always matches the T it is queried with).
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 
-import numpy as np
-
-from resmem_ray.core.knn import check_index_config, prepare_queries
+from resmem_ray.core.knn import check_index_config
 from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
-from resmem_ray.runtime.shards import write_shards
+from resmem_ray.runtime.shards import build_planned_shards, plan_shards
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import load_index_manifest, model_fingerprint, read_memorized, read_split
+from resmem_ray.store.artifacts import (load_index_manifest, memorized_row_groups, model_fingerprint,
+                                        read_first_row, split_row_groups)
 from resmem_ray.store.files import atomic_dir, inside, write_json
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
@@ -31,37 +34,41 @@ log = stage_log("index")
 
 @stage_entry("index")
 def build_index(cfg: Config) -> StageSteps:
-    task = task_for(cfg)
+    task, r = task_for(cfg), cfg.resmem
+    columns = task.memory_columns
     run = RunDir(cfg.run_dir)
     embedded = run.stage_output("embed", needed_by="index")
-    train = read_split(run, "train", needed_by="index", columns=task.memory_columns)
+    groups = split_row_groups(run, "train", "index", columns)
     kept = memorized_records(run)
     if kept:
-        extra = read_memorized(run.index, kept, task.memory_columns)
-        train = {c: np.concatenate([train[c], extra[c]]) for c in task.memory_columns}
-    n, dim = train["embedding"].shape
-    check_index_config(cfg.index, n, dim, cfg.resmem.distance)
-    r = cfg.resmem
-    memory = task.memory_rows(cfg, train, r.temperature, embedded)
+        groups += memorized_row_groups(run, kept, columns)
+    n = sum(g["rows"] for g in groups)
+    if not n:
+        raise ResMemError(f"{run.embeddings / 'train'} holds no rows: rerun `resmem embed`")
+    memory_rows = functools.partial(task.memory_rows, cfg, temperature=r.temperature, embedded=embedded)
+    first = read_first_row(run.root, next(g for g in groups if g["rows"]), columns)
+    dim = first["embedding"].shape[1]
+    check_index_config(cfg.index, n, dim, r.distance)
+    head = memory_rows(first)  # the task's own checks, before any work
     yield run  # the entry opens: running
-    emb = prepare_queries(train["embedding"], r.distance, r.normalize)
     log.info(f"{n} rows x {dim} dims" + (f" ({sum(m['rows'] for m in kept)} of them memorized)" if kept else "")
              + f" -> {cfg.index.num_shards} '{cfg.index.factory}' shard(s), {task.codec} residuals")
     with atomic_dir(run.index) as tmp:
-        manifest = write_shards(tmp, emb, train["id"], train["label"], memory["residuals"], cfg.index, r.distance,
-                                r.normalize, r.temperature, residual_ids=memory.get("residual_ids"))
+        manifest = build_planned_shards(tmp, run.root, run.location if run.remote else None,
+                                        plan_shards(groups, cfg.index.num_shards), columns, memory_rows, dim,
+                                        head["residuals"].shape[1], cfg.index, r.distance, r.normalize,
+                                        r.temperature)
         for m in kept:
             (tmp / m["file"]).parent.mkdir(exist_ok=True)
             shutil.copy2(run.index / m["file"], tmp / m["file"])
         # ids for examples memorized later: past every id of every split and memorized row
         next_id = max([1 + embedded["max_id"]] + [m["first_id"] + m["rows"] for m in kept])
-        manifest.update(codec=task.codec, next_id=next_id, memorized=kept, **memory["manifest"])
+        manifest.update(codec=task.codec, next_id=next_id, memorized=kept, **head["manifest"])
         write_json(tmp / "manifest.json", manifest)
-    for line in memory["info"].get("lines", []):
+    info = task.memory_info(cfg, manifest)
+    for line in info.pop("lines", []):
         log.info(line)
-    info = {k: v for k, v in memory["info"].items() if k != "lines"}
     return manifest, {"rows": int(n), "num_shards": len(manifest["shards"]), **info}
-
 
 
 def memorized_records(run: RunDir) -> list[dict]:

@@ -28,9 +28,9 @@ def write_split(ds, run: RunDir, name: str, batch_size: int) -> int:
         return sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))
 
 
-def read_split(run: RunDir, split: str, needed_by: str,
-               columns=("id", "label", "embedding", "logits")) -> dict[str, np.ndarray]:
-    """A split's embedding table as numpy arrays sorted by id, checked against the manifest."""
+def _split_files(run: RunDir, split: str, needed_by: str) -> tuple[list[Path], dict, int]:
+    """A split's parquet files, checked against the embed manifest (names, hashes): the
+    files, their hashes by path relative to the run, and the row count the manifest says."""
     entry = run.stage_output("embed", needed_by=needed_by)
     folder = run.embeddings / split
     expected = {name: h for name, h in entry["outputs"].items() if name.startswith(f"{split}/")}
@@ -40,19 +40,118 @@ def read_split(run: RunDir, split: str, needed_by: str,
     if {f"{split}/{p.name}" for p in files} != set(expected):
         raise ResMemError(f"{folder} holds other parquet files than the manifest lists: rerun `resmem embed`")
     verify_hashes(run.embeddings, expected, f"embeddings of split '{split}'")
+    return files, {f"embeddings/{name}": h for name, h in expected.items()}, entry["rows"][split]
+
+
+def table_arrays(table: pa.Table, columns, order=None) -> dict[str, np.ndarray]:
+    """A table's columns as numpy arrays (list columns as 2-D), rows in `order` if given."""
+    out = {}
+    for c in columns:
+        arr = table.column(c).to_numpy(zero_copy_only=False)
+        arr = np.stack(arr) if arr.dtype == object else arr  # lists come as one array per row
+        out[c] = np.ascontiguousarray(arr if order is None else arr[order])
+    return out
+
+
+def read_split(run: RunDir, split: str, needed_by: str,
+               columns=("id", "label", "embedding", "logits")) -> dict[str, np.ndarray]:
+    """A split's embedding table as numpy arrays sorted by id, checked against the manifest."""
+    files, _, rows = _split_files(run, split, needed_by)
+    folder = run.embeddings / split
     try:
         table = pq.read_table(files, columns=list(columns))
     except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
         raise ResMemError(f"{folder}: unreadable parquet ({str(e).splitlines()[0]})") from None
-    if table.num_rows != entry["rows"][split]:
-        raise ResMemError(f"{folder} holds {table.num_rows} rows, the manifest says {entry['rows'][split]}")
-    out = {}
-    order = np.argsort(table.column("id").to_numpy())
-    for c in columns:
-        col = table.column(c)
-        arr = col.to_numpy() if c in ("id", "label") else np.stack(col.to_numpy(zero_copy_only=False))
-        out[c] = np.ascontiguousarray(arr[order])
-    return out
+    if table.num_rows != rows:
+        raise ResMemError(f"{folder} holds {table.num_rows} rows, the manifest says {rows}")
+    return table_arrays(table, columns, np.argsort(table.column("id").to_numpy()))
+
+
+def row_groups(root: Path, rel: str, digest_: str, columns) -> list[dict]:
+    """The row groups of one parquet file (`rel`: its path under the run directory `root`),
+    read from its metadata only: rows and, where the writer kept statistics, the id range."""
+    path = root / rel
+    try:
+        meta = pq.ParquetFile(path).metadata
+        names = meta.schema.to_arrow_schema().names
+    except (OSError, ValueError) as e:
+        raise ResMemError(f"{path}: unreadable parquet ({str(e).splitlines()[0]})") from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ResMemError(f"{path}: no column {', '.join(missing)} (it holds {', '.join(names)})")
+    groups = []
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        stats = group.column(names.index("id")).statistics
+        ids = [int(stats.min), int(stats.max)] if stats is not None and stats.has_min_max else None
+        groups.append({"file": rel, "sha256": digest_, "group": g, "rows": group.num_rows, "ids": ids})
+    return groups
+
+
+def split_row_groups(run: RunDir, split: str, needed_by: str, columns) -> list[dict]:
+    """A split's row groups (row_groups), its files checked against the manifest (names,
+    hashes, row count) without reading their rows."""
+    files, hashes, rows = _split_files(run, split, needed_by)
+    groups = [g for p in files for g in row_groups(run.root, str(p.relative_to(run.root)),
+                                                   hashes[str(p.relative_to(run.root))], columns)]
+    held = sum(g["rows"] for g in groups)
+    if held != rows:
+        raise ResMemError(f"{run.embeddings / split} holds {held} rows, the manifest says {rows}")
+    return groups
+
+
+def read_pieces(root: Path, pieces: list[dict], columns, run_uri: str | None = None,
+                batch_rows: int = 1 << 16) -> dict[str, np.ndarray]:
+    """The rows that `pieces` name (rows start:stop of a file's row group; of the group
+    ranked by id when piece["by_id"]), sorted by id, only `columns` read, a group's other
+    rows dropped batch by batch. A file missing under `root` (the run directory is another
+    host's) is fetched from `run_uri` into this host's mirror and checked against its hash."""
+    parts = []
+    for piece in pieces:
+        path = root / piece["file"]
+        if not path.is_file():
+            path = _fetched(run_uri, piece["file"], piece["sha256"], path)
+        try:
+            file = pq.ParquetFile(path)
+            ids = file.read_row_group(piece["group"], columns=["id"]).column("id").to_numpy()
+            rows = np.argsort(ids, kind="stable") if piece["by_id"] else np.arange(len(ids))
+            keep = np.zeros(len(ids), bool)
+            keep[rows[piece["start"]:piece["stop"]]] = True
+            offset = 0
+            for batch in file.iter_batches(batch_size=batch_rows, row_groups=[piece["group"]], columns=list(columns)):
+                mask, offset = keep[offset:offset + batch.num_rows], offset + batch.num_rows
+                if mask.any():  # as arrays: a split's and memorized rows' list types differ
+                    parts.append(table_arrays(pa.Table.from_batches([batch]).filter(pa.array(mask)), columns))
+        except (OSError, ValueError) as e:
+            raise ResMemError(f"{path}: unreadable parquet ({str(e).splitlines()[0]})") from None
+    order = np.argsort(np.concatenate([p["id"] for p in parts]), kind="stable")
+    return {c: np.concatenate([p[c] for p in parts])[order] for c in columns}
+
+
+def read_first_row(root: Path, group: dict, columns) -> dict[str, np.ndarray]:
+    """The first row of a row group (row_groups), without reading the group."""
+    path = root / group["file"]
+    try:
+        batch = next(pq.ParquetFile(path).iter_batches(batch_size=1, row_groups=[group["group"]],
+                                                       columns=list(columns)))
+    except (OSError, ValueError, StopIteration) as e:
+        raise ResMemError(f"{path}: unreadable parquet ({(str(e) or 'no rows').splitlines()[0]})") from None
+    return table_arrays(pa.Table.from_batches([batch]), columns)
+
+
+def _fetched(run_uri: str | None, rel: str, digest_: str, missing: Path) -> Path:
+    from resmem_ray.store.remote import RemoteRun, mirror_dir
+
+    if not run_uri:
+        raise ResMemError(f"{missing} is not on this host: a run directory on local disk is read by every "
+                          "node (shared storage), or give run_dir as a URI")
+    remote = RemoteRun(run_uri, mirror_dir(run_uri))
+    path = remote.mirror / rel
+    if not path.is_file() or sha256(path) != digest_:
+        remote.download(rel)
+        if sha256(path) != digest_:
+            raise ResMemError(f"{run_uri}: {rel} does not match its manifest hash (changed or corrupt)")
+    return path
 
 
 INDEX_KEYS = ("dim", "rows", "num_classes", "distance", "normalize", "temperature", "residual_dtype", "shards")
@@ -134,21 +233,30 @@ def write_memorized(folder: Path, rows: dict[str, np.ndarray]) -> dict:
     return {"file": name, "file_sha256": digest_}
 
 
-def read_memorized(folder: Path, records: list[dict], columns) -> dict[str, np.ndarray]:
-    """The memorized rows that `records` (index manifest["memorized"]) name, each file
-    checked against its hash, as arrays sorted by id."""
-    tables = []
+def _memorized_files(folder: Path, records: list[dict]) -> list[Path]:
+    """The files of memorized rows that `records` name, each checked against its hash."""
+    paths = []
     for m in records:
         path = inside(folder, m["file"])
         if not path.is_file() or sha256(path) != m["file_sha256"]:
             raise ResMemError(f"{path}: memorized rows of {m['source']} are "
                               f"{'missing' if not path.is_file() else 'changed (hash mismatch)'}")
-        tables.append(pq.read_table(path, columns=list(columns)))
-    table = pa.concat_tables(tables)
-    order = np.argsort(table.column("id").to_numpy())
-    return {c: np.ascontiguousarray((table.column(c).to_numpy() if table.column(c).type.num_fields == 0
-                                     else np.stack(table.column(c).to_numpy(zero_copy_only=False)))[order])
-            for c in columns}
+        paths.append(path)
+    return paths
+
+
+def read_memorized(folder: Path, records: list[dict], columns) -> dict[str, np.ndarray]:
+    """The memorized rows that `records` (index manifest["memorized"]) name, each file
+    checked against its hash, as arrays sorted by id."""
+    table = pa.concat_tables([pq.read_table(p, columns=list(columns)) for p in _memorized_files(folder, records)])
+    return table_arrays(table, columns, np.argsort(table.column("id").to_numpy()))
+
+
+def memorized_row_groups(run: RunDir, records: list[dict], columns) -> list[dict]:
+    """The row groups (row_groups) of the memorized rows that `records` name, each file
+    checked against its hash."""
+    return [g for m, p in zip(records, _memorized_files(run.index, records))
+            for g in row_groups(run.root, str(p.relative_to(run.root)), m["file_sha256"], columns)]
 
 
 def read_memory_split(run: RunDir, needed_by: str, columns) -> dict[str, np.ndarray]:

@@ -46,7 +46,7 @@ class ClassificationTask(Task):
     codec = "dense"
 
     def memory_rows(self, cfg: Config, rows: dict, temperature: float, embedded: dict) -> dict:
-        return {"residuals": residuals(rows["logits"], rows["label"], temperature), "manifest": {}, "info": {}}
+        return {"residuals": residuals(rows["logits"], rows["label"], temperature), "manifest": {}}
 
     def lookup_k(self, cfg: Config) -> int:
         nt = cfg.neighbour_transformer

@@ -207,11 +207,12 @@ class TokenLM(TextTask):
                               f"text.top_m={embedded.get('top_m')}; the config asks for {temperature}, "
                               f"{cfg.text.top_m}: rerun `resmem embed`")
         extra = {"top_m": int(rows["top_ids"].shape[1]), "num_classes": embedded["num_classes"]}
-        sizes = residual_storage({"rows": len(rows["id"]), "residual_dtype": cfg.index.residual_dtype, **extra})
-        return {"residuals": rows["top_probs"], "residual_ids": rows["top_ids"], "manifest": extra,
-                "info": {**sizes, "lines": [f"residual storage: {sizes['sparse_bytes'] / 2**20:.2f} MiB sparse "
-                                            f"(top-{extra['top_m']}) vs {sizes['dense_bytes'] / 2**20:.2f} MiB as "
-                                            "dense rows"]}}
+        return {"residuals": rows["top_probs"], "residual_ids": rows["top_ids"], "manifest": extra}
+
+    def memory_info(self, cfg: Config, manifest: dict) -> dict:
+        sizes = residual_storage(manifest)
+        return {**sizes, "lines": [f"residual storage: {sizes['sparse_bytes'] / 2**20:.2f} MiB sparse "
+                                   f"(top-{manifest['top_m']}) vs {sizes['dense_bytes'] / 2**20:.2f} MiB as dense rows"]}
 
     tune_keys = ("k", "sigma", "gate")  # T stays the index's: the top-m were encoded at it
     scores = ("val_perplexity", "val_accuracy")

@@ -81,9 +81,15 @@ class Task:
 
     # --- index ------------------------------------------------------------------------
     def memory_rows(self, cfg: "Config", rows: dict, temperature: float, embedded: dict) -> dict:
-        """The memory's rows from embedding rows: {"residuals", "residual_ids" (sparse
-        codec only), "manifest" (extra index manifest fields), "info" (for the log)}."""
+        """The memory's rows from embedding rows, row by row (`resmem index` calls it on
+        each shard's rows in that shard's task): {"residuals", "residual_ids" (sparse codec
+        only), "manifest" (extra index manifest fields, the same for any rows)}."""
         raise NotImplementedError
+
+    def memory_info(self, cfg: "Config", manifest: dict) -> dict:
+        """What `resmem index` records of the built memory (its index manifest) in the run
+        manifest, and "lines" for the log."""
+        return {}
 
     # --- evaluate ---------------------------------------------------------------------
     def lookup_k(self, cfg: "Config") -> int:

@@ -165,8 +165,7 @@ class Regression(Task):
         return map_with_model(ds, Regressor, {"run_dir": run.location}, cfg.embed)
 
     def memory_rows(self, cfg: Config, rows: dict, temperature: float, embedded: dict) -> dict:
-        return {"residuals": (rows["label"] - rows["prediction"])[:, None].astype(np.float32), "manifest": {},
-                "info": {}}
+        return {"residuals": (rows["label"] - rows["prediction"])[:, None].astype(np.float32), "manifest": {}}
 
     def lookup_k(self, cfg: Config) -> int:
         return max([cfg.resmem.k, *cfg.evaluate.knn_ks])

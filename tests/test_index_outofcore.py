@@ -1,0 +1,151 @@
+"""`resmem index` builds each shard where its rows are: the driver reads parquet metadata,
+never the split, and the shards equal the ones built from the whole split in memory."""
+
+import tracemalloc
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from resmem_ray.cli import main
+from resmem_ray.config import load_config
+from resmem_ray.runtime.shards import plan_shards, write_shards
+from resmem_ray.store.artifacts import load_shard, read_index_manifest, read_split
+from resmem_ray.store.rundir import RunDir
+from resmem_ray.tasks.registry import task_for
+
+from .test_precomputed import write_parquet
+
+CLASSES, DIM, TRAIN = 10, 48, 45_000
+SHARDS = 3
+
+
+def mixture(rng, n: int) -> dict:
+    means = rng.normal(0, 1, (CLASSES, DIM))
+    y = rng.integers(0, CLASSES, n)
+    return {"embedding": (means[y] + rng.normal(0, 0.8, (n, DIM))).astype(np.float32),
+            "logits": rng.normal(0, 1, (n, CLASSES)).astype(np.float32), "label": y}
+
+
+class RowsRead:
+    """Counts the rows pyarrow's parquet readers hand to this process."""
+
+    def __init__(self, monkeypatch):
+        self.rows = 0
+        for name in ("read", "read_row_group", "read_row_groups"):
+            self._count(monkeypatch, name, lambda t: t.num_rows)
+        real_iter = pq.ParquetFile.iter_batches
+
+        def iter_batches(f, *a, **kw):
+            for batch in real_iter(f, *a, **kw):
+                self.rows += batch.num_rows
+                yield batch
+        monkeypatch.setattr(pq.ParquetFile, "iter_batches", iter_batches)
+        real_table = pq.read_table
+
+        def read_table(*a, **kw):
+            table = real_table(*a, **kw)
+            self.rows += table.num_rows
+            return table
+        monkeypatch.setattr(pq, "read_table", read_table)
+
+    def _count(self, monkeypatch, name, rows):
+        real = getattr(pq.ParquetFile, name)
+
+        def counted(f, *a, **kw):
+            out = real(f, *a, **kw)
+            self.rows += rows(out)
+            return out
+        monkeypatch.setattr(pq.ParquetFile, name, counted)
+
+
+@pytest.mark.timeout(300)
+def test_the_driver_never_holds_the_split_and_the_shards_are_todays(ray_session, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    source = write_parquet(tmp_path / "rows", {"train": mixture(rng, TRAIN), "val": mixture(rng, 50),
+                                               "test": mixture(rng, 50)})
+    run_dir = tmp_path / "run"
+    args = ["--config", "jobs/configs/precomputed.yaml", f"run_dir={run_dir}", f"model.path={source}",
+            f"index.num_shards={SHARDS}", "index.factory=Flat", "embed.batch_size=4096", "resmem.temperature=2.0"]
+    assert main(["train", *args]) == 0 and main(["embed", *args]) == 0
+    run = RunDir(run_dir)
+    split_bytes = sum(p.stat().st_size for p in (run.embeddings / "train").glob("*.parquet"))
+    assert split_bytes > 10e6
+
+    reads = RowsRead(monkeypatch)
+    tracemalloc.start()
+    try:
+        assert main(["index", *args]) == 0
+        _, peak = tracemalloc.get_traced_memory()  # numpy arrays and Python objects of this process
+    finally:
+        tracemalloc.stop()
+    monkeypatch.undo()
+    assert reads.rows <= 1  # the first row: the task's checks and the memory's dim
+    assert peak < split_bytes / 3, f"the driver held {peak / 2**20:.1f} MiB while indexing {split_bytes / 2**20:.1f} MiB"
+
+    # today's in-driver build over the same rows: the same shards, byte for byte
+    cfg = load_config("jobs/configs/precomputed.yaml", tuple(args[2:]))
+    task = task_for(cfg)
+    rows = read_split(run, "train", "test", task.memory_columns)
+    residuals = task.memory_rows(cfg, rows, 2.0, run.stage_output("embed", "test"))["residuals"]
+    from resmem_ray.core.knn import prepare_queries
+    emb = prepare_queries(rows["embedding"], cfg.resmem.distance, cfg.resmem.normalize)
+    (tmp_path / "today").mkdir()
+    today = write_shards(tmp_path / "today", emb, rows["id"], rows["label"], residuals, cfg.index,
+                         cfg.resmem.distance, cfg.resmem.normalize, 2.0)
+    built = read_index_manifest(run, "test")
+    assert {k: v for k, v in built.items() if k in today and k != "shards"} == \
+        {k: v for k, v in today.items() if k != "shards"}
+    for ours, theirs in zip(built["shards"], today["shards"], strict=True):
+        assert ours["rows"] == theirs["rows"] and ours["files"][f"shard-{ours['shard']:05d}.faiss"] == \
+            theirs["files"][f"shard-{theirs['shard']:05d}.faiss"]  # the same vectors in the same order
+        (_, a), (_, b) = load_shard(run.index, ours), load_shard(tmp_path / "today", theirs)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_the_plan_follows_ids_when_row_groups_do_not_overlap():
+    def group(file, rows, ids):
+        return {"file": file, "sha256": "", "group": 0, "rows": rows, "ids": ids}
+
+    # files listed out of id order: the plan is in id order, a group's rows ranked by id
+    plan = plan_shards([group("b", 4, [4, 7]), group("a", 4, [0, 3])], 2)
+    assert [[(p["file"], p["start"], p["stop"], p["by_id"]) for p in s] for s in plan] == \
+        [[("a", 0, 4, True)], [("b", 0, 4, True)]]
+    plan = plan_shards([group("b", 4, [4, 7]), group("a", 4, [0, 3])], 3)
+    assert [[(p["file"], p["start"], p["stop"]) for p in s] for s in plan] == \
+        [[("a", 0, 2)], [("a", 2, 4), ("b", 0, 1)], [("b", 1, 4)]]
+    # overlapping ranges (or none recorded): file order, the same rows in all
+    for second in ([2, 9], None):
+        plan = plan_shards([group("b", 4, [4, 7]), group("a", 4, second)], 2)
+        assert [[(p["file"], p["start"], p["stop"], p["by_id"]) for p in s] for s in plan] == \
+            [[("b", 0, 4, False)], [("a", 0, 4, False)]]
+
+
+def test_a_task_on_a_host_without_the_run_reads_its_rows_from_the_uri(tmp_path, monkeypatch):
+    from resmem_ray.errors import ResMemError
+    from resmem_ray.store.artifacts import read_pieces, row_groups
+    from resmem_ray.store.files import sha256
+
+    run, rel = tmp_path / "run", "embeddings/train/part.parquet"
+    (run / "embeddings" / "train").mkdir(parents=True)
+    ids = np.array([5, 3, 4, 0, 2, 1])
+    emb = np.arange(12, dtype=np.float32).reshape(6, 2)
+    pq.write_table(pa.table({"id": ids, "label": ids % 2, "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(emb.ravel()), 2)}), run / rel, row_group_size=3)
+    groups = row_groups(run, rel, sha256(run / rel), ("id", "label", "embedding"))
+    assert [(g["rows"], g["ids"]) for g in groups] == [(3, [3, 5]), (3, [0, 2])]
+    [first, second] = plan_shards(groups, 2)  # groups in id order, each ranked by id
+    monkeypatch.setenv("RESMEM_CACHE", str(tmp_path / "cache"))
+    elsewhere = tmp_path / "not-here"  # the driver's path, which this host lacks
+    rows = read_pieces(elsewhere, second, ("id", "embedding"), run_uri=f"file://{run}")
+    np.testing.assert_array_equal(rows["id"], [3, 4, 5])
+    np.testing.assert_array_equal(rows["embedding"], emb[[1, 2, 0]])
+    assert read_pieces(run, first, ("id",))["id"].tolist() == [0, 1, 2]
+    with pytest.raises(ResMemError, match="is not on this host: a run directory on local disk"):
+        read_pieces(elsewhere, first, ("id",))
+    (run / rel).write_bytes(b"changed")
+    for p in (tmp_path / "cache").rglob("*.parquet"):
+        p.unlink()
+    with pytest.raises(ResMemError, match=f"{rel} does not match its manifest hash"):
+        read_pieces(elsewhere, first, ("id",), run_uri=f"file://{run}")
