@@ -212,3 +212,13 @@ def test_bad_checkpoints_exit_2_with_one_line_and_change_nothing(run_copy, tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"resmem: error: {line}"), (err, line)
         assert listing(run.root) == before, line
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "precomputed"])
+def test_a_sweep_of_a_given_model_is_refused_before_ray_starts(source, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["sweep", *GIVEN, f"model.source={source}", f"model.path={tmp_path}", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"resmem: error: config key model.source={source}: `resmem sweep` trains the base model per width "
+                   "and rung, and a given model is not trained: run `resmem run` (or `resmem tune`) on it instead"]
+    assert not run_dir.exists()
