@@ -222,3 +222,53 @@ def test_a_sweep_of_a_given_model_is_refused_before_ray_starts(source, tmp_path,
     assert err == [f"resmem: error: config key model.source={source}: `resmem sweep` trains the base model per width "
                    "and rung, and a given model is not trained: run `resmem run` (or `resmem tune`) on it instead"]
     assert not run_dir.exists()
+
+
+def tiny_hf_image_classifier(folder, num_labels=10, processor=True):
+    """A randomly initialised Hugging Face ResNet for gray images, saved as a user saves one."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    net = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16],
+                                                    depths=[1, 1], layer_type="basic", num_labels=num_labels)).eval()
+    net.save_pretrained(folder)
+    if processor:  # its own preprocessing: 8x8 digits resized to 16x16, its own mean and std
+        ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.25]).save_pretrained(folder)
+    return net
+
+
+def test_hugging_face_image_classifier_end_to_end(ray_session, tmp_path):
+    from transformers import AutoImageProcessor
+
+    folder = tmp_path / "hf"
+    net = tiny_hf_image_classifier(folder)
+    run_dir = tmp_path / "run"
+    assert main(["run", *GIVEN, "model.name=hf_image", f"model.path={folder}", "embed.num_actors=1",
+                 "embed.cpus_per_actor=1", "index.num_shards=1", f"run_dir={run_dir}"]) == 0
+    run = RunDir(run_dir)
+    splits, _ = load_splits(CONFIG.data, CONFIG.seed)
+    test = splits["test"]
+    processor = AutoImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        x = processor(images=list(test.images), return_tensors="pt", input_data_format="channels_first").pixel_values
+        assert x.shape[1:] == (1, 16, 16)
+        out = net(x)
+        pooled = torch.flatten(net.resnet(x).pooler_output, 1)  # the input of its head, classifier.1
+    preds = pq.read_table(run.report / "predictions.parquet").to_pydict()
+    assert preds["base"] == out.logits.argmax(1).tolist()  # the folder's model, run directly
+    rows = read_split(run, "test", "test")
+    np.testing.assert_allclose(rows["embedding"], pooled.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rows["logits"], out.logits.numpy(), rtol=1e-4, atol=1e-5)
+    assert json.loads((run.model / "meta.json").read_text())["embedding_dim"] == 16
+    assert (run.model / "preprocessor_config.json").is_file()
+
+
+def test_a_hugging_face_image_classifier_of_other_classes_is_one_line(run_copy, tmp_path, capsys):
+    folder = tmp_path / "hf"
+    tiny_hf_image_classifier(folder, num_labels=7, processor=False)
+    before = listing(RunDir(run_copy).root)
+    assert main(["run", *GIVEN, "model.name=hf_image", f"model.path={folder}", f"run_dir={run_copy}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"resmem: error: model.path={folder}: its classifier has 7 labels (num_labels), the data has 10 "
+                   "classes"]
+    assert listing(RunDir(run_copy).root) == before

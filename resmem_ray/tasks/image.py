@@ -5,7 +5,9 @@ takes its shard through a DistributedSampler.
 
 A model trained elsewhere (model.source=checkpoint) is a state dict file: in the suite's
 own layout for its models (a run's RUN/model/model.pt), in torchvision's for resnet18/50
-and for model.name=torchvision (any torchvision.models classifier, model.arch)."""
+and for model.name=torchvision (any torchvision.models classifier, model.arch); or a
+Hugging Face image classifier folder (model.name=hf_image), fed through its own image
+processor."""
 
 from __future__ import annotations
 
@@ -26,16 +28,39 @@ from resmem_ray.tasks.image_data import (SOURCES, SplitDataset, augment_batch, d
                                          request_image)
 from resmem_ray.tasks.registry import register
 from resmem_ray.tasks.splits import Split
-from resmem_ray.tasks.vision_models import (build_model, check_fits, read_state_dict, torchvision_net,
-                                            torchvision_resnet)
+from resmem_ray.tasks.vision_models import (build_model, check_fits, hf_image_classifier, hooked, read_state_dict,
+                                            torchvision_net, torchvision_resnet)
 
 
 def load_model(run: RunDir) -> tuple[torch.nn.Module, dict]:
     """The trained model of a run, checked against the manifest; it gives embed_logits(x)."""
     meta = read_model_meta(run, needed_by="embed")
-    model = build_model(ModelConfig(**meta["model"]), meta["in_channels"], meta["num_classes"], meta["image_size"])
+    cfg = ModelConfig(**meta["model"])
+    if cfg.name == "hf_image":
+        net, _, name = hf_image_classifier(str(run.model), meta["num_classes"])
+        return hooked(net, cfg, torch.zeros(2, *meta["input_shape"]), name), meta
+    model = build_model(cfg, meta["in_channels"], meta["num_classes"], meta["image_size"])
     model.load_state_dict(torch.load(run.model / "model.pt", weights_only=True))
     return model.eval(), meta
+
+
+def input_transform(meta: dict, processor=None):
+    """uint8 (N, C, H, W) images -> the model's input tensor: through a Hugging Face
+    model's image processor when its folder has one, else normalised with the dataset's
+    statistics, as the suite trains."""
+    if processor is None:
+        return lambda images: normalize(images, meta["dataset"])
+    return lambda images: processor(images=list(images), return_tensors="pt",
+                                    input_data_format="channels_first")["pixel_values"]
+
+
+def run_processor(run: RunDir, meta: dict):
+    """The image processor saved with a run's Hugging Face model, or None."""
+    if meta["model"]["name"] != "hf_image" or not (run.model / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(str(run.model), local_files_only=True)
 
 
 class Embedder:
@@ -43,13 +68,15 @@ class Embedder:
 
     def __init__(self, run_dir: str, num_threads: int):
         torch.set_num_threads(num_threads)
-        self.model, self.meta = load_model(RunDir(run_dir))
+        run = RunDir(run_dir)
+        self.model, self.meta = load_model(run)
+        self.inputs = input_transform(self.meta, run_processor(run, self.meta))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            x = normalize(batch["image"], self.meta["dataset"]).to(self.device)
+            x = self.inputs(batch["image"]).to(self.device)
             z, logits = self.model.embed_logits(x)
         return {"id": batch["id"], "label": batch["label"], "embedding": z.float().cpu().numpy(),
                 "logits": logits.float().cpu().numpy()}
@@ -111,11 +138,28 @@ def recipe(cfg: Config) -> Recipe:
                   prepare=prepare)
 
 
+def given_hf_image(cfg: Config, splits: dict, info) -> dict:
+    """A Hugging Face image classifier folder, run once on two training images as the
+    embed stage will run it (its image processor, then the network)."""
+    net, processor, name = hf_image_classifier(cfg.model.path, info.num_classes)
+    train = splits["train"]
+    images = train.images[:2] if train.images is not None else decode_images(train.paths[:2], info.image_size)
+    try:
+        probe = input_transform({"dataset": cfg.data.name}, processor)(images)
+    except Exception as e:  # the processor's own: a mean of 3 channels for gray images, ...
+        raise ResMemError(f"{name}: its image processor does not take the data's "
+                          f"{'x'.join(map(str, images.shape[1:]))} images: "
+                          f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    model = hooked(net, cfg.model, probe, name)
+    return {"net": net, "processor": processor, "embedding_dim": model.embedding_dim,
+            "input_shape": list(probe.shape[1:])}
+
+
 @register
 class ImageClassification(ClassificationTask):
     name = "image"
     datasets = tuple(SOURCES)
-    models = ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "torchvision")
+    models = ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "torchvision", "hf_image")
     reads = {"index": ("resmem.temperature",)}  # the dense residuals' T
 
     def check_config(self, cfg: Config) -> None:
@@ -125,14 +169,15 @@ class ImageClassification(ClassificationTask):
         if m.name == "torchvision" and not m.arch:
             raise ConfigError("config key model.arch is required for model.name=torchvision (a torchvision.models "
                               "architecture: resnet18, mobilenet_v3_small, efficientnet_b0, ...)")
-        if m.name == "torchvision" and m.source != "checkpoint":
-            raise ConfigError("config key model.name=torchvision takes a model trained elsewhere: set "
+        if m.name in ("torchvision", "hf_image") and m.source != "checkpoint":
+            raise ConfigError(f"config key model.name={m.name} takes a model trained elsewhere: set "
                               "model.source=checkpoint and model.path (the suite trains small_cnn, resnet20/32/56, "
                               "resnet18/50)")
-        for key in ("arch", "embedding_layer"):
-            if m.name != "torchvision" and getattr(m, key) is not None:
-                raise ConfigError(f"config key model.{key} applies to model.name=torchvision only (model.name={m.name} "
-                                  "embeds at its classifier's input)")
+        if m.name != "torchvision" and m.arch is not None:
+            raise ConfigError(f"config key model.arch applies to model.name=torchvision only (model.name={m.name})")
+        if m.name not in ("torchvision", "hf_image") and m.embedding_layer is not None:
+            raise ConfigError(f"config key model.embedding_layer applies to model.name=torchvision only "
+                              f"(and hf_image; model.name={m.name} embeds at its classifier's input)")
 
     def load_splits(self, cfg: Config):
         return load_splits(cfg.data, cfg.seed)
@@ -152,6 +197,8 @@ class ImageClassification(ClassificationTask):
         if cfg.model.source != "checkpoint":
             return super().load_given(cfg, splits, info)
         m, path = cfg.model, cfg.model.path
+        if m.name == "hf_image":
+            return given_hf_image(cfg, splits, info)
         state = read_state_dict(path)
         data = f"data.name={cfg.data.name}"
         if m.name in ("resnet18", "resnet50") and "head.weight" not in state:  # torchvision's layout, into the suite's
@@ -166,6 +213,16 @@ class ImageClassification(ClassificationTask):
         check_fits(state, net, path, what, data, info.num_classes, info.in_channels)
         net.load_state_dict(state)
         return {"model": model.state_dict()}
+
+    def save_given(self, cfg: Config, run: RunDir, folder, given, splits: dict, info) -> dict:
+        if cfg.model.name != "hf_image":
+            return super().save_given(cfg, run, folder, given, splits, info)
+        given["net"].save_pretrained(folder)
+        if given["processor"] is not None:
+            given["processor"].save_pretrained(folder)
+        return {"model": cfg.model.__dict__, "dataset": cfg.data.name, "num_classes": info.num_classes,
+                "in_channels": info.in_channels, "image_size": info.image_size,
+                "embedding_dim": given["embedding_dim"], "input_shape": given["input_shape"]}
 
     def embed_rows(self, cfg: Config, run: RunDir, split: Split, split_name: str, meta: dict):
         e = cfg.embed
