@@ -272,3 +272,16 @@ def test_a_hugging_face_image_classifier_of_other_classes_is_one_line(run_copy, 
     assert err == [f"resmem: error: model.path={folder}: its classifier has 7 labels (num_labels), the data has 10 "
                    "classes"]
     assert listing(RunDir(run_copy).root) == before
+
+
+def test_a_torchscript_archive_is_refused_with_why_and_what_to_do(tmp_path):
+    from resmem_ray.errors import ResMemError
+    from resmem_ray.tasks.vision_models import read_state_dict
+
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(build_model(ModelConfig(name="small_cnn", width=4), 1, 10)), path)
+    with pytest.raises(ResMemError) as e:
+        read_state_dict(str(path))
+    assert str(e.value) == (f"model.path={path}: a TorchScript archive, which is not read: save one with "
+                            "torch.save(model.state_dict(), path) (a TorchScript module takes no forward hooks, "
+                            "through which the suite reads the embedding at a module's input)")

@@ -195,7 +195,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         what = (f"holds pickled Python objects ({found[1]}), which are never loaded (torch.load weights_only=True)"
                 if found else "a TorchScript archive, which is not read" if "TorchScript" in str(e)
                 else "not a PyTorch weights file")
-        raise ResMemError(f"model.path={path}: {what}: {how}") from None
+        why = (" (a TorchScript module takes no forward hooks, through which the suite reads the embedding at a "
+               "module's input)" if "TorchScript" in what else "")
+        raise ResMemError(f"model.path={path}: {what}: {how}{why}") from None
     if not isinstance(state, dict):
         raise ResMemError(f"model.path={path}: holds a {type(state).__name__}, not a state dict: {how}")
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
