@@ -285,3 +285,54 @@ def test_a_torchscript_archive_is_refused_with_why_and_what_to_do(tmp_path):
     assert str(e.value) == (f"model.path={path}: a TorchScript archive, which is not read: save one with "
                             "torch.save(model.state_dict(), path) (a TorchScript module takes no forward hooks, "
                             "through which the suite reads the embedding at a module's input)")
+
+
+def test_preset_weights_is_the_published_weights_transforms():
+    from resmem_ray.tasks.image_data import prepare
+    from resmem_ray.tasks.vision_models import published_transforms
+
+    images = torch.randint(0, 256, (2, 3, 40, 50), dtype=torch.uint8)
+    pre = published_transforms("resnet18")
+    assert (pre["resize"], pre["crop"]) == (256, 224)
+    want = torchvision.models.get_model_weights("resnet18").DEFAULT.transforms()(images)
+    torch.testing.assert_close(prepare(images.numpy(), **pre), want, rtol=0, atol=1e-5)
+
+
+def test_preprocessing_from_the_config_changes_the_embeddings_not_the_model(digits_run, tmp_path, capsys):
+    """The digits run's own small_cnn, given: a changed mean and std make embed stale, not train."""
+    from resmem_ray.tasks.image_data import prepare
+
+    run_dir = tmp_path / "run"
+    args = [*GIVEN, "model.name=small_cnn", f"model.path={digits_run}/model/model.pt", "embed.num_actors=1",
+            "embed.cpus_per_actor=1", f"run_dir={run_dir}"]
+    assert main(["train", *args]) == 0 and main(["embed", *args]) == 0
+    changed = ["preprocess.mean=[0.5]", "preprocess.std=[0.25]"]
+    capsys.readouterr()
+    assert main(["status", str(run_dir), *changed]) == 0
+    out = capsys.readouterr().out
+    assert "| train | done |" in out and "| embed | stale | config changed: preprocess.mean, preprocess.std |" in out
+    assert main(["embed", *args, *changed]) == 0
+    run = RunDir(run_dir)
+    model, _ = load_model(run)
+    test = load_splits(CONFIG.data, CONFIG.seed)[0]["test"]
+    with torch.no_grad():
+        want = model.embed(prepare(test.images, [0.5], [0.25]))
+        before = model.embed(normalize(test.images, "digits"))
+    got = read_split(run, "test", "test")["embedding"]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, before.numpy(), atol=1e-3)
+
+    for overrides, line in [  # one line each, nothing written
+        (["preprocess.preset=weights", "model.name=resnet18"],
+         "config key preprocess.mean: 3 values, data.name=digits has 1 channel(s) (the preset's; set preprocess.mean)"),
+        (["preprocess.preset=weights"], "config key preprocess.preset=weights applies to torchvision, resnet18, "
+                                        "resnet50 (torchvision's published weights), not model.name=small_cnn"),
+        (["preprocess.mean=[0.1, 0.2]"], "config key preprocess.mean: 2 values, data.name=digits has 1 channel(s)"),
+        (["preprocess.preset=weights", "model.source=trained"], "config key preprocess.preset applies to a given "
+                                                                "model (model.source=checkpoint)"),
+    ]:
+        before_files = listing(run.root)
+        assert main(["train", *args, *overrides]) == 2, line
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"resmem: error: {line}"), (err, line)
+        assert listing(run.root) == before_files

@@ -142,6 +142,21 @@ def torchvision_net(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     return net
 
 
+def published_transforms(arch: str) -> dict:
+    """{resize, crop, mean, std} of the transforms of `arch`'s default published torchvision
+    weights (read from torchvision's tables: nothing is downloaded)."""
+    import torchvision
+
+    try:
+        t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    except (ValueError, KeyError, AttributeError):
+        t = None
+    if not all(hasattr(t, a) for a in ("resize_size", "crop_size", "mean", "std")):
+        raise ResMemError(f"config key preprocess.preset=weights: {arch} has no published torchvision image "
+                          "classification weights: set preprocess.resize, crop, mean and std")
+    return {"resize": t.resize_size[0], "crop": t.crop_size[0], "mean": list(t.mean), "std": list(t.std)}
+
+
 def torchvision_resnet(name: str, in_channels: int, num_classes: int, net: nn.Module | None = None) -> EmbedHead:
     """torchvision resnet18/50, its fc split off as the head; `net`: such a network (in
     torchvision's own layout, weights loaded) to take the layers from instead of a new one."""
