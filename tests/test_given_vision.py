@@ -336,3 +336,30 @@ def test_preprocessing_from_the_config_changes_the_embeddings_not_the_model(digi
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"resmem: error: {line}"), (err, line)
         assert listing(run.root) == before_files
+
+
+def test_a_timm_state_dict_is_a_given_model(ray_session, tmp_path, capsys):
+    """model.name=timm, model.arch: the file a timm user saves, written to the run as the
+    suite's own; its embedding is the input of its classifier (pre-logits features)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=10, in_chans=1).eval()
+    path = tmp_path / "timm.pt"
+    torch.save(net.state_dict(), path)
+    args = [*GIVEN, "model.name=timm", "model.arch=test_resnet", f"model.path={path}", f"run_dir={tmp_path / 'run'}"]
+    assert main(["train", *args]) == 0
+    model, meta = load_model(RunDir(tmp_path / "run"))
+    x = normalize(load_splits(CONFIG.data, CONFIG.seed)[0]["test"].images[:16], "digits")
+    with torch.no_grad():
+        z, logits = model.embed_logits(x)
+        torch.testing.assert_close(z, net.forward_head(net.forward_features(x), pre_logits=True), rtol=0, atol=0)
+        torch.testing.assert_close(logits, net(x), rtol=0, atol=0)
+    assert meta["embedding_dim"] == net.num_features
+    capsys.readouterr()
+    assert main(["train", *args, "model.arch=test_resnet9"]) == 2
+    torch.save(timm.create_model("test_resnet", num_classes=7, in_chans=1).state_dict(), path)
+    assert main(["train", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "resmem: error: config key model.arch: unknown timm architecture 'test_resnet9' (e.g. resnet10t, "
+        "convnext_atto: timm.list_models())",
+        f"resmem: error: model.path={path}: its classifier fc.weight has 7 outputs, data.name=digits has 10 classes"]

@@ -5,7 +5,8 @@ takes its shard through a DistributedSampler.
 
 A model trained elsewhere (model.source=checkpoint) is a state dict file: in the suite's
 own layout for its models (a run's RUN/model/model.pt), in torchvision's for resnet18/50
-and for model.name=torchvision (any torchvision.models classifier, model.arch); or a
+and for model.name=torchvision (any torchvision.models classifier, model.arch), in
+timm's for model.name=timm (any timm architecture, model.arch); or a
 Hugging Face image classifier folder (model.name=hf_image), fed through its own image
 processor."""
 
@@ -32,6 +33,8 @@ from resmem_ray.tasks.vision_models import (build_model, check_fits, hf_image_cl
                                             published_transforms, read_state_dict, torchvision_net, torchvision_resnet)
 
 WEIGHTS_PRESET = ("torchvision", "resnet18", "resnet50")  # the models preprocess.preset=weights applies to
+BY_ARCH = ("torchvision", "timm")  # the libraries whose architecture model.arch names
+GIVEN_ONLY = (*BY_ARCH, "hf_image")  # models the suite never trains
 
 
 def load_model(run: RunDir) -> tuple[torch.nn.Module, dict]:
@@ -197,7 +200,7 @@ PREPROCESS_DEFAULTS = PreprocessConfig().__dict__
 class ImageClassification(ClassificationTask):
     name = "image"
     datasets = tuple(SOURCES)
-    models = ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "torchvision", "hf_image")
+    models = ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50", *GIVEN_ONLY)
     reads = {"train": ("preprocess.preset", "preprocess.resize", "preprocess.crop"),  # a given model's input size
              "embed": ("preprocess.mean", "preprocess.std"),
              "index": ("resmem.temperature",)}  # the dense residuals' T
@@ -206,10 +209,11 @@ class ImageClassification(ClassificationTask):
         if cfg.data.name == "imagefolder" and not cfg.data.root:
             raise ConfigError("config key data.root is required for data.name=imagefolder")
         m = cfg.model
-        if m.name == "torchvision" and not m.arch:
-            raise ConfigError("config key model.arch is required for model.name=torchvision (a torchvision.models "
-                              "architecture: resnet18, mobilenet_v3_small, efficientnet_b0, ...)")
-        if m.name in ("torchvision", "hf_image") and m.source != "checkpoint":
+        if m.name in BY_ARCH and not m.arch:
+            raise ConfigError(f"config key model.arch is required for model.name={m.name} (a {m.name} architecture: "
+                              + ("resnet18, mobilenet_v3_small, efficientnet_b0, ...)" if m.name == "torchvision"
+                                 else "resnet10t, convnext_atto, ...: timm.list_models())"))
+        if m.name in GIVEN_ONLY and m.source != "checkpoint":
             raise ConfigError(f"config key model.name={m.name} takes a model trained elsewhere: set "
                               "model.source=checkpoint and model.path (the suite trains small_cnn, resnet20/32/56, "
                               "resnet18/50)")
@@ -220,11 +224,12 @@ class ImageClassification(ClassificationTask):
         if cfg.preprocess.preset == "weights" and m.name not in WEIGHTS_PRESET:
             raise ConfigError(f"config key preprocess.preset=weights applies to {', '.join(WEIGHTS_PRESET)} "
                               f"(torchvision's published weights), not model.name={m.name}")
-        if m.name != "torchvision" and m.arch is not None:
-            raise ConfigError(f"config key model.arch applies to model.name=torchvision only (model.name={m.name})")
-        if m.name not in ("torchvision", "hf_image") and m.embedding_layer is not None:
+        if m.name not in BY_ARCH and m.arch is not None:
+            raise ConfigError(f"config key model.arch applies to model.name=torchvision and timm only "
+                              f"(model.name={m.name})")
+        if m.name not in GIVEN_ONLY and m.embedding_layer is not None:
             raise ConfigError(f"config key model.embedding_layer applies to model.name=torchvision only "
-                              f"(and hf_image; model.name={m.name} embeds at its classifier's input)")
+                              f"(and timm, hf_image; model.name={m.name} embeds at its classifier's input)")
 
     def load_splits(self, cfg: Config):
         return load_splits(cfg.data, cfg.seed)
@@ -257,8 +262,8 @@ class ImageClassification(ClassificationTask):
             net.load_state_dict(state)
             return {"model": torchvision_resnet(m.name, info.in_channels, info.num_classes, net).state_dict()}
         model = build_model(m, info.in_channels, info.num_classes, size)
-        net = model.net if m.name == "torchvision" else model
-        what = f"torchvision's {m.arch}" if m.name == "torchvision" else f"model.name={m.name}" + (
+        net = model.net if m.name in BY_ARCH else model
+        what = f"{m.name}'s {m.arch}" if m.name in BY_ARCH else f"model.name={m.name}" + (
             "" if m.name in ("resnet18", "resnet50") else f" (width {m.width})")
         check_fits(state, net, path, what, data, info.num_classes, info.in_channels)
         net.load_state_dict(state)
@@ -287,7 +292,7 @@ class ImageClassification(ClassificationTask):
         m = cfg.model
         if m.source == "trained":
             return f"{m.name} (width {m.width})"
-        return f"{m.arch if m.name == 'torchvision' else m.name} from {m.path}"
+        return f"{m.arch if m.name in BY_ARCH else m.name} from {m.path}"
 
     def read_examples(self, path: str, meta: dict) -> Split:
         """An .npz with images (uint8, N x C x H x W, the model's input size) and labels (N,)."""

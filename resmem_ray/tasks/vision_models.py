@@ -1,8 +1,8 @@
 """Base models. Each gives `embed_logits(x)`: the embedding and the logits of one
 forward pass. The suite's own models split into `embed(x)` (pooled penultimate layer)
 and `head(z)`, `forward(x) == head(embed(x))`; any torchvision classifier
-(model.name=torchvision) and any Hugging Face image classifier (model.name=hf_image)
-embeds at the input of a named layer, caught by a hook."""
+(model.name=torchvision), any timm one (model.name=timm) and any Hugging Face image
+classifier (model.name=hf_image) embeds at the input of a named layer, caught by a hook."""
 
 from __future__ import annotations
 
@@ -142,6 +142,18 @@ def torchvision_net(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     return net
 
 
+def timm_net(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    """A timm classifier (random init: no weights are downloaded) for `in_channels`-channel images."""
+    try:
+        import timm
+    except ImportError:
+        raise ResMemError("model.name=timm needs the timm package (pip install timm)") from None
+    if not timm.is_model(arch):
+        raise ResMemError(f"config key model.arch: unknown timm architecture {arch!r} (e.g. resnet10t, "
+                          "convnext_atto: timm.list_models())")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
 def published_transforms(arch: str) -> dict:
     """{resize, crop, mean, std} of the transforms of `arch`'s default published torchvision
     weights (read from torchvision's tables: nothing is downloaded)."""
@@ -180,9 +192,9 @@ def hooked(net: nn.Module, cfg: ModelConfig, probe: torch.Tensor, name: str) -> 
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int | None = None) -> nn.Module:
     """The network that model.name (and for torchvision, model.arch and model.embedding_layer)
     names, for images of `in_channels` x `image_size` x `image_size` (needed by torchvision's)."""
-    if cfg.name == "torchvision":
-        assert image_size, "a torchvision network's embedding size is probed on an image of the data's size"
-        net = torchvision_net(cfg.arch, in_channels, num_classes)
+    if cfg.name in ("torchvision", "timm"):
+        assert image_size, "the network's embedding size is probed on an image of the data's size"
+        net = (torchvision_net if cfg.name == "torchvision" else timm_net)(cfg.arch, in_channels, num_classes)
         return hooked(net, cfg, torch.zeros(2, in_channels, image_size, image_size), f"model.arch={cfg.arch}")
     if cfg.name == "small_cnn":
         return small_cnn(in_channels, num_classes, cfg.width)
