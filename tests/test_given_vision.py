@@ -305,13 +305,15 @@ def test_preprocessing_from_the_config_changes_the_embeddings_not_the_model(digi
     run_dir = tmp_path / "run"
     args = [*GIVEN, "model.name=small_cnn", f"model.path={digits_run}/model/model.pt", "embed.num_actors=1",
             "embed.cpus_per_actor=1", f"run_dir={run_dir}"]
-    assert main(["train", *args]) == 0 and main(["embed", *args]) == 0
     changed = ["preprocess.mean=[0.5]", "preprocess.std=[0.25]"]
+    assert main(["train", *args]) == 0 and main(["embed", *args, *changed]) == 0
     capsys.readouterr()
-    assert main(["status", str(run_dir), *changed]) == 0
+    assert main(["status", str(run_dir), *changed]) == 0  # train ran with the dataset's: still current
+    out = capsys.readouterr().out
+    assert "| train | done |" in out and "| embed | done |" in out
+    assert main(["status", str(run_dir), "preprocess.mean=[]", "preprocess.std=[]"]) == 0  # back to the dataset's
     out = capsys.readouterr().out
     assert "| train | done |" in out and "| embed | stale | config changed: preprocess.mean, preprocess.std |" in out
-    assert main(["embed", *args, *changed]) == 0
     run = RunDir(run_dir)
     model, _ = load_model(run)
     test = load_splits(CONFIG.data, CONFIG.seed)[0]["test"]
