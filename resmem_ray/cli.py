@@ -63,6 +63,10 @@ def preflight(command: str, cfg, run: RunDir) -> None:
     (the nearest first), and the run directory may be written."""
     if command in ("run", "train") and cfg.model.source != "trained":
         source_digest(cfg.model.path)  # the given model or embeddings exist
+    if command == "sweep":
+        from resmem_ray.stages.sweep import check_sweepable
+
+        check_sweepable(cfg)
     if command != "run":
         stage = STAGES[command]
         for name in reversed(stage.reads):

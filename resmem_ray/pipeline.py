@@ -3,7 +3,9 @@ outputs are current.
 
 What a stage's outputs depend on is derived, not listed: the config keys that name it
 (schema.py), the keys its task declares for it (tasks/registry.py), and those of every
-stage it reads that takes part in the run, transitively; resource keys never count.
+stage it reads that takes part in the run, transitively; resource keys never count, nor
+do the train.* keys for a model trained elsewhere (model.source checkpoint or
+precomputed), which nothing trains.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def stage_keys(name: str, cfg: Config) -> list[str]:
         keys += [key for key, rules in RULES.items() if stage.name in rules.stages]
         keys += task.stage_reads(cfg).get(stage.name, ())
         frontier += [r for r in stage.reads if enabled(STAGES[r], cfg)]
-    return _expand(keys)
+    given = cfg.model.source != "trained"
+    return [key for key in _expand(keys) if not (given and key.startswith("train."))]
 
 
 def run_stage(name: str, cfg: Config, **options):

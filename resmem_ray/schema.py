@@ -72,6 +72,22 @@ class ModelConfig:
 
 
 @dataclass
+class PreprocessConfig:
+    """How a given vision model's images become its input (model.source=checkpoint): resized,
+    centre-cropped, normalised. The suite's own models are fed as they are trained; a Hugging
+    Face folder with an image processor is fed through it. The image task says which stage
+    reads each key (Task.reads): the sizes fix the model's input (train), mean and std embed."""
+
+    # data: no resize, the dataset's mean and std (as the suite trains) | weights: the transforms
+    # of the architecture's published torchvision weights (get_model_weights(arch).DEFAULT)
+    preset: str = setting("data", choices=("data", "weights"))
+    resize: Optional[int] = setting(None, range=POSITIVE)  # short side in pixels, before the crop (null: the preset's)
+    crop: Optional[int] = setting(None, range=POSITIVE)  # centre square kept, in pixels (null: the preset's)
+    mean: list[float] = setting([], range="(-inf, inf)")  # per channel of the [0, 1]-scaled images (empty: the preset's)
+    std: list[float] = setting([], range=POSITIVE)  # per channel (empty: the preset's)
+
+
+@dataclass
 class TrainConfig:
     epochs: int = setting(10, range=POSITIVE)
     batch_size: int = setting(64, range=POSITIVE)  # per worker
@@ -254,6 +270,7 @@ class Config:
     seed: int = setting(0, range=NON_NEGATIVE, stages=("train",))
     data: DataConfig = section(DataConfig, stages=("train",))
     model: ModelConfig = section(ModelConfig, stages=("train",))
+    preprocess: PreprocessConfig = section(PreprocessConfig, by_task=True)
     train: TrainConfig = section(TrainConfig, stages=("train",))
     embed: EmbedConfig = section(EmbedConfig)
     index: IndexConfig = section(IndexConfig)

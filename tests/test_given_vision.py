@@ -212,3 +212,156 @@ def test_bad_checkpoints_exit_2_with_one_line_and_change_nothing(run_copy, tmp_p
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(f"resmem: error: {line}"), (err, line)
         assert listing(run.root) == before, line
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "precomputed"])
+def test_a_sweep_of_a_given_model_is_refused_before_ray_starts(source, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["sweep", *GIVEN, f"model.source={source}", f"model.path={tmp_path}", f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"resmem: error: config key model.source={source}: `resmem sweep` trains the base model per width "
+                   "and rung, and a given model is not trained: run `resmem run` (or `resmem tune`) on it instead"]
+    assert not run_dir.exists()
+
+
+def tiny_hf_image_classifier(folder, num_labels=10, processor=True):
+    """A randomly initialised Hugging Face ResNet for gray images, saved as a user saves one."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    net = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16],
+                                                    depths=[1, 1], layer_type="basic", num_labels=num_labels)).eval()
+    net.save_pretrained(folder)
+    if processor:  # its own preprocessing: 8x8 digits resized to 16x16, its own mean and std
+        ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.25]).save_pretrained(folder)
+    return net
+
+
+def test_hugging_face_image_classifier_end_to_end(ray_session, tmp_path):
+    from transformers import AutoImageProcessor
+
+    folder = tmp_path / "hf"
+    net = tiny_hf_image_classifier(folder)
+    run_dir = tmp_path / "run"
+    assert main(["run", *GIVEN, "model.name=hf_image", f"model.path={folder}", "embed.num_actors=1",
+                 "embed.cpus_per_actor=1", "index.num_shards=1", f"run_dir={run_dir}"]) == 0
+    run = RunDir(run_dir)
+    splits, _ = load_splits(CONFIG.data, CONFIG.seed)
+    test = splits["test"]
+    processor = AutoImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        x = processor(images=list(test.images), return_tensors="pt", input_data_format="channels_first").pixel_values
+        assert x.shape[1:] == (1, 16, 16)
+        out = net(x)
+        pooled = torch.flatten(net.resnet(x).pooler_output, 1)  # the input of its head, classifier.1
+    preds = pq.read_table(run.report / "predictions.parquet").to_pydict()
+    assert preds["base"] == out.logits.argmax(1).tolist()  # the folder's model, run directly
+    rows = read_split(run, "test", "test")
+    np.testing.assert_allclose(rows["embedding"], pooled.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rows["logits"], out.logits.numpy(), rtol=1e-4, atol=1e-5)
+    assert json.loads((run.model / "meta.json").read_text())["embedding_dim"] == 16
+    assert (run.model / "preprocessor_config.json").is_file()
+
+
+def test_a_hugging_face_image_classifier_of_other_classes_is_one_line(run_copy, tmp_path, capsys):
+    folder = tmp_path / "hf"
+    tiny_hf_image_classifier(folder, num_labels=7, processor=False)
+    before = listing(RunDir(run_copy).root)
+    assert main(["run", *GIVEN, "model.name=hf_image", f"model.path={folder}", f"run_dir={run_copy}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"resmem: error: model.path={folder}: its classifier has 7 labels (num_labels), the data has 10 "
+                   "classes"]
+    assert listing(RunDir(run_copy).root) == before
+
+
+def test_a_torchscript_archive_is_refused_with_why_and_what_to_do(tmp_path):
+    from resmem_ray.errors import ResMemError
+    from resmem_ray.tasks.vision_models import read_state_dict
+
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(build_model(ModelConfig(name="small_cnn", width=4), 1, 10)), path)
+    with pytest.raises(ResMemError) as e:
+        read_state_dict(str(path))
+    assert str(e.value) == (f"model.path={path}: a TorchScript archive, which is not read: save one with "
+                            "torch.save(model.state_dict(), path) (a TorchScript module takes no forward hooks, "
+                            "through which the suite reads the embedding at a module's input)")
+
+
+def test_preset_weights_is_the_published_weights_transforms():
+    from resmem_ray.tasks.image_data import prepare
+    from resmem_ray.tasks.vision_models import published_transforms
+
+    images = torch.randint(0, 256, (2, 3, 40, 50), dtype=torch.uint8)
+    pre = published_transforms("resnet18")
+    assert (pre["resize"], pre["crop"]) == (256, 224)
+    want = torchvision.models.get_model_weights("resnet18").DEFAULT.transforms()(images)
+    torch.testing.assert_close(prepare(images.numpy(), **pre), want, rtol=0, atol=1e-5)
+
+
+def test_preprocessing_from_the_config_changes_the_embeddings_not_the_model(digits_run, tmp_path, capsys):
+    """The digits run's own small_cnn, given: a changed mean and std make embed stale, not train."""
+    from resmem_ray.tasks.image_data import prepare
+
+    run_dir = tmp_path / "run"
+    args = [*GIVEN, "model.name=small_cnn", f"model.path={digits_run}/model/model.pt", "embed.num_actors=1",
+            "embed.cpus_per_actor=1", f"run_dir={run_dir}"]
+    changed = ["preprocess.mean=[0.5]", "preprocess.std=[0.25]"]
+    assert main(["train", *args]) == 0 and main(["embed", *args, *changed]) == 0
+    capsys.readouterr()
+    assert main(["status", str(run_dir), *changed]) == 0  # train ran with the dataset's: still current
+    out = capsys.readouterr().out
+    assert "| train | done |" in out and "| embed | done |" in out
+    assert main(["status", str(run_dir), "preprocess.mean=[]", "preprocess.std=[]"]) == 0  # back to the dataset's
+    out = capsys.readouterr().out
+    assert "| train | done |" in out and "| embed | stale | config changed: preprocess.mean, preprocess.std |" in out
+    run = RunDir(run_dir)
+    model, _ = load_model(run)
+    test = load_splits(CONFIG.data, CONFIG.seed)[0]["test"]
+    with torch.no_grad():
+        want = model.embed(prepare(test.images, [0.5], [0.25]))
+        before = model.embed(normalize(test.images, "digits"))
+    got = read_split(run, "test", "test")["embedding"]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+    assert not np.allclose(got, before.numpy(), atol=1e-3)
+
+    for overrides, line in [  # one line each, nothing written
+        (["preprocess.preset=weights", "model.name=resnet18"],
+         "config key preprocess.mean: 3 values, data.name=digits has 1 channel(s) (the preset's; set preprocess.mean)"),
+        (["preprocess.preset=weights"], "config key preprocess.preset=weights applies to torchvision, resnet18, "
+                                        "resnet50 (torchvision's published weights), not model.name=small_cnn"),
+        (["preprocess.mean=[0.1, 0.2]"], "config key preprocess.mean: 2 values, data.name=digits has 1 channel(s)"),
+        (["preprocess.preset=weights", "model.source=trained"], "config key preprocess.preset applies to a given "
+                                                                "model (model.source=checkpoint)"),
+    ]:
+        before_files = listing(run.root)
+        assert main(["train", *args, *overrides]) == 2, line
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"resmem: error: {line}"), (err, line)
+        assert listing(run.root) == before_files
+
+
+def test_a_timm_state_dict_is_a_given_model(ray_session, tmp_path, capsys):
+    """model.name=timm, model.arch: the file a timm user saves, written to the run as the
+    suite's own; its embedding is the input of its classifier (pre-logits features)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=10, in_chans=1).eval()
+    path = tmp_path / "timm.pt"
+    torch.save(net.state_dict(), path)
+    args = [*GIVEN, "model.name=timm", "model.arch=test_resnet", f"model.path={path}", f"run_dir={tmp_path / 'run'}"]
+    assert main(["train", *args]) == 0
+    model, meta = load_model(RunDir(tmp_path / "run"))
+    x = normalize(load_splits(CONFIG.data, CONFIG.seed)[0]["test"].images[:16], "digits")
+    with torch.no_grad():
+        z, logits = model.embed_logits(x)
+        torch.testing.assert_close(z, net.forward_head(net.forward_features(x), pre_logits=True), rtol=0, atol=0)
+        torch.testing.assert_close(logits, net(x), rtol=0, atol=0)
+    assert meta["embedding_dim"] == net.num_features
+    capsys.readouterr()
+    assert main(["train", *args, "model.arch=test_resnet9"]) == 2
+    torch.save(timm.create_model("test_resnet", num_classes=7, in_chans=1).state_dict(), path)
+    assert main(["train", *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "resmem: error: config key model.arch: unknown timm architecture 'test_resnet9' (e.g. resnet10t, "
+        "convnext_atto: timm.list_models())",
+        f"resmem: error: model.path={path}: its classifier fc.weight has 7 outputs, data.name=digits has 10 classes"]

@@ -21,6 +21,9 @@ FROM_INDEX = FROM_EMBED - {"embed"}
 SEARCHING = {"transformer", "tune", "evaluate"}
 TEXT_SOURCE = ("text.hf_path", "text.hf_subset", "text.train_split", "text.test_split", "text.text_column",
                "text.label_column", "text.max_length", "text.pretrained")
+# the image task's: the sizes fix a given model's input (train), mean and std are embed's
+PREPROCESS = {"preprocess.preset": ALL, "preprocess.resize": ALL, "preprocess.crop": ALL,
+              "preprocess.mean": FROM_EMBED, "preprocess.std": FROM_EMBED}
 LM_MODEL = ("text.tokenizer", "text.vocab_size", "text.lm_layers", "text.lm_dim", "text.lm_heads")
 
 # key (or section) -> stages it makes stale; the most specific entry wins. Keys of no
@@ -42,13 +45,15 @@ COMMON = {
     "neighbour_transformer.cpus_per_worker": set(),
 }
 EXPECTED = {
-    "digits": {**COMMON, "resmem.temperature": FROM_INDEX},
+    "digits": {**COMMON, **PREPROCESS, "resmem.temperature": FROM_INDEX},
     "bbc_news": {**COMMON, "resmem.temperature": FROM_INDEX, **{k: ALL for k in TEXT_SOURCE},
                  "text.freeze_encoder": ALL},
     "bbc_lm": {**COMMON, "resmem.temperature": FROM_EMBED, **{k: ALL for k in TEXT_SOURCE + LM_MODEL},
                "text.top_m": FROM_EMBED, "text.lm_embedding": FROM_EMBED, "text.prob_floor": {"evaluate"}},
     "diabetes": COMMON,
-    "precomputed": {**COMMON, "resmem.temperature": FROM_INDEX},
+    # a given model is not trained: the train.* keys make nothing stale
+    "precomputed": {**COMMON, "resmem.temperature": FROM_INDEX, "train": set()},
+    "given_resnet18": {**COMMON, **PREPROCESS, "resmem.temperature": FROM_INDEX, "train": set()},
 }
 
 

@@ -21,6 +21,7 @@ import itertools
 
 import numpy as np
 
+from resmem_ray.errors import ConfigError
 from resmem_ray.log import logger, stage_log
 from resmem_ray.schema import Config
 from resmem_ray.stages.embed import embed
@@ -73,10 +74,19 @@ def grid_size(cfg: Config) -> int:
     return len(list(itertools.product(*(getattr(cfg.tune, p) for p in searched(task_for(cfg))))))
 
 
+def check_sweepable(cfg: Config) -> None:
+    """A sweep trains a base model per trial: a model trained elsewhere has none to train."""
+    if cfg.model.source != "trained":
+        raise ConfigError(f"config key model.source={cfg.model.source}: `resmem sweep` trains the base model per "
+                          "width and rung, and a given model is not trained: run `resmem run` (or `resmem tune`) "
+                          "on it instead")
+
+
 def sweep(cfg: Config) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    check_sweepable(cfg)
     run = RunDir(cfg.run_dir)
     root = run.root / "sweep"
     s = cfg.sweep

@@ -5,7 +5,10 @@ takes its shard through a DistributedSampler.
 
 A model trained elsewhere (model.source=checkpoint) is a state dict file: in the suite's
 own layout for its models (a run's RUN/model/model.pt), in torchvision's for resnet18/50
-and for model.name=torchvision (any torchvision.models classifier, model.arch)."""
+and for model.name=torchvision (any torchvision.models classifier, model.arch), in
+timm's for model.name=timm (any timm architecture, model.arch); or a
+Hugging Face image classifier folder (model.name=hf_image), fed through its own image
+processor."""
 
 from __future__ import annotations
 
@@ -18,24 +21,76 @@ from torch.nn import functional as F
 from resmem_ray.errors import ConfigError, ResMemError
 from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.runtime.trainer import Recipe, worker_loader
-from resmem_ray.schema import Config, ModelConfig
+from resmem_ray.schema import Config, ModelConfig, PreprocessConfig
 from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.classification import ClassificationTask
-from resmem_ray.tasks.image_data import (SOURCES, SplitDataset, augment_batch, decode_images, load_splits, normalize,
-                                         request_image)
+from resmem_ray.tasks.image_data import (NORMALIZATION, SOURCES, SplitDataset, augment_batch, decode_images,
+                                         load_splits, normalize, prepare, request_image)
 from resmem_ray.tasks.registry import register
 from resmem_ray.tasks.splits import Split
-from resmem_ray.tasks.vision_models import (build_model, check_fits, read_state_dict, torchvision_net,
-                                            torchvision_resnet)
+from resmem_ray.tasks.vision_models import (build_model, check_fits, hf_image_classifier, hooked,
+                                            published_transforms, read_state_dict, torchvision_net, torchvision_resnet)
+
+WEIGHTS_PRESET = ("torchvision", "resnet18", "resnet50")  # the models preprocess.preset=weights applies to
+BY_ARCH = ("torchvision", "timm")  # the libraries whose architecture model.arch names
+GIVEN_ONLY = (*BY_ARCH, "hf_image")  # models the suite never trains
 
 
 def load_model(run: RunDir) -> tuple[torch.nn.Module, dict]:
     """The trained model of a run, checked against the manifest; it gives embed_logits(x)."""
     meta = read_model_meta(run, needed_by="embed")
-    model = build_model(ModelConfig(**meta["model"]), meta["in_channels"], meta["num_classes"], meta["image_size"])
+    cfg = ModelConfig(**meta["model"])
+    if cfg.name == "hf_image":
+        net, _, name = hf_image_classifier(str(run.model), meta["num_classes"])
+        return hooked(net, cfg, torch.zeros(2, *meta["input_shape"]), name), meta
+    model = build_model(cfg, meta["in_channels"], meta["num_classes"], meta.get("input_size", meta["image_size"]))
     model.load_state_dict(torch.load(run.model / "model.pt", weights_only=True))
     return model.eval(), meta
+
+
+def preprocessing(pre: dict, model: dict, dataset: str, channels: int) -> dict:
+    """The preprocess.* section `pre` resolved against its preset and checked against the
+    data's channels: prepare()'s {resize, crop, mean, std}."""
+    if pre.get("preset", "data") == "weights":
+        base = published_transforms(model["arch"] if model["name"] == "torchvision" else model["name"])
+    else:
+        mean, std = NORMALIZATION[dataset]
+        base = {"resize": None, "crop": None, "mean": list(mean), "std": list(std)}
+    out = {key: pre.get(key) or value for key, value in base.items()}
+    for key in ("mean", "std"):
+        if len(out[key]) not in (1, channels):
+            raise ResMemError(f"config key preprocess.{key}: {len(out[key])} values, data.name={dataset} has "
+                              f"{channels} channel(s)" + ("" if pre.get(key) else
+                                                          f" (the preset's; set preprocess.{key})"))
+    return out
+
+
+def input_size(pre: dict, image_size: int) -> int:
+    """The side of the square images the model is given."""
+    return pre["crop"] or pre["resize"] or image_size
+
+
+def input_transform(pre: dict, processor=None):
+    """uint8 (N, C, H, W) images -> the model's input tensor: through a Hugging Face
+    model's image processor when its folder has one, else prepare()'d as `pre` says."""
+    if processor is None:
+        return lambda images: prepare(images, **pre)
+    return lambda images: processor(images=list(images), return_tensors="pt",
+                                    input_data_format="channels_first")["pixel_values"]
+
+
+def config_preprocessing(cfg: Config, info) -> dict:
+    return preprocessing(cfg.to_dict()["preprocess"], cfg.model.__dict__, cfg.data.name, info.in_channels)
+
+
+def run_processor(run: RunDir, meta: dict):
+    """The image processor saved with a run's Hugging Face model, or None."""
+    if meta["model"]["name"] != "hf_image" or not (run.model / "preprocessor_config.json").is_file():
+        return None
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(str(run.model), local_files_only=True)
 
 
 class Embedder:
@@ -43,13 +98,19 @@ class Embedder:
 
     def __init__(self, run_dir: str, num_threads: int):
         torch.set_num_threads(num_threads)
-        self.model, self.meta = load_model(RunDir(run_dir))
+        run = RunDir(run_dir)
+        self.model, self.meta = load_model(run)
+        # prepared as the embed stage's config says: serve and memorize embed as it did
+        embedded = (run.manifest()["stages"].get("embed") or {}).get("config", {})
+        pre = preprocessing(embedded.get("preprocess", {}), self.meta["model"], self.meta["dataset"],
+                            self.meta["in_channels"])
+        self.inputs = input_transform(pre, run_processor(run, self.meta))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            x = normalize(batch["image"], self.meta["dataset"]).to(self.device)
+            x = self.inputs(batch["image"]).to(self.device)
             z, logits = self.model.embed_logits(x)
         return {"id": batch["id"], "label": batch["label"], "embedding": z.float().cpu().numpy(),
                 "logits": logits.float().cpu().numpy()}
@@ -111,28 +172,64 @@ def recipe(cfg: Config) -> Recipe:
                   prepare=prepare)
 
 
+def given_hf_image(cfg: Config, splits: dict, info) -> dict:
+    """A Hugging Face image classifier folder, run once on two training images as the
+    embed stage will run it (its image processor, then the network)."""
+    net, processor, name = hf_image_classifier(cfg.model.path, info.num_classes)
+    changed = [f"preprocess.{k}" for k, v in cfg.to_dict()["preprocess"].items() if v != PREPROCESS_DEFAULTS[k]]
+    if processor is not None and changed:
+        raise ConfigError(f"config key {changed[0]}: {name} is fed through its own image processor "
+                          "(preprocessor_config.json in its folder), which the preprocess.* keys do not change")
+    train = splits["train"]
+    images = train.images[:2] if train.images is not None else decode_images(train.paths[:2], info.image_size)
+    try:
+        probe = input_transform(config_preprocessing(cfg, info), processor)(images)
+    except Exception as e:  # the processor's own: a mean of 3 channels for gray images, ...
+        raise ResMemError(f"{name}: its image processor does not take the data's "
+                          f"{'x'.join(map(str, images.shape[1:]))} images: "
+                          f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    model = hooked(net, cfg.model, probe, name)
+    return {"net": net, "processor": processor, "embedding_dim": model.embedding_dim,
+            "input_shape": list(probe.shape[1:])}
+
+
+PREPROCESS_DEFAULTS = PreprocessConfig().__dict__
+
+
 @register
 class ImageClassification(ClassificationTask):
     name = "image"
     datasets = tuple(SOURCES)
-    models = ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "torchvision")
-    reads = {"index": ("resmem.temperature",)}  # the dense residuals' T
+    models = ("small_cnn", "resnet20", "resnet32", "resnet56", "resnet18", "resnet50", *GIVEN_ONLY)
+    reads = {"train": ("preprocess.preset", "preprocess.resize", "preprocess.crop"),  # a given model's input size
+             "embed": ("preprocess.mean", "preprocess.std"),
+             "index": ("resmem.temperature",)}  # the dense residuals' T
 
     def check_config(self, cfg: Config) -> None:
         if cfg.data.name == "imagefolder" and not cfg.data.root:
             raise ConfigError("config key data.root is required for data.name=imagefolder")
         m = cfg.model
-        if m.name == "torchvision" and not m.arch:
-            raise ConfigError("config key model.arch is required for model.name=torchvision (a torchvision.models "
-                              "architecture: resnet18, mobilenet_v3_small, efficientnet_b0, ...)")
-        if m.name == "torchvision" and m.source != "checkpoint":
-            raise ConfigError("config key model.name=torchvision takes a model trained elsewhere: set "
+        if m.name in BY_ARCH and not m.arch:
+            raise ConfigError(f"config key model.arch is required for model.name={m.name} (a {m.name} architecture: "
+                              + ("resnet18, mobilenet_v3_small, efficientnet_b0, ...)" if m.name == "torchvision"
+                                 else "resnet10t, convnext_atto, ...: timm.list_models())"))
+        if m.name in GIVEN_ONLY and m.source != "checkpoint":
+            raise ConfigError(f"config key model.name={m.name} takes a model trained elsewhere: set "
                               "model.source=checkpoint and model.path (the suite trains small_cnn, resnet20/32/56, "
                               "resnet18/50)")
-        for key in ("arch", "embedding_layer"):
-            if m.name != "torchvision" and getattr(m, key) is not None:
-                raise ConfigError(f"config key model.{key} applies to model.name=torchvision only (model.name={m.name} "
-                                  "embeds at its classifier's input)")
+        changed = [f"preprocess.{k}" for k, v in cfg.to_dict()["preprocess"].items() if v != PREPROCESS_DEFAULTS[k]]
+        if changed and m.source == "trained":
+            raise ConfigError(f"config key {changed[0]} applies to a given model (model.source=checkpoint): the "
+                              "suite's own models are fed as they are trained")
+        if cfg.preprocess.preset == "weights" and m.name not in WEIGHTS_PRESET:
+            raise ConfigError(f"config key preprocess.preset=weights applies to {', '.join(WEIGHTS_PRESET)} "
+                              f"(torchvision's published weights), not model.name={m.name}")
+        if m.name not in BY_ARCH and m.arch is not None:
+            raise ConfigError(f"config key model.arch applies to model.name=torchvision and timm only "
+                              f"(model.name={m.name})")
+        if m.name not in GIVEN_ONLY and m.embedding_layer is not None:
+            raise ConfigError(f"config key model.embedding_layer applies to model.name=torchvision only "
+                              f"(and timm, hf_image; model.name={m.name} embeds at its classifier's input)")
 
     def load_splits(self, cfg: Config):
         return load_splits(cfg.data, cfg.seed)
@@ -142,9 +239,11 @@ class ImageClassification(ClassificationTask):
 
     def save_model(self, cfg: Config, run: RunDir, folder, state: dict, splits: dict, info) -> dict:
         torch.save(state["model"], folder / "model.pt")
-        probe = build_model(cfg.model, info.in_channels, info.num_classes, info.image_size)
+        size = input_size(config_preprocessing(cfg, info), info.image_size)
+        probe = build_model(cfg.model, info.in_channels, info.num_classes, size)
         return {"model": cfg.model.__dict__, "dataset": cfg.data.name, "num_classes": info.num_classes,
-                "in_channels": info.in_channels, "image_size": info.image_size, "embedding_dim": probe.embedding_dim}
+                "in_channels": info.in_channels, "image_size": info.image_size, "input_size": size,
+                "embedding_dim": probe.embedding_dim}
 
     def load_given(self, cfg: Config, splits: dict, info):
         """A state dict checked against the architecture and the data, in the suite's layout
@@ -152,6 +251,9 @@ class ImageClassification(ClassificationTask):
         if cfg.model.source != "checkpoint":
             return super().load_given(cfg, splits, info)
         m, path = cfg.model, cfg.model.path
+        size = input_size(config_preprocessing(cfg, info), info.image_size)  # preprocess.* checked here too
+        if m.name == "hf_image":
+            return given_hf_image(cfg, splits, info)
         state = read_state_dict(path)
         data = f"data.name={cfg.data.name}"
         if m.name in ("resnet18", "resnet50") and "head.weight" not in state:  # torchvision's layout, into the suite's
@@ -159,15 +261,26 @@ class ImageClassification(ClassificationTask):
             check_fits(state, net, path, f"torchvision's {m.name}", data, info.num_classes, info.in_channels)
             net.load_state_dict(state)
             return {"model": torchvision_resnet(m.name, info.in_channels, info.num_classes, net).state_dict()}
-        model = build_model(m, info.in_channels, info.num_classes, info.image_size)
-        net = model.net if m.name == "torchvision" else model
-        what = f"torchvision's {m.arch}" if m.name == "torchvision" else f"model.name={m.name}" + (
+        model = build_model(m, info.in_channels, info.num_classes, size)
+        net = model.net if m.name in BY_ARCH else model
+        what = f"{m.name}'s {m.arch}" if m.name in BY_ARCH else f"model.name={m.name}" + (
             "" if m.name in ("resnet18", "resnet50") else f" (width {m.width})")
         check_fits(state, net, path, what, data, info.num_classes, info.in_channels)
         net.load_state_dict(state)
         return {"model": model.state_dict()}
 
+    def save_given(self, cfg: Config, run: RunDir, folder, given, splits: dict, info) -> dict:
+        if cfg.model.name != "hf_image":
+            return super().save_given(cfg, run, folder, given, splits, info)
+        given["net"].save_pretrained(folder)
+        if given["processor"] is not None:
+            given["processor"].save_pretrained(folder)
+        return {"model": cfg.model.__dict__, "dataset": cfg.data.name, "num_classes": info.num_classes,
+                "in_channels": info.in_channels, "image_size": info.image_size,
+                "embedding_dim": given["embedding_dim"], "input_shape": given["input_shape"]}
+
     def embed_rows(self, cfg: Config, run: RunDir, split: Split, split_name: str, meta: dict):
+        preprocessing(cfg.to_dict()["preprocess"], meta["model"], meta["dataset"], meta["in_channels"])  # checked here
         e = cfg.embed
         ds = split_dataset(split, num_blocks=max(4 * e.num_actors, len(split) // (4 * e.batch_size)))
         if split.images is None:  # decoding as its own CPU step, overlapping inference
@@ -179,7 +292,7 @@ class ImageClassification(ClassificationTask):
         m = cfg.model
         if m.source == "trained":
             return f"{m.name} (width {m.width})"
-        return f"{m.arch if m.name == 'torchvision' else m.name} from {m.path}"
+        return f"{m.arch if m.name in BY_ARCH else m.name} from {m.path}"
 
     def read_examples(self, path: str, meta: dict) -> Split:
         """An .npz with images (uint8, N x C x H x W, the model's input size) and labels (N,)."""

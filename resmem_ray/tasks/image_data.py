@@ -137,14 +137,28 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], DatasetIn
 # --- turning uint8 images into model inputs --------------------------------------------
 
 def normalize(images: np.ndarray | torch.Tensor, dataset: str) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float32 normalised tensor."""
+    """uint8 (N, C, H, W) -> float32 tensor normalised with the dataset's statistics."""
+    mean, std = NORMALIZATION[dataset]
+    return prepare(images, mean, std)
+
+
+def prepare(images: np.ndarray | torch.Tensor, mean, std, resize: int | None = None,
+            crop: int | None = None) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 model input: the short side resized to `resize`
+    (bilinear, antialiased), the centre `crop` square kept, scaled to [0, 1], normalised;
+    torchvision's ImageClassification transforms in that order."""
+    from torchvision.transforms import functional as TF
+
     if isinstance(images, np.ndarray) and not images.flags.writeable:
         images = images.copy()  # Ray Data hands over read-only buffers, which torch warns about
-    x = torch.as_tensor(images).float().div_(255.0)
-    mean, std = NORMALIZATION[dataset]
-    mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)  # batches on the GPU: Ray Train moves them there
-    std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std
+    x = torch.as_tensor(images)
+    if resize:
+        x = TF.resize(x, [resize], antialias=True)
+    if crop:
+        x = TF.center_crop(x, [crop])
+    x = x.float().div_(255.0)
+    # on the batch's device: Ray Train moves batches onto the GPU
+    return (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(1, -1, 1, 1)
 
 
 def request_image(item, number: int, channels: int, size: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Base models. Each gives `embed_logits(x)`: the embedding and the logits of one
 forward pass. The suite's own models split into `embed(x)` (pooled penultimate layer)
 and `head(z)`, `forward(x) == head(embed(x))`; any torchvision classifier
-(model.name=torchvision) embeds at the input of a named layer, caught by a hook."""
+(model.name=torchvision), any timm one (model.name=timm) and any Hugging Face image
+classifier (model.name=hf_image) embeds at the input of a named layer, caught by a hook."""
 
 from __future__ import annotations
 
@@ -35,9 +36,10 @@ class EmbedHead(nn.Module):
 
 class HookedClassifier(nn.Module):
     """A whole classifier network whose embedding is the (flattened) input of one of its
-    modules, `layer` (a name from named_modules()); logits are the network's output."""
+    modules, `layer` (a name from named_modules()); logits are the network's output (a
+    Hugging Face model's `.logits`). `probe`: one batch of the inputs it will be given."""
 
-    def __init__(self, net: nn.Module, layer: str, in_channels: int, image_size: int, name: str):
+    def __init__(self, net: nn.Module, layer: str, probe: torch.Tensor, name: str):
         super().__init__()
         self.net, self.layer = net, layer
         modules = dict(net.named_modules())
@@ -51,9 +53,9 @@ class HookedClassifier(nn.Module):
         net.eval()
         try:  # one probe: the embedding's size, and whether the network takes these images at all
             with torch.no_grad():
-                self.embedding_dim = self.embed_logits(torch.zeros(2, in_channels, image_size, image_size))[0].shape[1]
+                self.embedding_dim = self.embed_logits(probe)[0].shape[1]
         except Exception as e:  # torch's, or an architecture's own assertion (ViT: its image size)
-            raise ResMemError(f"{name} does not run on {in_channels}x{image_size}x{image_size} images: "
+            raise ResMemError(f"{name} does not run on {'x'.join(map(str, probe.shape[1:]))} images: "
                               f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
         finally:
             net.train(was_training)
@@ -63,12 +65,13 @@ class HookedClassifier(nn.Module):
             self._seen.append(inputs[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out = self.net(x)
+        return out if isinstance(out, torch.Tensor) else out.logits
 
     def embed_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._seen = []
         try:
-            logits = self.net(x)
+            logits = self(x)
             seen = self._seen
         finally:
             self._seen = None
@@ -139,6 +142,33 @@ def torchvision_net(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     return net
 
 
+def timm_net(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    """A timm classifier (random init: no weights are downloaded) for `in_channels`-channel images."""
+    try:
+        import timm
+    except ImportError:
+        raise ResMemError("model.name=timm needs the timm package (pip install timm)") from None
+    if not timm.is_model(arch):
+        raise ResMemError(f"config key model.arch: unknown timm architecture {arch!r} (e.g. resnet10t, "
+                          "convnext_atto: timm.list_models())")
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+
+
+def published_transforms(arch: str) -> dict:
+    """{resize, crop, mean, std} of the transforms of `arch`'s default published torchvision
+    weights (read from torchvision's tables: nothing is downloaded)."""
+    import torchvision
+
+    try:
+        t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    except (ValueError, KeyError, AttributeError):
+        t = None
+    if not all(hasattr(t, a) for a in ("resize_size", "crop_size", "mean", "std")):
+        raise ResMemError(f"config key preprocess.preset=weights: {arch} has no published torchvision image "
+                          "classification weights: set preprocess.resize, crop, mean and std")
+    return {"resize": t.resize_size[0], "crop": t.crop_size[0], "mean": list(t.mean), "std": list(t.std)}
+
+
 def torchvision_resnet(name: str, in_channels: int, num_classes: int, net: nn.Module | None = None) -> EmbedHead:
     """torchvision resnet18/50, its fc split off as the head; `net`: such a network (in
     torchvision's own layout, weights loaded) to take the layers from instead of a new one."""
@@ -149,18 +179,23 @@ def torchvision_resnet(name: str, in_channels: int, num_classes: int, net: nn.Mo
     return model
 
 
+def hooked(net: nn.Module, cfg: ModelConfig, probe: torch.Tensor, name: str) -> HookedClassifier:
+    """`net` embedding at model.embedding_layer's input (default: its last nn.Linear, the classifier)."""
+    linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    layer = cfg.embedding_layer or (linears[-1] if linears else None)
+    if not layer:
+        raise ResMemError(f"{name} has no nn.Linear classifier: set model.embedding_layer "
+                          "(a module name from named_modules())")
+    return HookedClassifier(net, layer, probe, name)
+
+
 def build_model(cfg: ModelConfig, in_channels: int, num_classes: int, image_size: int | None = None) -> nn.Module:
     """The network that model.name (and for torchvision, model.arch and model.embedding_layer)
     names, for images of `in_channels` x `image_size` x `image_size` (needed by torchvision's)."""
-    if cfg.name == "torchvision":
-        assert image_size, "a torchvision network's embedding size is probed on an image of the data's size"
-        net = torchvision_net(cfg.arch, in_channels, num_classes)
-        linears = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
-        layer = cfg.embedding_layer or (linears[-1] if linears else None)
-        if not layer:
-            raise ResMemError(f"model.arch={cfg.arch} has no nn.Linear classifier: set model.embedding_layer "
-                              "(a module name from named_modules())")
-        return HookedClassifier(net, layer, in_channels, image_size, f"model.arch={cfg.arch}")
+    if cfg.name in ("torchvision", "timm"):
+        assert image_size, "the network's embedding size is probed on an image of the data's size"
+        net = (torchvision_net if cfg.name == "torchvision" else timm_net)(cfg.arch, in_channels, num_classes)
+        return hooked(net, cfg, torch.zeros(2, in_channels, image_size, image_size), f"model.arch={cfg.arch}")
     if cfg.name == "small_cnn":
         return small_cnn(in_channels, num_classes, cfg.width)
     if cfg.name in ("resnet20", "resnet32", "resnet56"):
@@ -187,7 +222,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         what = (f"holds pickled Python objects ({found[1]}), which are never loaded (torch.load weights_only=True)"
                 if found else "a TorchScript archive, which is not read" if "TorchScript" in str(e)
                 else "not a PyTorch weights file")
-        raise ResMemError(f"model.path={path}: {what}: {how}") from None
+        why = (" (a TorchScript module takes no forward hooks, through which the suite reads the embedding at a "
+               "module's input)" if "TorchScript" in what else "")
+        raise ResMemError(f"model.path={path}: {what}: {how}{why}") from None
     if not isinstance(state, dict):
         raise ResMemError(f"model.path={path}: holds a {type(state).__name__}, not a state dict: {how}")
     bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
@@ -222,3 +259,42 @@ def check_fits(state: dict, net: nn.Module, path: str, what: str, data: str, num
                ([f"unexpected keys {_few(unexpected)}"] if unexpected else []) + shapes[:3]
     if problems:
         raise ResMemError(f"model.path={path} does not fit {what}: {'; '.join(problems)}")
+
+
+def hf_image_classifier(path: str, num_classes: int) -> tuple[nn.Module, object, str]:
+    """(the network, its image processor or None, its name for messages) of a local Hugging
+    Face folder holding an AutoModelForImageClassification with the data's classes."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as NAMES
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    if not Path(path).is_dir():
+        raise ResMemError(f"model.path={path}: model.name=hf_image takes a local Hugging Face model folder "
+                          "(save_pretrained)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ResMemError(f"model.path={path}: not a loadable transformers model: {str(e).splitlines()[0]}") from None
+    archs = config.architectures or []
+    if archs and not set(archs) & set(NAMES.values()):
+        raise ResMemError(f"model.path={path} holds a {archs[0]}, not an AutoModelForImageClassification")
+    if config.num_labels != num_classes:
+        raise ResMemError(f"model.path={path}: its classifier has {config.num_labels} labels (num_labels), "
+                          f"the data has {num_classes} classes")
+    try:
+        net, loading = AutoModelForImageClassification.from_pretrained(path, local_files_only=True,
+                                                                       output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights of other shapes
+        raise ResMemError(f"model.path={path}: not a loadable AutoModelForImageClassification: "
+                          f"{str(e).splitlines()[0]}") from None
+    if loading["missing_keys"]:
+        raise ResMemError(f"model.path={path} is not a whole image classifier: no weights for "
+                          f"{_few(sorted(loading['missing_keys']))}")
+    processor = None
+    if (Path(path) / "preprocessor_config.json").is_file():
+        processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+    return net.eval(), processor, f"model.path={path} ({archs[0] if archs else config.model_type})"
