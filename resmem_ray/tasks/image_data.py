@@ -158,7 +158,8 @@ def prepare(images: np.ndarray | torch.Tensor, mean, std, resize: int | None = N
         x = TF.center_crop(x, [crop])
     x = x.float().div_(255.0)
     # on the batch's device: Ray Train moves batches onto the GPU
-    return (x - torch.tensor(mean, device=x.device).view(1, -1, 1, 1)) / torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
+    return (x - mean) / std
 
 
 def request_image(item, number: int, channels: int, size: int) -> np.ndarray:
