@@ -31,9 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import results  # noqa: E402
+from results import section, write
 
 QUESTION = ("How do build time, memory per row and lookup rate grow with the memory's size, and how many "
             "nodes does a memory of 100M or 1B rows need?")
@@ -271,8 +269,8 @@ def main(argv=None) -> None:
     if args.write_results:
         png = Path(__file__).with_name("scale.png")
         plot(found, png)
-        results.write(args.out, [*results.section("Memory size: from 1M rows up", QUESTION), *table, "",
-                                f"![cost against memory rows]({png.name})"])
+        lines = [*section("Memory size: from 1M rows up", QUESTION), *table, "", f"![cost against memory rows]({png.name})"]
+        write(args.out, lines)
 
 
 if __name__ == "__main__":
