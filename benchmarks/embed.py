@@ -27,6 +27,7 @@ from resmem_ray.config import Config, DataConfig, ModelConfig
 from resmem_ray.tasks.image import ImageClassification
 from resmem_ray.tasks.image_data import load_splits, normalize
 from resmem_ray.tasks.vision_models import build_model
+from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.store.files import file_hashes
 
@@ -63,7 +64,7 @@ def ray_data(run: RunDir, cfg: Config, split, actors: int, size: int) -> float:
     cfg.embed.num_actors = actors
     cfg.embed.cpus_per_actor = os.cpu_count() / actors
     t0 = time.perf_counter()
-    rows_ds = ImageClassification().embed_rows(cfg, run, split, "train", {"image_size": size})
+    rows_ds = ImageClassification().embed_rows(cfg, run, split, "train", read_model_meta(run, "embed"))
     rows = sum(len(b["id"]) for b in rows_ds.iter_batches(batch_size=None, batch_format="numpy"))
     assert rows == len(split)
     return rows / (time.perf_counter() - t0)

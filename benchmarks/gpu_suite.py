@@ -187,6 +187,7 @@ def train_step(s: Suite):
 def embed_step(s: Suite):
     from embed import make_run
 
+    from resmem_ray.store.artifacts import read_model_meta
     from resmem_ray.tasks.image import ImageClassification
     from resmem_ray.tasks.splits import Split
 
@@ -202,7 +203,7 @@ def embed_step(s: Suite):
         cfg.embed = dataclasses.replace(cfg.embed, num_actors=actors, cpus_per_actor=cpus / actors,
                                         gpus_per_actor=0.0 if s.dry else 1 / actors, batch_size=z["batch"])
         t0 = time.perf_counter()
-        ds = ImageClassification().embed_rows(cfg, run, split, "train", {"image_size": 32})
+        ds = ImageClassification().embed_rows(cfg, run, split, "train", read_model_meta(run, "embed"))
         n = sum(len(b["id"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
         seconds = time.perf_counter() - t0
         if n != len(split):
