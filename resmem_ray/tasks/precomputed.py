@@ -9,8 +9,8 @@ split (train, val, test), one of:
         columns embedding (a list of D floats per row), logits or probs (a list of C
         floats), label (an integer in [0, C)) and optionally id (a non-negative integer)
     a <split>/ folder of .npy files: embedding.npy (N, D), logits.npy or probs.npy (N, C),
-        label.npy (N,) integers and optionally id.npy (N,) (memory-mapped where local;
-        never unpickled)
+        label.npy (N,) integers and optionally id.npy (N,) (read a slice at a time, never
+        unpickled)
 
 Without ids, an example's id is its row number, counted on across the splits (train
 first, then val, then test). The number of classes is the logits' width. Probabilities
@@ -67,7 +67,7 @@ class Rows(Split):
     parts: list = field(default_factory=list)  # parquet: (file, rows) in order; npy: [(folder, rows)]
     files: list = field(default_factory=list)  # parquet: the parts' paths on `fs`
     fs: object = None
-    arrays: dict = field(default_factory=dict)  # npy: column -> array (memory-mapped where local)
+    arrays: dict = field(default_factory=dict)  # npy: column -> NpyFile
     widths: dict = field(default_factory=dict)  # embedding, outputs: values per row
     count: int = 0
     has_ids: bool = False  # an id column; else ids are row numbers from `offset`
@@ -308,21 +308,52 @@ def _read_npy(fs, folder: str, shown: str, name: str, files: list[str]) -> Rows:
     return rows
 
 
-def _load_npy(fs, path: str, shown: str, name: str) -> np.ndarray:
+class NpyFile:
+    """A C-ordered .npy file read by position, a slice of rows at a time: never
+    memory-mapped (the mapped pages read would stay in the driver's resident memory) nor
+    read whole, local or on an object store."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+        with fs.open_input_file(path) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, self.fortran, self.dtype = read(f)
+            self.offset, size = f.tell(), f.size()
+        if self.dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        self.ndim, self.row_bytes = len(self.shape), self.dtype.itemsize * int(np.prod(self.shape[1:]))
+        needed = self.offset + self.row_bytes * (self.shape[0] if self.shape else 1)
+        if size < needed:
+            raise ValueError(f"the file holds {size} bytes, its header says {needed}")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(len(self))
+        with self.fs.open_input_file(self.path) as f:
+            data = f.read_at(self.row_bytes * max(0, b - a), self.offset + self.row_bytes * a)
+        return np.frombuffer(data, self.dtype).reshape((max(0, b - a),) + tuple(self.shape[1:]))
+
+
+def _load_npy(fs, path: str, shown: str, name: str):
     from pyarrow.fs import LocalFileSystem
 
     try:
-        if isinstance(fs, LocalFileSystem):
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        else:
+        with fs.open_input_file(path) as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise ResMemError(f"{shown} (split {name}): an .npz archive, not one .npy array")
+        array = NpyFile(fs, path)
+        if array.fortran and array.ndim > 1:  # rows are not contiguous: mapped where local, else read whole
+            if isinstance(fs, LocalFileSystem):
+                return np.load(path, mmap_mode="r", allow_pickle=False)
             with fs.open_input_file(path) as f:
-                array = np.load(io.BytesIO(f.read()), allow_pickle=False)
+                return np.load(io.BytesIO(f.read()), allow_pickle=False)
+        return array
     except (OSError, ValueError, EOFError) as e:  # object arrays (a pickle) are a ValueError: never loaded
         raise ResMemError(f"{shown} (split {name}): not a readable .npy file of numbers "
                           f"({str(e).splitlines()[0]})") from None
-    if not isinstance(array, np.ndarray):
-        raise ResMemError(f"{shown} (split {name}): an .npz archive, not one .npy array")
-    return array
 
 
 def _check_not_empty(rows: Rows) -> None:
