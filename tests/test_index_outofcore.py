@@ -1,5 +1,6 @@
 """`resmem index` builds each shard where its rows are: the driver reads parquet metadata,
-never the split, and the shards equal the ones built from the whole split in memory."""
+never the split, and the shards equal the ones built from the whole split in memory. A
+precomputed split's train and embed hold it a chunk at a time."""
 
 import tracemalloc
 
@@ -11,7 +12,7 @@ import pytest
 from resmem_ray.cli import main
 from resmem_ray.config import load_config
 from resmem_ray.runtime.shards import plan_shards, write_shards
-from resmem_ray.store.artifacts import load_shard, read_index_manifest, read_split
+from resmem_ray.store.artifacts import load_shard, read_index_manifest, read_split, row_groups
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
 
@@ -32,30 +33,33 @@ class RowsRead:
     """Counts the rows pyarrow's parquet readers hand to this process."""
 
     def __init__(self, monkeypatch):
-        self.rows = 0
+        self.rows = self.largest = 0  # all rows, and the most in one call
         for name in ("read", "read_row_group", "read_row_groups"):
             self._count(monkeypatch, name, lambda t: t.num_rows)
         real_iter = pq.ParquetFile.iter_batches
 
         def iter_batches(f, *a, **kw):
             for batch in real_iter(f, *a, **kw):
-                self.rows += batch.num_rows
+                self._add(batch.num_rows)
                 yield batch
         monkeypatch.setattr(pq.ParquetFile, "iter_batches", iter_batches)
         real_table = pq.read_table
 
         def read_table(*a, **kw):
             table = real_table(*a, **kw)
-            self.rows += table.num_rows
+            self._add(table.num_rows)
             return table
         monkeypatch.setattr(pq, "read_table", read_table)
+
+    def _add(self, rows: int) -> None:
+        self.rows, self.largest = self.rows + rows, max(self.largest, rows)
 
     def _count(self, monkeypatch, name, rows):
         real = getattr(pq.ParquetFile, name)
 
         def counted(f, *a, **kw):
             out = real(f, *a, **kw)
-            self.rows += rows(out)
+            self._add(rows(out))
             return out
         monkeypatch.setattr(pq.ParquetFile, name, counted)
 
@@ -149,3 +153,49 @@ def test_a_task_on_a_host_without_the_run_reads_its_rows_from_the_uri(tmp_path, 
         p.unlink()
     with pytest.raises(ResMemError, match=f"{rel} does not match its manifest hash"):
         read_pieces(elsewhere, first, ("id",), run_uri=f"file://{run}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("layout", ["parquet", "npy"])
+def test_precomputed_train_and_embed_hold_a_chunk_at_a_time(ray_session, tmp_path, monkeypatch, layout):
+    """train's checks and embed's copy read the split a bounded chunk at a time: with the
+    bound set to a few thousand rows, a split ~40 times larger is never held whole."""
+    from resmem_ray.tasks import precomputed
+
+    from .test_precomputed import write_npy
+
+    rng = np.random.default_rng(1)
+    n = 2 * TRAIN
+    splits = {"train": mixture(rng, n), "val": mixture(rng, 50), "test": mixture(rng, 50)}
+    write = write_parquet if layout == "parquet" else write_npy
+    source = write(tmp_path / "rows", splits)
+    small = write(tmp_path / "small", {name: mixture(rng, 50) for name in splits})
+    for stage in ("train", "embed"):  # once before measuring: the modules a first run imports are no rows
+        assert main([stage, "--config", "jobs/configs/precomputed.yaml", f"run_dir={tmp_path / 'warm'}",
+                     f"model.path={small}"]) == 0
+    chunk = 2048
+    monkeypatch.setattr(precomputed, "CHUNK", chunk)
+    monkeypatch.setattr(precomputed, "BLOCK_BYTES", chunk * 4 * (DIM + CLASSES), raising=False)
+    split_bytes = n * 4 * (DIM + CLASSES)
+    run_dir = tmp_path / "run"
+    args = ["--config", "jobs/configs/precomputed.yaml", f"run_dir={run_dir}", f"model.path={source}"]
+    for stage in ("train", "embed"):
+        reads = RowsRead(monkeypatch)
+        tracemalloc.start()
+        try:
+            assert main([stage, *args]) == 0
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert reads.largest <= chunk, f"{stage}: pyarrow handed the driver {reads.largest} rows at once"
+        assert peak < split_bytes / 5, \
+            f"{stage}: the driver held {peak / 2**20:.1f} MiB of a {split_bytes / 2**20:.1f} MiB split"
+    monkeypatch.undo()
+    rows = read_split(RunDir(run_dir), "train", "test")
+    np.testing.assert_array_equal(rows["id"], np.arange(n))
+    np.testing.assert_array_equal(rows["embedding"], splits["train"]["embedding"])
+    np.testing.assert_array_equal(rows["logits"], splits["train"]["logits"])
+    groups = [g for p in sorted((run_dir / "embeddings" / "train").glob("*.parquet"))
+              for g in row_groups(run_dir, str(p.relative_to(run_dir)), "", ("id",))]
+    assert len(groups) == -(-n // chunk) and all(g["rows"] <= chunk for g in groups)
+    assert [g["ids"] for g in groups] == [[a, min(a + chunk, n) - 1] for a in range(0, n, chunk)]

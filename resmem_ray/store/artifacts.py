@@ -20,12 +20,36 @@ from resmem_ray.store.files import atomic_dir, digest, inside, read_json, sha256
 from resmem_ray.store.rundir import RunDir, kind
 
 
-def write_split(ds, run: RunDir, name: str, batch_size: int) -> int:
-    """Write a split's embedding rows (a Ray dataset) as parquet under RUN/embeddings/<name>,
-    atomically; the number of rows written."""
+FILE_GROUPS = 8  # row groups (tables) per parquet part that write_split writes from this process
+
+
+def write_split(rows, run: RunDir, name: str, batch_size: int) -> int:
+    """Write a split's embedding rows as parquet under RUN/embeddings/<name>, atomically;
+    the number of rows written. `rows`: a Ray dataset, or Arrow tables in id order (one
+    held at a time), each written from this process as one row group (its id range in
+    the statistics that runtime/shards.plan_shards reads)."""
     with atomic_dir(run.embeddings / name) as tmp:
-        ds.write_parquet(str(tmp), min_rows_per_file=max(batch_size, 4096))
+        if hasattr(rows, "write_parquet"):  # a Ray dataset
+            rows.write_parquet(str(tmp), min_rows_per_file=max(batch_size, 4096))
+        else:
+            _write_tables(rows, tmp)
         return sum(pq.ParquetFile(p).metadata.num_rows for p in tmp.glob("*.parquet"))
+
+
+def _write_tables(tables, folder: Path) -> None:
+    writer, groups, part = None, 0, 0
+    try:
+        for table in tables:
+            if writer is None:
+                writer = pq.ParquetWriter(folder / f"part-{part:05d}.parquet", table.schema)
+            writer.write_table(table, row_group_size=max(1, table.num_rows))
+            groups += 1
+            if groups == FILE_GROUPS:
+                writer.close()
+                writer, groups, part = None, 0, part + 1
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def _split_files(run: RunDir, split: str, needed_by: str) -> tuple[list[Path], dict, int]:

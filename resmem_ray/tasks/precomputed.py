@@ -9,8 +9,8 @@ split (train, val, test), one of:
         columns embedding (a list of D floats per row), logits or probs (a list of C
         floats), label (an integer in [0, C)) and optionally id (a non-negative integer)
     a <split>/ folder of .npy files: embedding.npy (N, D), logits.npy or probs.npy (N, C),
-        label.npy (N,) integers and optionally id.npy (N,) (memory-mapped where local;
-        never unpickled)
+        label.npy (N,) integers and optionally id.npy (N,) (read a slice at a time, never
+        unpickled)
 
 Without ids, an example's id is its row number, counted on across the splits (train
 first, then val, then test). The number of classes is the logits' width. Probabilities
@@ -50,21 +50,31 @@ from resmem_ray.tasks.splits import SPLITS, Split
 OUTPUTS = ("logits", "probs")  # a split gives one of the two
 FLOOR = float(np.finfo(np.float32).tiny)  # probabilities are clipped here before the log
 SUM_TOLERANCE = 1e-3  # how far a row of probabilities may sum from 1
-CHUNK = 65536  # rows checked at a time: memory-mapped arrays are never read whole
+CHUNK = 65536  # rows read at a time by the checks: no split is ever read whole
+BLOCK_BYTES = 32 << 20  # about this much of a split at a time in `resmem embed`
 NO_MODEL = "a precomputed run (model.source=precomputed) has no model to embed new inputs"
 
 
 @dataclass
 class Rows(Split):
-    """One split's precomputed rows, as read (npy arrays memory-mapped where local)."""
+    """One split's precomputed rows, as found: the files' shapes and types are read, the
+    rows themselves only chunk by chunk (chunks), so no split is ever held whole."""
 
     name: str = ""  # the split
     source: str = ""  # the file or folder it was read from, as model.path names it
-    embeddings: Optional[np.ndarray] = None  # (N, D)
-    outputs: Optional[np.ndarray] = None  # (N, C): logits, or probabilities
-    kind: str = "logits"  # what `outputs` holds: logits | probs
+    kind: str = "logits"  # what the outputs column holds: logits | probs
     layout: str = "parquet"  # parquet | npy
     parts: list = field(default_factory=list)  # parquet: (file, rows) in order; npy: [(folder, rows)]
+    files: list = field(default_factory=list)  # parquet: the parts' paths on `fs`
+    fs: object = None
+    arrays: dict = field(default_factory=dict)  # npy: column -> NpyFile
+    widths: dict = field(default_factory=dict)  # embedding, outputs: values per row
+    count: int = 0
+    has_ids: bool = False  # an id column; else ids are row numbers from `offset`
+    offset: int = 0
+
+    def __len__(self) -> int:
+        return self.count
 
     def at(self, column: str, row: int) -> str:
         """Where a row of a column lies, in words: the file, the split, the column, the row."""
@@ -79,10 +89,54 @@ class Rows(Split):
     def where(self) -> str:
         return f"{self.source} (split {self.name})"
 
-    def logits(self, rows: slice = slice(None)) -> np.ndarray:
-        """float32 logits of these rows (log p for probabilities)."""
-        out = np.asarray(self.outputs[rows], dtype=np.float32)
+    def chunks(self, columns=("embedding", "outputs", "label", "id"), size: int | None = None):
+        """(first row, {column: array}) for at most `size` rows (CHUNK) at a time, in
+        order; list columns as (n, width) arrays, checked as they are read (nulls, ragged
+        rows). "outputs" is the logits or probs column; ids are the id column, row numbers
+        from `offset` without one, or `ids` where set (memorize numbers the rows itself)."""
+        size = size or CHUNK
+        read = [c for c in columns if c != "id" or (self.has_ids and self.ids is None)]
+        start = 0
+        for piece in (self._npy_pieces(read, size) if self.layout == "npy" else self._parquet_pieces(read, size)):
+            n = len(next(iter(piece.values()))) if piece else min(size, self.count - start)
+            if "id" in columns and "id" not in piece:
+                piece["id"] = (self.ids[start:start + n] if self.ids is not None
+                               else self.offset + np.arange(start, start + n, dtype=np.int64))
+            yield start, piece
+            start += n
+
+    def _npy_pieces(self, columns, size):
+        names = {"outputs": self.kind}
+        for a in range(0, self.count, size):
+            yield {c: np.asarray(self.arrays[names.get(c, c)][a:a + size]) for c in columns}
+
+    def _parquet_pieces(self, columns, size):
+        names = [self.kind if c == "outputs" else c for c in columns]
+        for file, (where, rows) in zip(self.files, self.parts):
+            at, row = f"{where} (split {self.name})", 0
+            if not names:  # row numbers only
+                for a in range(0, rows, size):
+                    yield {}
+                continue
+            with self.fs.open_input_file(file) as f:
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=size, columns=names):
+                    piece = {}
+                    for c, n in zip(columns, names):
+                        col = batch.column(n)
+                        piece[c] = (_integers(col, at, n, row) if c in ("label", "id")
+                                    else _matrix(col, at, n, row, self.widths[c]))
+                    row += batch.num_rows
+                    yield piece
+
+    def logits(self, outputs: np.ndarray) -> np.ndarray:
+        """float32 logits of a chunk's outputs (log p for probabilities)."""
+        out = np.asarray(outputs, dtype=np.float32)
         return np.log(np.maximum(out, FLOOR)) if self.kind == "probs" else out
+
+    def max_id(self) -> int:
+        if not self.has_ids and self.ids is None:
+            return self.offset + self.count - 1
+        return max(int(p["id"].max()) for _, p in self.chunks(("id",)))
 
 
 # --- reading --------------------------------------------------------------------------
@@ -96,15 +150,15 @@ def _filesystem(path: str):
 
 
 def read_rows(path: str) -> dict[str, Rows]:
-    """Every split of model.path, read and shaped (values are checked by check_rows)."""
+    """Every split of model.path, its files' columns, types and widths read (the rows
+    are checked, chunk by chunk, by check_rows)."""
     fs, root = _filesystem(path)
     shown = path.split("?")[0].rstrip("/")  # messages name files without a URI's options
     splits, offset = {}, 0
     for name in SPLITS:
         rows = _read_split(fs, root.rstrip("/"), shown, name)
-        if rows.ids is None:  # row numbers, counted on across the splits
-            rows.ids = offset + np.arange(len(rows.labels), dtype=np.int64)
-        offset += len(rows.labels)
+        rows.offset = offset  # without ids: row numbers, counted on across the splits
+        offset += len(rows)
         splits[name] = rows
     return splits
 
@@ -134,72 +188,87 @@ def _read_split(fs, root: str, shown: str, name: str) -> Rows:
 
 
 def _read_parquet(fs, files: list[str], shown: list[str], name: str, source: str) -> Rows:
-    """A split from parquet files: each file's columns checked and turned into arrays."""
-    columns = {c: [] for c in ("embedding", "outputs", "label", "id")}
-    kinds, parts = [], []
+    """A split from parquet files: each file's columns and types checked, its widths read
+    from its schema or its first row; the rows are read by Rows.chunks."""
+    kinds, parts, widths = [], [], {"embedding": [], "outputs": []}
+    has_ids = False
     for file, where in zip(files, shown):
         at = f"{where} (split {name})"
         try:
-            table = pq.read_table(file, filesystem=fs)
+            with fs.open_input_file(file) as f:
+                pf = pq.ParquetFile(f)
+                schema, count = pf.schema_arrow, pf.metadata.num_rows
+                have = schema.names
+                given = [c for c in OUTPUTS if c in have]
+                if len(given) != 1:
+                    problem = "both logits and probs columns: keep one" if given else "no column logits or probs"
+                    raise ResMemError(f"{at}: {problem} (it has {', '.join(have)})")
+                for column in ("embedding", "label"):
+                    if column not in have:
+                        raise ResMemError(f"{at}: no column {column} (it has {', '.join(have)})")
+                if parts and (given[0] != kinds[0] or ("id" in have) != has_ids):
+                    raise ResMemError(f"{at}: columns {', '.join(have)}, unlike the split's first part "
+                                      f"{parts[0][0]} (every part needs the same columns)")
+                first = next(pf.iter_batches(batch_size=1, columns=["embedding", given[0]]), None)
         except (OSError, ValueError) as e:  # pyarrow.ArrowInvalid is a ValueError
             raise ResMemError(f"{at}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-        have = table.column_names
-        given = [c for c in OUTPUTS if c in have]
-        if len(given) != 1:
-            problem = "both logits and probs columns: keep one" if given else "no column logits or probs"
-            raise ResMemError(f"{at}: {problem} (it has {', '.join(have)})")
-        for column in ("embedding", "label"):
-            if column not in have:
-                raise ResMemError(f"{at}: no column {column} (it has {', '.join(have)})")
-        if parts and (given[0] != kinds[0] or ("id" in have) != bool(columns["id"])):
-            raise ResMemError(f"{at}: columns {', '.join(have)}, unlike the split's first part {parts[0][0]} "
-                              "(every part needs the same columns)")
         kinds.append(given[0])
-        columns["embedding"].append(_matrix(table.column("embedding"), at, "embedding"))
-        columns["outputs"].append(_matrix(table.column(given[0]), at, given[0]))
-        columns["label"].append(_integers(table.column("label"), at, "label"))
-        if "id" in have:
-            columns["id"].append(_integers(table.column("id"), at, "id"))
-        parts.append((where, table.num_rows))
+        has_ids = "id" in have
+        for key, column in (("embedding", "embedding"), ("outputs", given[0])):
+            _list_type(schema.field(column).type, at, column)
+            if first is not None and first.num_rows:
+                widths[key].append(_matrix(first.column(column), at, column).shape[1])
+        for column in ("label", "id"):
+            if column in have and not pa.types.is_integer(schema.field(column).type):
+                raise ResMemError(f"{at}: column {column} is {schema.field(column).type}, not integers")
+        parts.append((where, count))
     for key, column in (("embedding", "embedding"), ("outputs", kinds[0])):
-        widths = sorted({m.shape[1] for m in columns[key]})
-        if len(widths) > 1:
+        if len(set(widths[key])) > 1:
             raise ResMemError(f"{source} (split {name}): the parts' {column} columns have different widths "
-                              f"({', '.join(map(str, widths))})")
-    rows = Rows(ids=np.concatenate(columns["id"]) if columns["id"] else None, labels=np.concatenate(columns["label"]),
-                name=name, source=source, embeddings=np.concatenate(columns["embedding"]),
-                outputs=np.concatenate(columns["outputs"]), kind=kinds[0], layout="parquet", parts=parts)
+                              f"({', '.join(map(str, sorted(set(widths[key]))))})")
+    rows = Rows(ids=None, labels=None, name=name, source=source, kind=kinds[0], layout="parquet", parts=parts,
+                files=list(files), fs=fs, widths={k: (w[0] if w else 0) for k, w in widths.items()},
+                count=sum(n for _, n in parts), has_ids=has_ids)
     _check_not_empty(rows)
     return rows
 
 
-def _matrix(col: pa.ChunkedArray, at: str, column: str) -> np.ndarray:
-    """An (N, width) array from a column of equal-length lists of numbers."""
-    t = col.type
-    if isinstance(t, pa.ExtensionType):  # e.g. a Ray tensor column: its storage is a list column
-        col, t = pa.chunked_array([c.storage for c in col.chunks], t.storage_type), t.storage_type
+def _list_type(t, at: str, column: str):
+    """The list type under a column's type (a Ray tensor column's storage), checked."""
+    if isinstance(t, pa.ExtensionType):
+        t = t.storage_type
     if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)):
         raise ResMemError(f"{at}: column {column} is {t}, not a list of floats per row")
     if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
         raise ResMemError(f"{at}: column {column} holds lists of {t.value_type}, not of floats "
                           "(one flat list per row: the rows are not 2-D)")
-    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    return t
+
+
+def _matrix(col, at: str, column: str, row: int = 0, width: int | None = None) -> np.ndarray:
+    """An (n, width) array from a column of equal-length lists of numbers (rows `row`
+    onward of a file: messages count from there; `width`: row 0's)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
+    _list_type(col.type, at, column)
+    arr = col.storage if isinstance(col.type, pa.ExtensionType) else col
     if arr.null_count:
-        raise ResMemError(f"{at}: column {column}, row {_first(arr.is_null())}: null")
+        raise ResMemError(f"{at}: column {column}, row {row + _first(arr.is_null())}: null")
     lengths = pc.list_value_length(arr).to_numpy()
-    if len(lengths) and (lengths != lengths[0]).any():
-        row = int(np.flatnonzero(lengths != lengths[0])[0])
-        raise ResMemError(f"{at}: column {column}: row 0 has {lengths[0]} values, row {row} has {lengths[row]} "
+    width = int(lengths[0]) if width is None and len(lengths) else width
+    if len(lengths) and (lengths != width).any():
+        r = int(np.flatnonzero(lengths != width)[0])
+        raise ResMemError(f"{at}: column {column}: row 0 has {width} values, row {row + r} has {lengths[r]} "
                           "(not 2-D: every row needs the same number)")
     values = pc.list_flatten(arr).to_numpy(zero_copy_only=False)  # a null value becomes NaN
-    return values.reshape(len(arr), int(lengths[0]) if len(lengths) else 0)
+    return values.reshape(len(arr), width or 0)
 
 
-def _integers(col: pa.ChunkedArray, at: str, column: str) -> np.ndarray:
+def _integers(col, at: str, column: str, row: int = 0) -> np.ndarray:
     if not pa.types.is_integer(col.type):
         raise ResMemError(f"{at}: column {column} is {col.type}, not integers")
     if col.null_count:
-        raise ResMemError(f"{at}: column {column}, row {_first(col.is_null())}: null")
+        raise ResMemError(f"{at}: column {column}, row {row + _first(col.is_null())}: null")
     return col.to_numpy().astype(np.int64)
 
 
@@ -232,56 +301,85 @@ def _read_npy(fs, folder: str, shown: str, name: str, files: list[str]) -> Rows:
     if len(set(counts.values())) > 1:
         raise ResMemError(f"{at}: the arrays hold different numbers of rows: "
                           + ", ".join(f"{n}.npy {c}" for n, c in counts.items()))
-    rows = Rows(ids=np.asarray(arrays["id"], np.int64) if "id" in arrays else None,
-                labels=np.asarray(arrays["label"], np.int64), name=name, source=f"{shown}/",
-                embeddings=arrays["embedding"],
-                outputs=arrays[kind], kind=kind, layout="npy", parts=[(shown, counts["label"])])
+    rows = Rows(ids=None, labels=None, name=name, source=f"{shown}/", kind=kind, layout="npy",
+                parts=[(shown, counts["label"])], arrays=arrays, count=counts["label"], has_ids="id" in arrays,
+                widths={"embedding": arrays["embedding"].shape[1], "outputs": arrays[kind].shape[1]})
     _check_not_empty(rows)
     return rows
 
 
-def _load_npy(fs, path: str, shown: str, name: str) -> np.ndarray:
+class NpyFile:
+    """A C-ordered .npy file read by position, a slice of rows at a time: never
+    memory-mapped (the mapped pages read would stay in the driver's resident memory) nor
+    read whole, local or on an object store."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+        with fs.open_input_file(path) as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, self.fortran, self.dtype = read(f)
+            self.offset, size = f.tell(), f.size()
+        if self.dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        self.ndim, self.row_bytes = len(self.shape), self.dtype.itemsize * int(np.prod(self.shape[1:]))
+        needed = self.offset + self.row_bytes * (self.shape[0] if self.shape else 1)
+        if size < needed:
+            raise ValueError(f"the file holds {size} bytes, its header says {needed}")
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        a, b, _ = rows.indices(len(self))
+        with self.fs.open_input_file(self.path) as f:
+            data = f.read_at(self.row_bytes * max(0, b - a), self.offset + self.row_bytes * a)
+        return np.frombuffer(data, self.dtype).reshape((max(0, b - a),) + tuple(self.shape[1:]))
+
+
+def _load_npy(fs, path: str, shown: str, name: str):
     from pyarrow.fs import LocalFileSystem
 
     try:
-        if isinstance(fs, LocalFileSystem):
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        else:
+        with fs.open_input_file(path) as f:
+            if f.read(4) == b"PK\x03\x04":
+                raise ResMemError(f"{shown} (split {name}): an .npz archive, not one .npy array")
+        array = NpyFile(fs, path)
+        if array.fortran and array.ndim > 1:  # rows are not contiguous: mapped where local, else read whole
+            if isinstance(fs, LocalFileSystem):
+                return np.load(path, mmap_mode="r", allow_pickle=False)
             with fs.open_input_file(path) as f:
-                array = np.load(io.BytesIO(f.read()), allow_pickle=False)
+                return np.load(io.BytesIO(f.read()), allow_pickle=False)
+        return array
     except (OSError, ValueError, EOFError) as e:  # object arrays (a pickle) are a ValueError: never loaded
         raise ResMemError(f"{shown} (split {name}): not a readable .npy file of numbers "
                           f"({str(e).splitlines()[0]})") from None
-    if not isinstance(array, np.ndarray):
-        raise ResMemError(f"{shown} (split {name}): an .npz archive, not one .npy array")
-    return array
 
 
 def _check_not_empty(rows: Rows) -> None:
-    if not len(rows.labels):
+    if not len(rows):
         raise ResMemError(f"{rows.where()}: no rows")
 
 
 # --- checks -----------------------------------------------------------------------------
 
 def check_rows(rows: Rows, dim: int, classes: int, reference: str) -> None:
-    """A split's widths against the run's (`reference` says whose), then its values:
-    finite, probabilities that are distributions, labels among the classes."""
+    """A split's widths against the run's (`reference` says whose), then its values, a
+    chunk at a time: finite, probabilities that are distributions, labels among the classes."""
     out = rows.kind
-    if rows.embeddings.shape[1] != dim:
-        raise ResMemError(f"{rows.where()}: embedding has {rows.embeddings.shape[1]} values per row, "
+    if rows.widths["embedding"] != dim:
+        raise ResMemError(f"{rows.where()}: embedding has {rows.widths['embedding']} values per row, "
                           f"{reference} {dim}")
-    if rows.outputs.shape[1] != classes:
-        raise ResMemError(f"{rows.where()}: {out} has {rows.outputs.shape[1]} values per row, {reference} "
+    if rows.widths["outputs"] != classes:
+        raise ResMemError(f"{rows.where()}: {out} has {rows.widths['outputs']} values per row, {reference} "
                           f"{classes} (the number of classes)")
-    for a in range(0, len(rows.labels), CHUNK):
-        for column, values in (("embedding", rows.embeddings), (out, rows.outputs)):
-            block = np.asarray(values[a:a + CHUNK])
-            bad = ~np.isfinite(block).all(axis=1)
+    for a, piece in rows.chunks(("embedding", "outputs", "label")):
+        for column, key in (("embedding", "embedding"), (out, "outputs")):
+            bad = ~np.isfinite(piece[key]).all(axis=1)
             if bad.any():
                 raise ResMemError(f"{rows.at(column, a + _first_true(bad))}: NaN or inf")
         if out == "probs":
-            block = np.asarray(rows.outputs[a:a + CHUNK], dtype=np.float64)
+            block = np.asarray(piece["outputs"], dtype=np.float64)
             bad = ((block < 0) | (block > 1)).any(axis=1)
             if bad.any():
                 r = _first_true(bad)
@@ -293,11 +391,12 @@ def check_rows(rows: Rows, dim: int, classes: int, reference: str) -> None:
                 r = _first_true(bad)
                 raise ResMemError(f"{rows.at(out, a + r)}: probabilities sum to {sums[r]:.4g}, not 1 "
                                   "(give logits instead, or normalised probabilities)")
-    bad = (rows.labels < 0) | (rows.labels >= classes)
-    if bad.any():
-        r = _first_true(bad)
-        raise ResMemError(f"{rows.at('label', r)}: label {rows.labels[r]} is outside [0, {classes}) "
-                          f"({classes} classes: the {out}' width)")
+        labels = piece["label"]
+        bad = (labels < 0) | (labels >= classes)
+        if bad.any():
+            r = _first_true(bad)
+            raise ResMemError(f"{rows.at('label', a + r)}: label {labels[r]} is outside [0, {classes}) "
+                              f"({classes} classes: the {out}' width)")
 
 
 def _first_true(mask: np.ndarray) -> int:
@@ -305,22 +404,33 @@ def _first_true(mask: np.ndarray) -> int:
 
 
 def check_ids(splits: dict[str, Rows]) -> None:
-    """Ids are non-negative (FAISS's -1 means no neighbour) and distinct across all splits."""
+    """Ids are non-negative (FAISS's -1 means no neighbour) and distinct across all splits.
+    Row numbers are both by construction; where a split has an id column, every id of every
+    split is held once, sorted (8 bytes a row: 240 MB for 30M rows), and a duplicate's two
+    rows are found by a second pass over the ids."""
+    if not any(rows.has_ids for rows in splits.values()):
+        return
+    ids, end = np.empty(sum(len(r) for r in splits.values()), np.int64), 0
     for rows in splits.values():
-        if len(rows.ids) and rows.ids.min() < 0:
-            r = _first_true(rows.ids < 0)
-            raise ResMemError(f"{rows.at('id', r)}: id {rows.ids[r]} is negative (ids must be >= 0)")
-    names = list(splits)
-    ids = np.concatenate([splits[n].ids for n in names])
-    owner = np.repeat(np.arange(len(names)), [len(splits[n].ids) for n in names])
-    row = np.concatenate([np.arange(len(splits[n].ids)) for n in names])
-    order = np.argsort(ids, kind="stable")
-    same = np.flatnonzero(ids[order][1:] == ids[order][:-1])
-    if len(same):
-        i, j = order[same[0]], order[same[0] + 1]
-        first, second = splits[names[owner[i]]], splits[names[owner[j]]]
-        raise ResMemError(f"duplicate id {ids[i]}: {first.at('id', row[i])} and {second.at('id', row[j])} "
-                          "(ids must be distinct across every split)")
+        for a, piece in rows.chunks(("id",)):
+            chunk = piece["id"]
+            if rows.has_ids and len(chunk) and chunk.min() < 0:
+                r = _first_true(chunk < 0)
+                raise ResMemError(f"{rows.at('id', a + r)}: id {chunk[r]} is negative (ids must be >= 0)")
+            ids[end:end + len(chunk)], end = chunk, end + len(chunk)
+    ids.sort()
+    same = np.flatnonzero(ids[1:] == ids[:-1])
+    if not len(same):
+        return
+    value, seen = ids[same[0]], []
+    del ids
+    for rows in splits.values():
+        for a, piece in rows.chunks(("id",)):
+            seen += [(rows, a + int(r)) for r in np.flatnonzero(piece["id"] == value)[:2 - len(seen)]]
+            if len(seen) == 2:
+                (first, i), (second, j) = seen
+                raise ResMemError(f"duplicate id {value}: {first.at('id', i)} and {second.at('id', j)} "
+                                  "(ids must be distinct across every split)")
 
 
 def check_unchanged(cfg: Config, run: RunDir, needed_by: str) -> None:
@@ -352,7 +462,7 @@ class Precomputed(ClassificationTask):
 
     def load_given(self, cfg: Config, splits: dict, info) -> dict:
         train = splits["train"]
-        dim, classes = train.embeddings.shape[1], train.outputs.shape[1]
+        dim, classes = train.widths["embedding"], train.widths["outputs"]
         if classes < 2:
             raise ResMemError(f"{train.where()}: {train.kind} has {classes} value per row: ResMem needs "
                               "at least 2 classes")
@@ -367,18 +477,23 @@ class Precomputed(ClassificationTask):
         return given  # meta.json stands for the model; the rows stay at model.path
 
     def embed_rows(self, cfg: Config, run: RunDir, split: Rows, split_name: str, meta: dict):
+        """The split's rows as Arrow tables of ~BLOCK_BYTES, read from model.path one at a
+        time as write_split writes them (nothing to run a model on); memorize's few rows
+        as a Ray dataset, as the other tasks give them."""
         import ray.data
         from ray.data.extensions import ArrowTensorArray
 
         if split_name == SPLITS[0]:  # `resmem embed` on its own: the files must be those train checked
             check_unchanged(cfg, run, "embed")
-        step = max(1, (32 << 20) // (4 * (meta["embedding_dim"] + meta["num_classes"])))  # ~32 MiB blocks
-        blocks = [pa.table({"id": split.ids[a:a + step], "label": split.labels[a:a + step],
-                            "embedding": ArrowTensorArray.from_numpy(
-                                np.ascontiguousarray(split.embeddings[a:a + step], dtype=np.float32)),
-                            "logits": ArrowTensorArray.from_numpy(split.logits(slice(a, a + step)))})
-                  for a in range(0, len(split), step)]
-        return ray.data.from_arrow(blocks)
+        step = max(1, BLOCK_BYTES // (4 * (meta["embedding_dim"] + meta["num_classes"])))
+        blocks = (pa.table({"id": p["id"], "label": p["label"],
+                            "embedding": ArrowTensorArray.from_numpy(np.ascontiguousarray(p["embedding"], np.float32)),
+                            "logits": ArrowTensorArray.from_numpy(split.logits(p["outputs"]))})
+                  for _, p in split.chunks(size=step))
+        return ray.data.from_arrow(list(blocks)) if split_name == "memorize" else blocks
+
+    def embed_info(self, cfg: Config, splits: dict, meta: dict) -> dict:
+        return {"max_id": max(rows.max_id() for rows in splits.values())}
 
     def model_title(self, cfg: Config) -> str:
         return f"precomputed embeddings ({cfg.model.path})"
@@ -396,7 +511,7 @@ class Precomputed(ClassificationTask):
         rows = _read_parquet(pyarrow.fs.LocalFileSystem(), [str(Path(path).resolve())], [str(path)], "memorize",
                              str(path))
         check_rows(rows, meta["embedding_dim"], meta["num_classes"], "the run's has")
-        rows.ids = np.zeros(len(rows.labels), np.int64)
+        rows.ids = np.zeros(len(rows), np.int64)
         return rows
 
     def serve_inputs(self, items: list, meta: dict) -> list:
