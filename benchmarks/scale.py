@@ -124,7 +124,8 @@ class PeakMemory(threading.Thread):
 def run_pipeline(source: Path, run_dir: Path, n: int, factory: str, shards: int) -> dict:
     cmd = [sys.executable, "-m", "resmem_ray.cli", "run", "--config", "jobs/configs/precomputed.yaml",
            f"model.path={source}", f"run_dir={run_dir}", f"index.factory={factory}", f"index.num_shards={shards}",
-           "index.cpus_per_shard=0.5", "index.shards_per_actor=1", "index.nprobe=32", f"resmem.k={K}", "resmem.distance=l2",
+           f"index.cpus_per_shard={min(0.5, 1.5 / shards):.3f}",  # every shard actor fits on 2 cores
+           "index.shards_per_actor=1", "index.nprobe=32", f"resmem.k={K}", "resmem.distance=l2",
            "resmem.normalize=false", "resmem.sigma=1.0", "evaluate.knn_ks=[1]", "embed.batch_size=65536"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=Path(__file__).resolve().parents[1])

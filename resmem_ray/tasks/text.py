@@ -30,6 +30,7 @@ from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.classification import ClassificationTask
+from resmem_ray.tasks.hf_folder import load_folder
 from resmem_ray.tasks.registry import Task, register
 from resmem_ray.tasks.splits import Split
 from resmem_ray.tasks.text_data import TEXT_SOURCES, load_splits, package_dir, read_labelled_texts
@@ -140,36 +141,17 @@ def load_given_model(cfg: Config, lm: bool):
     """(model, tokenizer folder) of model.path, a local Hugging Face folder of the task's
     kind (a causal LM, or a sequence classifier) with its tokenizer, every weight from the
     folder; never a hub."""
-    from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.models.auto import modeling_auto
-    from transformers.utils import logging
 
     path, kind = cfg.model.path, "AutoModelForCausalLM" if lm else "AutoModelForSequenceClassification"
     names = (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES if lm
              else modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     if not Path(path).expanduser().is_dir():
         raise ResMemError(f"model.path={path}: model.name={cfg.model.name} takes a local Hugging Face model folder")
     path = str(Path(path).expanduser())
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ResMemError(f"model.path={path}: not a loadable transformers model: {str(e).splitlines()[0]}") from None
-    archs = config.architectures or []
-    if archs and not set(archs) & set(names.values()):
-        raise ResMemError(f"model.path={path} holds a {archs[0]}, not a model for model.name={cfg.model.name} "
-                          f"({kind})")
-    try:
-        model, loading = (AutoModelForCausalLM if lm else AutoModelForSequenceClassification).from_pretrained(
-            path, local_files_only=True, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # RuntimeError: weights of other shapes
-        raise ResMemError(f"model.path={path}: not a loadable {kind}: {str(e).splitlines()[0]}") from None
-    missing = sorted(loading["missing_keys"])
-    if missing:
-        raise ResMemError(f"model.path={path} is not a whole {kind} ({archs[0] if archs else config.model_type}): "
-                          f"no weights for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    model, _ = load_folder(path, AutoModelForCausalLM if lm else AutoModelForSequenceClassification, names,
+                           f"a model for model.name={cfg.model.name} ({kind})", kind)
     if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
         raise ResMemError(f"model.path={path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
                           "model's tokenizer into the folder (tokenizer.save_pretrained)")
@@ -179,7 +161,7 @@ def load_given_model(cfg: Config, lm: bool):
         raise ResMemError(f"model.path={path}: the tokenizer has {tokens} tokens, the model's input embedding "
                           f"{rows} rows: not the model's tokenizer")
     check_positions(cfg, model)
-    return model.eval(), path
+    return model, path
 
 
 def model_meta(cfg: Config, model, tokenizer: str, lm: bool, num_classes: int) -> dict:

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from resmem_ray.schema import ModelConfig
 from resmem_ray.errors import ResMemError
+from resmem_ray.tasks.hf_folder import load_folder
 
 
 class EmbedHead(nn.Module):
@@ -266,35 +267,19 @@ def hf_image_classifier(path: str, num_classes: int) -> tuple[nn.Module, object,
     Face folder holding an AutoModelForImageClassification with the data's classes."""
     from pathlib import Path
 
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES as NAMES
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
     if not Path(path).is_dir():
         raise ResMemError(f"model.path={path}: model.name=hf_image takes a local Hugging Face model folder "
                           "(save_pretrained)")
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ResMemError(f"model.path={path}: not a loadable transformers model: {str(e).splitlines()[0]}") from None
+    kind = "AutoModelForImageClassification"
+    net, config = load_folder(path, AutoModelForImageClassification, NAMES, f"an {kind}", kind)
     archs = config.architectures or []
-    if archs and not set(archs) & set(NAMES.values()):
-        raise ResMemError(f"model.path={path} holds a {archs[0]}, not an AutoModelForImageClassification")
     if config.num_labels != num_classes:
         raise ResMemError(f"model.path={path}: its classifier has {config.num_labels} labels (num_labels), "
                           f"the data has {num_classes} classes")
-    try:
-        net, loading = AutoModelForImageClassification.from_pretrained(path, local_files_only=True,
-                                                                       output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights of other shapes
-        raise ResMemError(f"model.path={path}: not a loadable AutoModelForImageClassification: "
-                          f"{str(e).splitlines()[0]}") from None
-    if loading["missing_keys"]:
-        raise ResMemError(f"model.path={path} is not a whole image classifier: no weights for "
-                          f"{_few(sorted(loading['missing_keys']))}")
     processor = None
     if (Path(path) / "preprocessor_config.json").is_file():
         processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-    return net.eval(), processor, f"model.path={path} ({archs[0] if archs else config.model_type})"
+    return net, processor, f"model.path={path} ({archs[0] if archs else config.model_type})"
