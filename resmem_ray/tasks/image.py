@@ -172,11 +172,19 @@ def recipe(cfg: Config) -> Recipe:
                   prepare=prepare)
 
 
+PREPROCESS_DEFAULTS = PreprocessConfig().__dict__
+
+
+def changed_preprocess(cfg: Config) -> list[str]:
+    """The preprocess.* keys the config sets away from their defaults."""
+    return [f"preprocess.{k}" for k, v in cfg.to_dict()["preprocess"].items() if v != PREPROCESS_DEFAULTS[k]]
+
+
 def given_hf_image(cfg: Config, splits: dict, info) -> dict:
     """A Hugging Face image classifier folder, run once on two training images as the
     embed stage will run it (its image processor, then the network)."""
     net, processor, name = hf_image_classifier(cfg.model.path, info.num_classes)
-    changed = [f"preprocess.{k}" for k, v in cfg.to_dict()["preprocess"].items() if v != PREPROCESS_DEFAULTS[k]]
+    changed = changed_preprocess(cfg)
     if processor is not None and changed:
         raise ConfigError(f"config key {changed[0]}: {name} is fed through its own image processor "
                           "(preprocessor_config.json in its folder), which the preprocess.* keys do not change")
@@ -191,9 +199,6 @@ def given_hf_image(cfg: Config, splits: dict, info) -> dict:
     model = hooked(net, cfg.model, probe, name)
     return {"net": net, "processor": processor, "embedding_dim": model.embedding_dim,
             "input_shape": list(probe.shape[1:])}
-
-
-PREPROCESS_DEFAULTS = PreprocessConfig().__dict__
 
 
 @register
@@ -217,7 +222,7 @@ class ImageClassification(ClassificationTask):
             raise ConfigError(f"config key model.name={m.name} takes a model trained elsewhere: set "
                               "model.source=checkpoint and model.path (the suite trains small_cnn, resnet20/32/56, "
                               "resnet18/50)")
-        changed = [f"preprocess.{k}" for k, v in cfg.to_dict()["preprocess"].items() if v != PREPROCESS_DEFAULTS[k]]
+        changed = changed_preprocess(cfg)
         if changed and m.source == "trained":
             raise ConfigError(f"config key {changed[0]} applies to a given model (model.source=checkpoint): the "
                               "suite's own models are fed as they are trained")
