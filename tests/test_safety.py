@@ -437,17 +437,7 @@ def stop_serve(proc, how) -> tuple[str, str, float]:
 
 
 @pytest.mark.timeout(240)
-def test_ctrl_c_stops_serve_at_once_in_one_line(run_copy):
-    proc = start_serve(run_copy)
-    rest, err, took = stop_serve(proc, signal.SIGINT)
-    assert proc.returncode == 130 and err == "resmem: serve stopped" and rest == "", (err, rest)
-    assert took < 30  # Serve's 30 s drain of a direct ingress replica is not waited for
-    assert "Throughput optimized Ray Serve" not in "".join(proc.lines)  # Serve's banner stays in its logs
-    assert not (run_copy / PROCESSES).exists()
-
-
-@pytest.mark.timeout(240)
-def test_a_killed_serve_is_cleaned_by_the_next_which_sigterm_stops(run_copy):
+def test_a_killed_serve_is_cleaned_by_the_next_which_ctrl_c_stops_at_once(run_copy):
     import psutil  # Ray's own copy (ray is imported)
 
     proc = start_serve(run_copy)
@@ -472,8 +462,25 @@ def test_a_killed_serve_is_cleaned_by_the_next_which_sigterm_stops(run_copy):
         assert stopped and 1 <= int(stopped[1]) <= len(left), line
         assert all(not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE for pid in left)
     finally:  # stopped whatever the assertions found: a serve left running outlives the suite
-        rest, err, _ = stop_serve(second, signal.SIGTERM)
-    assert second.returncode == 143 and err == "resmem: serve stopped" and rest == "", (err, rest)
+        rest, err, took = stop_serve(second, signal.SIGINT)  # a terminal's Ctrl-C: the whole process group
+    assert second.returncode == 130 and err == "resmem: serve stopped" and rest == "", (err, rest)
+    assert took < 30  # Serve's 30 s drain of a direct ingress replica is not waited for
+    assert "Throughput optimized Ray Serve" not in "".join(second.lines)  # Serve's banner stays in its logs
+    assert not (run_copy / PROCESSES).exists()
+
+
+def test_sigterm_stops_serve_as_ctrl_c_does_with_exit_143(run_copy, ray_session, capsys, monkeypatch):
+    """SIGTERM's handler raises Terminated (a KeyboardInterrupt): the CLI's one line, exit 128 + 15."""
+    import resmem_ray.cli
+    from resmem_ray.stages.serve import _terminate
+
+    def serve_stage(command, cfg, **options):
+        assert command == "serve"
+        _terminate(signal.SIGTERM, None)
+
+    monkeypatch.setattr(resmem_ray.cli, "run_stage", serve_stage)
+    assert main(["serve", *DIGITS_ARGS, f"run_dir={run_copy}"]) == 143
+    assert capsys.readouterr().err == "resmem: serve stopped\n"
 
 
 def test_cheap_checks_come_before_ray_starts(tmp_path, capsys, monkeypatch):
