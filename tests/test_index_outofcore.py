@@ -200,3 +200,39 @@ def test_precomputed_train_and_embed_hold_a_chunk_at_a_time(ray_session, tmp_pat
               for g in row_groups(run_dir, str(p.relative_to(run_dir)), "", ("id",))]
     assert len(groups) == -(-n // chunk) and all(g["rows"] <= chunk for g in groups)
     assert [g["ids"] for g in groups] == [[a, min(a + chunk, n) - 1] for a in range(0, n, chunk)]
+
+
+def first_shard_fails(rows: dict) -> dict:
+    """A task's memory rows: the shard holding id 0 is refused, the others take a minute."""
+    import time
+
+    from resmem_ray.errors import ResMemError
+
+    if rows["id"][0] == 0:
+        raise ResMemError("shard 0: refused")
+    time.sleep(60)
+    raise AssertionError("not cancelled")
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_shard_task_cancels_the_others(ray_session, tmp_path):
+    import time
+
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.errors import ResMemError
+    from resmem_ray.runtime.shards import build_planned_shards
+
+    n = 300
+    pq.write_table(pa.table({"id": np.arange(n), "label": np.zeros(n, np.int64),
+                             "embedding": pa.FixedSizeListArray.from_arrays(np.zeros(n * 4, np.float32), 4)}),
+                   tmp_path / "train.parquet", row_group_size=100)
+    groups = row_groups(tmp_path, "train.parquet", "", ("id", "label", "embedding"))
+    (tmp_path / "index").mkdir()
+    cpus = ray_session.cluster_resources()["CPU"]
+    t0 = time.time()
+    with pytest.raises(ResMemError, match="shard 0: refused"):
+        build_planned_shards(tmp_path / "index", tmp_path, None, plan_shards(groups, 3), ("id", "label", "embedding"),
+                             first_shard_fails, 4, 10, IndexConfig(num_shards=3), "l2", False, 1.0)
+    while ray_session.available_resources().get("CPU", 0) < cpus and time.time() - t0 < 20:
+        time.sleep(0.2)  # the cancelled tasks give their CPUs back
+    assert ray_session.available_resources().get("CPU", 0) == cpus

@@ -74,8 +74,10 @@ def _collect(folder: Path, refs: list) -> list[dict]:
     for i in range(len(refs)):
         try:
             built, refs[i] = ray.get(refs[i]), None
-        except ray.exceptions.RayTaskError as e:
-            if isinstance(e.cause, ResMemError):  # one line, not the worker's traceback
+        except (ray.exceptions.RayTaskError, KeyboardInterrupt) as e:
+            for later in refs[i + 1:]:  # the index fails as a whole: the other shards' work is wasted
+                ray.cancel(later)
+            if isinstance(getattr(e, "cause", None), ResMemError):  # one line, not the worker's traceback
                 raise e.cause from None
             raise
         if "data" in built:
