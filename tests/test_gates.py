@@ -94,3 +94,55 @@ def test_neighbour_inputs_drop_the_query_itself():
     model = NeighbourTransformer(dim=2, num_classes=4, k=2, d_model=16, layers=1, heads=2)
     out = model(*[torch.tensor(inputs[key]) for key in ("query", "neighbours", "labels", "distances")])
     assert out.shape == (2, 4)
+
+
+def test_retrieval_gate_equals_a_numpy_computation_on_a_small_token_table():
+    """A token LM's retrieval gate (tasks/lm.py) against numpy: the target (ResMem raises the
+    true token's probability), the features, the logistic fit, the cut-offs and the
+    perplexity each cut-off gives. The memory helps the unsure tokens only: the gate opens
+    them first, and searching half the tokens beats searching every one."""
+    from sklearn.linear_model import LogisticRegression
+
+    from resmem_ray.config import load_config
+    from resmem_ray.core.sparse import dense_residuals, encode
+    from resmem_ray.tasks.lm import RETRIEVAL_FRACTIONS, fit_retrieval_gate_on_val
+
+    rng = np.random.default_rng(0)
+    n, vocab, k, m = 400, 20, 4, 3
+    labels = rng.integers(0, vocab, n)
+    unsure = rng.random(n) < 0.5
+    logits = rng.normal(0, 1, (n, vocab))
+    logits[np.arange(n), labels] += np.where(unsure, 0.5, 6.0)  # sure tokens: the model is right already
+    nb_labels = np.where(unsure[:, None], labels[:, None], rng.integers(0, vocab, (n, k)))  # ... the memory is not
+    ids, probs = encode(rng.normal(0, 1, (n * k, vocab)), m)
+    nb = Neighbours(np.sort(rng.random((n, k)), 1).astype(np.float32), np.zeros((n, k), np.int64), nb_labels,
+                    probs.reshape(n, k, m), ids.reshape(n, k, m))
+    embedding = rng.normal(0, 1, (n, 8)) * (1 + unsure[:, None])
+    cfg = load_config("jobs/configs/bbc_lm.yaml", ("resmem.k=4", "resmem.sigma=0.3", "resmem.gate=0.5"))
+    r = cfg.resmem
+    table = {"val": {"logits": logits, "label": labels, "embedding_norm": np.linalg.norm(embedding, axis=1)},
+             "neighbours": nb}
+    gate = fit_retrieval_gate_on_val(cfg, table)
+
+    p = np.exp(logits / r.temperature - (logits / r.temperature).max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    w = np.exp(-nb.distances / r.sigma)
+    w /= w.sum(1, keepdims=True)
+    dense = dense_residuals(nb_labels.ravel(), ids, probs, vocab).reshape(n, k, vocab)
+    q = np.maximum(p + r.gate * np.einsum("nk,nkv->nv", w, dense), cfg.text.prob_floor * p)
+    q /= q.sum(1, keepdims=True)
+    logp, logq = np.log(p[np.arange(n), labels]), np.log(q[np.arange(n), labels])
+    helps = logq > logp
+    assert gate["fit_helped"] == helps.sum() and helps[unsure].mean() > 0.9 > 0.1 > helps[~unsure].mean()
+    features = np.column_stack([p.max(1), -(p * np.log(p)).sum(1), np.linalg.norm(embedding, axis=1)])
+    mean, scale = features.mean(0), features.std(0) + 1e-9
+    model = LogisticRegression(class_weight="balanced", C=1.0, max_iter=1000).fit((features - mean) / scale, helps)
+    np.testing.assert_allclose(gate["coef"], model.coef_[0], rtol=1e-6)
+    scores = model.predict_proba((features - mean) / scale)[:, 1]
+    for row, fraction in zip(gate["val"], [*RETRIEVAL_FRACTIONS, 1.0]):
+        assert row["cutoff"] == pytest.approx(np.quantile(scores, 1 - fraction) if fraction < 1 else 0.0)
+        opened = scores >= row["cutoff"]
+        assert row["searched"] == pytest.approx(opened.mean()) and abs(row["searched"] - fraction) < 0.01
+        assert row["perplexity"] == pytest.approx(np.exp(-np.where(opened, logq, logp).mean()), rel=1e-6)
+    half, every = gate["val"][RETRIEVAL_FRACTIONS.index(0.5)], gate["val"][-1]
+    assert half["perplexity"] < every["perplexity"] < np.exp(-logp.mean())

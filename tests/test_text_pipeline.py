@@ -134,6 +134,11 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
     tuned = json.loads((run.report / "metrics.json").read_text())
     assert tuned["resmem"]["k"] == summary["best"]["k"] and tuned["resmem"]["knn_lambda"] == summary["best"]["knn_lambda"]
     assert "## Chosen by `resmem tune`" in (run.report / "report.md").read_text()
+    # the retrieval gate, fitted on val at the chosen setting: test perplexity and tokens searched per cut-off
+    val_rows, test_rows = summary["retrieval_gate"]["val"], tuned["retrieval_gate"]
+    assert [row["cutoff"] for row in test_rows] == [row["cutoff"] for row in val_rows] and len(val_rows) == 5
+    assert test_rows[-1]["searched"] == 1.0 and test_rows[-1]["perplexity"] == pytest.approx(tuned["resmem_perplexity"])
+    assert "## Learned retrieval gate" in (run.report / "report.md").read_text()
     # the confidence gate in evaluate: only the tokens below resmem.gate_threshold are searched
     test_logits = read_split(run, "test", "test", columns=("id", "logits"))["logits"]
     top = np.exp(test_logits - test_logits.max(1, keepdims=True))

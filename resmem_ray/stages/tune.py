@@ -68,7 +68,9 @@ def neighbour_table(cfg: Config, run: RunDir, with_knn_ks: bool = False) -> dict
     k_max = max(*cfg.tune.k, *(cfg.evaluate.knn_ks if with_knn_ks else ()))
     check_k(k_max, manifest["rows"], "config keys tune.k and evaluate.knn_ks" if with_knn_ks else "config key tune.k")
     val = read_split(run, "val", "tune", task.query_columns)
-    queries = prepare_queries(val.pop("embedding"), manifest["distance"], manifest["normalize"])
+    embedding = val.pop("embedding")
+    val["embedding_norm"] = np.linalg.norm(embedding, axis=1)  # a retrieval gate's feature (tasks/lm.py)
+    queries = prepare_queries(embedding, manifest["distance"], manifest["normalize"])
     log.info(f"searching {len(queries)} val queries once at k={k_max} "
              f"({memory_key(manifest['distance'], manifest['normalize'])}, T={manifest['temperature']})")
     with ShardedMemory(run.index, manifest, cfg.index) as memory:

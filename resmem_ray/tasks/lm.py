@@ -13,7 +13,10 @@ probabilities at resmem.temperature). The stages are the same as for images:
   evaluate  next-token accuracy and perplexity of the base model, the neighbour baselines
             (tasks/methods.py: kNN interpolation, titled kNN-LM here) and ResMem, and the
             memory's residual storage against what dense rows would take
-  tune      k, sigma and the gate by val perplexity (T stays the one the top-m were encoded at)
+  tune      k, sigma and the gate by val perplexity (T stays the one the top-m were encoded at),
+            then the retrieval gate on val (core/gates.py): which tokens the memory helps,
+            told from the model's own max p, entropy and hidden-state norm; evaluate
+            reports the perplexity and the share of tokens searched at its cut-offs
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from resmem_ray.core.gates import fit_retrieval_gate, retrieval_features, retrieval_gate
 from resmem_ray.core.resmem import confidence_gate, kernel_weights, softmax
 from resmem_ray.core.sparse import corrected_probs, encode, token_metrics
 from resmem_ray.errors import ResMemError
@@ -138,6 +142,64 @@ def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: n
     return {m: {"accuracy": t[0] / t[2], "perplexity": float(np.exp(t[1] / t[2]))} for m, t in totals.items()}
 
 
+RETRIEVAL_FRACTIONS = (0.1, 0.25, 0.5, 0.75)  # shares of val tokens the retrieval gate's cut-offs open
+
+
+def token_logprobs(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: np.ndarray | None = None,
+                   batch: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token: log p(label) at resmem.temperature, ResMem's log q(label) (q = p where the
+    confidence gate is closed) and the retrieval features of p (the embedding norm left
+    out: the caller's). `nb` and `reads` as in lm_metrics."""
+    r, near = cfg.resmem, nb.first(cfg.resmem.k)
+    row = np.arange(len(labels)) if reads is None else np.cumsum(reads) - 1
+    logp, logq, features = [], [], []
+    for s in range(0, len(labels), batch):
+        sl, y = slice(s, s + batch), labels[s:s + batch]
+        p = softmax(logits[sl], r.temperature)
+        features.append(retrieval_features(p, np.zeros(len(p)))[:, :2])
+        logp.append(np.log(p[np.arange(len(y)), y]))
+        g = open_gate(p, r)
+        at = row[s + np.nonzero(g > 0)[0]]
+        q = corrected_token_probs(p, g, near.distances[at], near.labels[at], near.residual_ids[at],
+                                  near.residuals[at], cfg)
+        logq.append(np.log(q[np.arange(len(y)), y]))
+    if not logp:
+        return np.zeros(0), np.zeros(0), np.zeros((0, 2))
+    return np.concatenate(logp), np.concatenate(logq), np.concatenate(features)
+
+
+def gated_perplexities(logp: np.ndarray, logq: np.ndarray, scores: np.ndarray, cutoffs) -> list[dict]:
+    """ResMem's perplexity where the retrieval gate opens only the tokens whose score reaches
+    each cut-off (the others keep p), and the share of tokens it opens."""
+    rows = []
+    for cutoff in cutoffs:
+        opened = scores >= cutoff
+        rows.append({"cutoff": float(cutoff), "searched": float(opened.mean()),
+                     "perplexity": float(np.exp(-np.where(opened, logq, logp).mean()))})
+    return rows
+
+
+def fit_retrieval_gate_on_val(cfg: Config, table: dict) -> dict:
+    """The retrieval gate at cfg's (the chosen) setting: fitted on val to tell the tokens
+    whose true next token ResMem makes more likely; cut-offs at the scores that open
+    RETRIEVAL_FRACTIONS of val's tokens (and every token), each with its val perplexity."""
+    val = table["val"]
+    logp, logq, features = token_logprobs(val["logits"], val["label"], table["neighbours"], cfg)
+    features = np.column_stack([features, val["embedding_norm"]])
+    params = fit_retrieval_gate(features, logq > logp)
+    scores = retrieval_gate(params, features)
+    cutoffs = [*np.quantile(scores, [1 - f for f in RETRIEVAL_FRACTIONS]), 0.0]
+    return {**params, "val": gated_perplexities(logp, logq, scores, cutoffs)}
+
+
+def retrieval_gate_on_test(cfg: Config, test: dict, nb, reads, gate: dict) -> list[dict]:
+    """The retrieval gate fitted on val, applied to the test tokens at its val cut-offs."""
+    logp, logq, features = token_logprobs(test["logits"], test["label"], nb, cfg, reads)
+    scores = retrieval_gate(gate, np.column_stack([features, np.linalg.norm(test["embedding"], axis=1)]))
+    return [{**row, "val_searched": v["searched"], "val_perplexity": v["perplexity"]}
+            for row, v in zip(gated_perplexities(logp, logq, scores, [v["cutoff"] for v in gate["val"]]), gate["val"])]
+
+
 def model_line(cfg: Config, meta: dict) -> str:
     """The base model in the report's title: the run's own GPT-2 or the given model."""
     name = "GPT-2" if cfg.model.source == "trained" else f"{meta.get('architecture')} of {cfg.model.path}"
@@ -163,6 +225,15 @@ def lm_report(cfg: Config, m: dict) -> str:
               for key in m["accuracy"]]
     if m.get("tuning"):
         lines += tuning_lines(m["tuning"], "lm")
+    if m.get("retrieval_gate"):
+        g = m["tuning"]["retrieval_gate"]
+        lines += ["", f"## Learned retrieval gate (logistic regression on {', '.join(g['features'])}; fitted on "
+                  f"{g['fit_examples']} val tokens, the memory helped {g['fit_helped']})", "",
+                  "Only the tokens whose score reaches the cut-off are searched; the others keep p.", "",
+                  "| cut-off | val tokens searched (%) | val perplexity | test tokens searched (%) | test perplexity |",
+                  "| ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {row['cutoff']:.3f} | {100 * row['val_searched']:.1f} | {row['val_perplexity']:.2f} | "
+                  f"{100 * row['searched']:.1f} | {row['perplexity']:.2f} |" for row in m["retrieval_gate"]]
     return "\n".join(lines) + "\n"
 
 
@@ -225,6 +296,9 @@ class TokenLM(TextTask):
     def tuned_baselines(self) -> list:
         return tuned_baselines()
 
+    def fit_on_val(self, cfg: Config, table: dict) -> dict:
+        return {"retrieval_gate": fit_retrieval_gate_on_val(cfg, table)} if cfg.tune.learned_gate else {}
+
     def memory_reads(self, cfg: Config, test: dict) -> np.ndarray:
         return token_reads(test["logits"], cfg.resmem)
 
@@ -242,6 +316,8 @@ class TokenLM(TextTask):
                    "accuracy": {m: d["accuracy"] for m, d in scores.items()}, "resmem": cfg.resmem.__dict__,
                    "prob_floor": cfg.text.prob_floor, "tuning": tuning,
                    **{b.key: setting_record(cfg, b, tuning) for b in neighbour_baselines()}}
+        if (tuning or {}).get("retrieval_gate"):
+            metrics["retrieval_gate"] = retrieval_gate_on_test(cfg, test, nb, reads, tuning["retrieval_gate"])
         (folder / "report.md").write_text(lm_report(cfg, metrics))
         return metrics
 
