@@ -228,11 +228,11 @@ def test_a_failed_shard_task_cancels_the_others(ray_session, tmp_path):
                    tmp_path / "train.parquet", row_group_size=100)
     groups = row_groups(tmp_path, "train.parquet", "", ("id", "label", "embedding"))
     (tmp_path / "index").mkdir()
-    cpus = ray_session.cluster_resources()["CPU"]
+    free = ray_session.available_resources().get("CPU", 0)  # another test's actors may still be going away
     t0 = time.time()
     with pytest.raises(ResMemError, match="shard 0: refused"):
         build_planned_shards(tmp_path / "index", tmp_path, None, plan_shards(groups, 3), ("id", "label", "embedding"),
                              first_shard_fails, 4, 10, IndexConfig(num_shards=3), "l2", False, 1.0)
-    while ray_session.available_resources().get("CPU", 0) < cpus and time.time() - t0 < 20:
+    while ray_session.available_resources().get("CPU", 0) < free and time.time() - t0 < 20:
         time.sleep(0.2)  # the cancelled tasks give their CPUs back
-    assert ray_session.available_resources().get("CPU", 0) == cpus
+    assert ray_session.available_resources().get("CPU", 0) >= free

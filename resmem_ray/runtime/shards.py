@@ -76,7 +76,7 @@ def _collect(folder: Path, refs: list) -> list[dict]:
             built, refs[i] = ray.get(refs[i]), None
         except (ray.exceptions.RayTaskError, KeyboardInterrupt) as e:
             for later in refs[i + 1:]:  # the index fails as a whole: the other shards' work is wasted
-                ray.cancel(later)
+                ray.cancel(later, force=True)  # a build inside FAISS would not see an interrupt until it returns
             if isinstance(getattr(e, "cause", None), ResMemError):  # one line, not the worker's traceback
                 raise e.cause from None
             raise
