@@ -151,8 +151,13 @@ class IndexConfig:
     # shards one actor holds: more shards than cores want several each
     shards_per_actor: int = resource(1, range=POSITIVE)
     placement_timeout_s: float = resource(120.0, range=POSITIVE)  # fail when shard actors cannot all start in time
-    # float16 halves the memory's residual rows (ImageNet: 2.6 GB)
-    residual_dtype: str = setting("float32", choices=("float32", "float16"), stages=("index",))
+    # float16 halves the memory's residual rows (ImageNet: 2.6 GB); int8 quarters them (a scale per row)
+    residual_dtype: str = setting("float32", choices=("float32", "float16", "int8"), stages=("index",))
+    # write each shard's full-precision vectors beside it (shard-NNNNN.vectors.npy) for index.rerank
+    keep_vectors: bool = setting(False, stages=("index",))
+    # > 1: a compressed index proposes rerank * k candidates, their exact distances (the kept
+    # vectors, memory-mapped) pick the k
+    rerank: int = setting(1, range=POSITIVE, stages=SEARCH)
 
 
 DISTANCES = ("l2", "sqeuclidean", "cosine")

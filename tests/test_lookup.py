@@ -365,3 +365,103 @@ def test_merge_equals_a_full_sort_with_ties_and_missing_hits():
         want = np.take_along_axis(cat[j], order if cat[j].ndim == 2 else order[..., None], axis=1)
         np.testing.assert_array_equal(getattr(got, name), want, err_msg=name)
     assert merge_topk(parts, 100).ids.shape == (n, 4 * k)  # k over the candidates: all of them, sorted
+
+
+def test_int8_residuals_round_trip_within_half_a_step():
+    from resmem_ray.core.knn import pack_residuals, unpack_residuals
+
+    rng = np.random.default_rng(5)
+    res = rng.uniform(-1, 1, (50, 7)).astype(np.float32)
+    res[3] = 0  # a row of zeros: scale 1, codes 0
+    packed = pack_residuals(res, "int8")
+    assert packed["residuals"].dtype == np.int8 and packed["residual_scale"].shape == (50,)
+    back = unpack_residuals(packed, np.arange(50))
+    step = np.abs(res).max(1, keepdims=True) / 127
+    assert np.all(np.abs(back - res) <= step / 2 + 1e-7)
+    assert np.abs(back).max(1).tolist() == pytest.approx(np.abs(res).max(1).tolist(), rel=1e-6)
+    at = np.array([[3, 4], [4, 3]])  # any shape of row numbers, as search_shard takes them
+    np.testing.assert_array_equal(unpack_residuals(packed, at)[0, 1], back[4])
+    assert pack_residuals(res, "float16")["residuals"].dtype == np.float16
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_rerank_from_kept_vectors_gives_exact_answers(distance):
+    """A PQ index proposes candidates; their exact distances from the full-precision
+    vectors pick the k. With every row a candidate the answer is exact search's."""
+    emb, rows, queries = memory(n=400, d=16)
+    emb, queries = prepare_queries(emb, distance, False), prepare_queries(queries, distance, False)
+    exact = search_shard(build_shard(emb, "Flat", distance), rows, queries, 10, distance)
+    pq = build_shard(emb, "PQ4x4", distance)
+    coarse = search_shard(pq, rows, queries, 10, distance)
+    assert (coarse[1] != exact[1]).any()  # the compressed codes alone get some neighbours wrong
+    kept = {**rows, "vectors": emb}
+    full = search_shard(pq, kept, queries, 10, distance, rerank=40)  # 40 x 10 candidates: every row
+    np.testing.assert_array_equal(full[1], exact[1])
+    np.testing.assert_allclose(full[0], exact[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(full[3], exact[3])
+    some = search_shard(pq, kept, queries, 10, distance, rerank=4)
+    recall = lambda got: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got[1], exact[1])])  # noqa: E731
+    assert recall(some) > recall(coarse)
+    truth = ((queries[:, None] - emb[None]) ** 2).sum(-1) if distance == "l2" else 1 - queries @ emb.T
+    row = {i: r for r, i in enumerate(rows["ids"])}
+    got = np.array([[truth[q, row[i]] for i in ids] for q, ids in enumerate(some[1])])
+    np.testing.assert_allclose(some[0] ** (2 if distance == "l2" else 1), got, rtol=1e-4, atol=1e-5)
+
+
+def test_kept_vectors_are_written_checked_and_asked_for(tmp_path):
+    from resmem_ray.config import IndexConfig
+    from resmem_ray.core.knn import check_index_config
+    from resmem_ray.runtime.shards import LocalShards, _build_shard_files, _delivered
+    from resmem_ray.store.artifacts import footprint_line, memory_footprint
+
+    emb, rows, queries = memory(n=400, d=16, C=5)
+    settings = IndexConfig(factory="IVF4,PQ4x4", residual_dtype="int8", keep_vectors=True)
+    entry = _delivered(str(tmp_path), _build_shard_files(emb, rows["ids"], rows["labels"], rows["residuals"],
+                                                         settings, "l2", 0))
+    assert np.array_equal(np.load(tmp_path / "shard-00000.vectors.npy"), emb)
+    manifest = {"rows": 400, "residual_dtype": "int8", "shards": [entry]}
+    per_row = memory_footprint(manifest)
+    assert per_row["vectors"] == pytest.approx(16 * 4, abs=1)  # 64 bytes a row, and the .npy header
+    assert per_row["rows"] < 8 + 8 + 5 + 4 + 8  # id, label, int8 codes, scale (and the npz's own bytes)
+    assert "bytes per row on disk (index" in footprint_line(manifest)
+    exact = search_shard(build_shard(emb, "Flat", "l2"), rows, queries, 10, "l2")
+    shards = LocalShards(tmp_path, [entry], "l2", IndexConfig(rerank=40, nprobe=4))
+    got = shards.search(queries, 10)
+    np.testing.assert_array_equal(got.ids, exact[1])
+    np.testing.assert_allclose(got.residuals, exact[3], atol=np.abs(rows["residuals"]).max() / 254 + 1e-6)
+    with pytest.raises(ResMemError, match="index.rerank=4 re-ranks from the shards' full-precision vectors"):
+        entry_without = {**entry, "files": {n: h for n, h in entry["files"].items() if "vectors" not in n},
+                         "bytes": {n: b for n, b in entry["bytes"].items() if "vectors" not in n}}
+        LocalShards(tmp_path, [entry_without], "l2", IndexConfig(rerank=4))
+    np.save(tmp_path / "shard-00000.vectors.npy", emb[:10])
+    with pytest.raises(ResMemError, match="shard-00000.vectors.npy has"):
+        LocalShards(tmp_path, [entry], "l2", IndexConfig(rerank=4))
+    with pytest.raises(ResMemError, match="index.keep_vectors=true keeps full-precision vectors"):
+        check_index_config(IndexConfig(keep_vectors=True), 100, 8, "l2")
+
+
+@pytest.mark.timeout(180)
+def test_a_compressed_memory_through_the_cli(run_copy, capsys):
+    """`resmem index` with a 4-bit scalar-quantized IVF index, int8 residual rows and the
+    full-precision vectors kept; `resmem evaluate` re-ranking every row of the shard: the
+    exact neighbours of the Flat run, and ResMem's predictions within int8's rounding."""
+    import pyarrow.parquet as pq
+
+    from resmem_ray.cli import main
+
+    from .conftest import DIGITS_ARGS
+
+    flat = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
+    args = [*DIGITS_ARGS, f"run_dir={run_copy}", "index.factory=IVF4,SQ4", "index.residual_dtype=int8",
+            "index.keep_vectors=true", "index.nprobe=4"]
+    capsys.readouterr()
+    assert main(["index", *args]) == 0
+    assert "bytes per row on disk (index" in capsys.readouterr().out
+    assert main(["evaluate", *args, "index.rerank=1000"]) == 0
+    got = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
+    assert got.index.tolist() == flat.index.tolist()
+    assert got["nn1_id"].tolist() == flat["nn1_id"].tolist()
+    assert got["knn_10"].tolist() == flat["knn_10"].tolist()
+    assert (got["resmem"] == flat["resmem"]).mean() >= 0.99
+    report = (run_copy / "report" / "report.md").read_text()
+    assert "vectors" in report and "residuals int8" in report

@@ -39,7 +39,7 @@ def fake_report(tmp_path, train_acc):
     preds = dict(sorted(preds.items(), key=lambda item: report_rank(item[0])))
     right = np.ones(20, bool)
     metrics = {"accuracy": {m: 1.0 for m in preds}, "vs_base": {m: paired_change(right, right) for m in preds},
-               "num_test": 20, "memory_rows": 100, "num_shards": 2,
+               "num_test": 20, "memory_rows": 100, "num_shards": 2, "memory_footprint": "80 bytes per row on disk",
                "knn_interp": {"lambda": 0.25, "tau": 0.1, "k": 10, "chosen_by": "config"},
                "warnings": training_warnings(run, 10), "per_class": per_class(labels, preds, np.full(10, 10))}
     write_report(tmp_path, cfg, metrics, "small_cnn")

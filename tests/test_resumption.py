@@ -32,7 +32,8 @@ LM_MODEL = ("text.tokenizer", "text.vocab_size", "text.lm_layers", "text.lm_dim"
 COMMON = {
     "seed": ALL, "data": ALL, "model": ALL, "train": ALL,
     "index.num_shards": FROM_INDEX, "index.factory": FROM_INDEX, "index.train_sample": FROM_INDEX,
-    "index.residual_dtype": FROM_INDEX, "index.nprobe": SEARCHING, "index.ef_search": SEARCHING,
+    "index.residual_dtype": FROM_INDEX, "index.keep_vectors": FROM_INDEX, "index.rerank": SEARCHING,
+    "index.nprobe": SEARCHING, "index.ef_search": SEARCHING,
     "index.backend": SEARCHING,
     "resmem.distance": FROM_INDEX, "resmem.normalize": FROM_INDEX,
     "resmem.k": {"evaluate"}, "resmem.sigma": {"evaluate"}, "resmem.gate": {"evaluate"},

@@ -44,6 +44,9 @@ def check_index_config(cfg: IndexConfig, rows: int, dim: int, distance: str) -> 
     if cfg.backend in ("torch", "torch_lowp") and cfg.factory != "Flat":
         raise ResMemError(f"index.backend={cfg.backend} is exact search: it needs index.factory=Flat, "
                           f"got {cfg.factory!r}")
+    if cfg.keep_vectors and cfg.factory == "Flat":
+        raise ResMemError("index.keep_vectors=true keeps full-precision vectors to re-rank a compressed index "
+                          "(IVF-PQ, SQ, ...); index.factory='Flat' is exact already")
 
 
 def build_shard(embeddings: np.ndarray, factory: str, distance: str, train_sample: int = 100_000,
@@ -109,14 +112,61 @@ def to_distance(raw: np.ndarray, distance: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def search_shard(index, rows: dict[str, np.ndarray], queries: np.ndarray, k: int, distance: str):
-    """Local top-k of one shard: (distances, ids, labels, residual rows[, residual ids])."""
+def pack_residuals(residual_rows: np.ndarray, dtype: str) -> dict[str, np.ndarray]:
+    """Residual rows as a shard stores them (index.residual_dtype): float32, float16, or
+    int8 with one float32 scale per row (max |r| / 127: 1 byte per class instead of 4)."""
+    if dtype != "int8":
+        return {"residuals": residual_rows.astype(dtype, copy=False)}
+    peak = np.abs(residual_rows).max(axis=1) if residual_rows.size else np.zeros(len(residual_rows))
+    scale = np.where(peak > 0, peak / 127, 1).astype(np.float32)
+    codes = np.clip(np.rint(residual_rows / scale[:, None]), -127, 127).astype(np.int8)
+    return {"residuals": codes, "residual_scale": scale}
+
+
+def unpack_residuals(rows: dict[str, np.ndarray], at: np.ndarray) -> np.ndarray:
+    """The residual rows of a shard's rows `at` (any shape of row numbers), as stored or,
+    for int8 codes, scaled back to float32."""
+    if "residual_scale" not in rows:
+        return rows["residuals"][at]
+    return rows["residuals"][at].astype(np.float32) * rows["residual_scale"][at][..., None]
+
+
+def rerank_exact(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray, k: int,
+                 inner_product: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The best k of each query's candidate rows (-1: none) by exact scores against the
+    full-precision `vectors` (memory-mapped: only the candidates' rows are read), in FAISS's
+    form: squared L2 or inner product, ties to the smaller row, -1 where fewer than k."""
+    worst = -np.inf if inner_product else np.inf
+    found = candidates >= 0
+    wanted, where = np.unique(candidates[found], return_inverse=True)
+    table = np.asarray(vectors[wanted], dtype=np.float32)  # sorted rows: one pass over the file
+    scores = np.full(candidates.shape, worst, np.float32)
+    slot = np.zeros(candidates.shape, np.int64)
+    slot[found] = where
+    block = max(1, (1 << 24) // max(candidates.shape[1] * vectors.shape[1], 1))  # bounds the gathered rows
+    for a in range(0, len(queries), block):
+        q, x = queries[a:a + block, None, :], table[slot[a:a + block]]
+        s = (q * x).sum(-1) if inner_product else ((q - x) ** 2).sum(-1)
+        scores[a:a + block] = np.where(found[a:a + block], s, worst)
+    rows = np.where(found, candidates, np.iinfo(np.int64).max)
+    order = np.lexsort((rows, -scores if inner_product else scores), axis=-1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(np.where(found, candidates, -1), order, 1)
+
+
+def search_shard(index, rows: dict[str, np.ndarray], queries: np.ndarray, k: int, distance: str, rerank: int = 1):
+    """Local top-k of one shard: (distances, ids, labels, residual rows[, residual ids]).
+    With `rerank` > 1 and the shard's full-precision vectors in rows["vectors"], the index
+    proposes rerank * k candidates and the exact distances pick the k."""
     k = min(k, index.ntotal)
-    raw, local = index.search(queries, k)
+    if rerank > 1 and "vectors" in rows:
+        raw, local = index.search(queries, min(rerank * k, index.ntotal))
+        raw, local = rerank_exact(rows["vectors"], queries, local, k, index.metric_type == faiss.METRIC_INNER_PRODUCT)
+    else:
+        raw, local = index.search(queries, k)
     found = local >= 0  # approximate indices may return fewer than k hits (-1)
     safe = np.where(found, local, 0)
     dist = np.where(found, to_distance(raw, distance), np.inf).astype(np.float32)
-    out = (dist, np.where(found, rows["ids"][safe], -1), rows["labels"][safe], rows["residuals"][safe])
+    out = (dist, np.where(found, rows["ids"][safe], -1), rows["labels"][safe], unpack_residuals(rows, safe))
     return out + (rows["residual_ids"][safe],) if "residual_ids" in rows else out
 
 

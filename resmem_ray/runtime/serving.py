@@ -21,7 +21,8 @@ import threading
 import numpy as np
 from ray import serve
 
-from resmem_ray.core.knn import Neighbours, merge_topk, prepare_queries, search_shard
+from resmem_ray.core.knn import (Neighbours, merge_topk, pack_residuals, prepare_queries, search_shard,
+                                 unpack_residuals)
 from resmem_ray.runtime.shards import LocalShards, ShardedMemory, add_shard
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import check_k, load_shard, read_index_manifest
@@ -69,13 +70,15 @@ class Memory:
         with self.lock:
             m = self.manifest
             ids = m["next_id"] + np.arange(len(labels), dtype=np.int64)
-            old = self.write or (None, {"ids": ids[:0], "labels": labels[:0],
-                                        "residuals": residual_rows[:0]}, embeddings[:0])
+            old = self.write or (None, {"ids": ids[:0], "labels": labels[:0], "residuals": residual_rows[:0]},
+                                 embeddings[:0])
+            residuals = np.concatenate([unpack_residuals(old[1], slice(None)), residual_rows])
+            # stored as the memory stores them: answers now equal those after a reload
             rows = {"ids": np.concatenate([old[1]["ids"], ids]), "labels": np.concatenate([old[1]["labels"], labels]),
-                    "residuals": np.concatenate([old[1]["residuals"], residual_rows.astype(m["residual_dtype"])])}
+                    **pack_residuals(residuals, m["residual_dtype"])}
             emb = np.concatenate([old[2], embeddings]).astype(np.float32)
             record = {"source": SERVE_SOURCE, "rows": int(len(ids)), "first_id": int(ids[0])}
-            manifest, index = add_shard(self.run, m, emb, rows["ids"], rows["labels"], rows["residuals"], record,
+            manifest, index = add_shard(self.run, m, emb, rows["ids"], rows["labels"], residuals, record,
                                         {"id": ids, **memorized}, write_shard=True)
             self.manifest, self.write = manifest, (index, rows, emb)
             return ids.tolist()

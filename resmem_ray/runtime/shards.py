@@ -21,7 +21,8 @@ import faiss
 import numpy as np
 
 from resmem_ray.core.knn import (FAISS_GPU_MAX_K, Neighbours, build_shard, check_index_config, combine_flat,
-                                 merge_topk, place_index, prepare_queries, search_shard, set_search_params)
+                                 merge_topk, pack_residuals, place_index, prepare_queries, search_shard,
+                                 set_search_params)
 from resmem_ray.errors import ResMemError
 from resmem_ray.log import Progress, stage_log
 from resmem_ray.runtime.instance import local_instance
@@ -42,10 +43,14 @@ def _build_shard_files(embeddings, ids, labels, residual_rows, cfg: IndexConfig,
     index = build_shard(embeddings, cfg.factory, distance, cfg.train_sample, seed=shard)
     rows = io.BytesIO()
     sparse = {} if residual_ids is None else {"residual_ids": residual_ids}  # sparse codec (sparse.py)
-    np.savez(rows, ids=ids, labels=labels, residuals=residual_rows.astype(cfg.residual_dtype, copy=False), **sparse)
+    np.savez(rows, ids=ids, labels=labels, **pack_residuals(residual_rows, cfg.residual_dtype), **sparse)
     name = f"shard-{shard:05d}"
-    return {"shard": shard, "rows": int(len(ids)),
-            "data": {f"{name}.faiss": faiss.serialize_index(index).tobytes(), f"{name}.npz": rows.getvalue()}}
+    data = {f"{name}.faiss": faiss.serialize_index(index).tobytes(), f"{name}.npz": rows.getvalue()}
+    if cfg.keep_vectors:  # for an exact re-rank (index.rerank), memory-mapped by the shard's readers
+        vectors = io.BytesIO()
+        np.save(vectors, np.ascontiguousarray(embeddings, dtype=np.float32))
+        data[f"{name}.vectors.npy"] = vectors.getvalue()
+    return {"shard": shard, "rows": int(len(ids)), "data": data}
 
 
 def _delivered(folder: str, built: dict) -> dict:
@@ -216,18 +221,21 @@ class LocalShards:
     index.backend and index.use_gpu."""
 
     def __init__(self, index_dir: Path, entries: list[dict], distance: str, settings: IndexConfig):
-        self.distance, self.shards, self.where = distance, [], None
+        self.distance, self.shards, self.where, self.rerank = distance, [], None, settings.rerank
         for index, rows in combine_flat([load_shard(Path(index_dir), entry) for entry in entries]):
             set_search_params(index, settings.nprobe, settings.ef_search)
             index, self.where = place_index(index, settings.backend, settings.use_gpu)
             self.shards.append((index, rows))
+        if self.rerank > 1 and not any("vectors" in rows for _, rows in self.shards):
+            raise ResMemError(f"index.rerank={self.rerank} re-ranks from the shards' full-precision vectors, and "
+                              "these shards have none: set index.keep_vectors=true and rerun `resmem index`")
 
     def part(self, queries: np.ndarray, k: int) -> tuple:
         """The top-k over these shards in search_shard's form, for another merge_topk."""
         if self.where == "faiss-gpu" and k > FAISS_GPU_MAX_K:
             raise ResMemError(f"k={k} is over FAISS GPU's limit of {FAISS_GPU_MAX_K}: lower k, or set "
                               "index.backend=torch or index.use_gpu=false")
-        parts = [search_shard(index, rows, queries, k, self.distance) for index, rows in self.shards]
+        parts = [search_shard(index, rows, queries, k, self.distance, self.rerank) for index, rows in self.shards]
         return parts[0] if len(parts) == 1 else merge_topk(parts, k).as_part()
 
     def search(self, queries: np.ndarray, k: int) -> Neighbours:

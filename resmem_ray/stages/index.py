@@ -23,8 +23,8 @@ from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import build_planned_shards, plan_shards
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import (load_index_manifest, memorized_row_groups, model_fingerprint,
-                                        read_first_row, split_row_groups)
+from resmem_ray.store.artifacts import (footprint_line, load_index_manifest, memorized_row_groups, memory_footprint,
+                                        model_fingerprint, read_first_row, split_row_groups)
 from resmem_ray.store.files import atomic_dir, inside, write_json
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for
@@ -66,9 +66,10 @@ def build_index(cfg: Config) -> StageSteps:
         manifest.update(codec=task.codec, next_id=next_id, memorized=kept, **head["manifest"])
         write_json(tmp / "manifest.json", manifest)
     info = task.memory_info(cfg, manifest)
-    for line in info.pop("lines", []):
+    for line in [f"memory: {footprint_line(manifest)}", *info.pop("lines", [])]:
         log.info(line)
-    return manifest, {"rows": int(n), "num_shards": len(manifest["shards"]), **info}
+    return manifest, {"rows": int(n), "num_shards": len(manifest["shards"]),
+                      "bytes_per_row": memory_footprint(manifest), **info}
 
 
 def memorized_records(run: RunDir) -> list[dict]:

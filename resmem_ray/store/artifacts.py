@@ -304,6 +304,23 @@ def read_model_meta(run: RunDir, needed_by: str) -> dict:
     return read_json(run.model / "meta.json")
 
 
+def memory_footprint(manifest: dict) -> dict[str, float]:
+    """Bytes per memory row on disk, by part: the FAISS index, the rows (ids, labels,
+    residuals) and, with index.keep_vectors, the full-precision vectors kept for re-ranking."""
+    parts = {"index": ".faiss", "rows": ".npz", "vectors": ".vectors.npy"}
+    total = {part: sum(size for s in manifest["shards"] for name, size in s["bytes"].items() if name.endswith(end))
+             for part, end in parts.items()}
+    rows = max(manifest["rows"], 1)
+    return {part: size / rows for part, size in total.items() if size}
+
+
+def footprint_line(manifest: dict) -> str:
+    """One sentence on the memory's bytes per row, for logs and reports."""
+    f = memory_footprint(manifest)
+    return (f"{sum(f.values()):.0f} bytes per row on disk (" + ", ".join(f"{part} {b:.0f}" for part, b in f.items())
+            + f"; residuals {manifest['residual_dtype']})")
+
+
 def load_shard(folder: Path, entry: dict):
     """A shard's FAISS index and rows, each file checked against the index manifest."""
     import faiss
@@ -318,8 +335,13 @@ def load_shard(folder: Path, entry: dict):
     name = f"shard-{int(entry['shard']):05d}"
     index = faiss.read_index(str(folder / f"{name}.faiss"))
     with np.load(folder / f"{name}.npz", allow_pickle=False) as z:
-        rows = {k: z[k] for k in ("ids", "labels", "residuals", "residual_ids") if k in z.files}
+        rows = {k: z[k] for k in ("ids", "labels", "residuals", "residual_scale", "residual_ids") if k in z.files}
+    if f"{name}.vectors.npy" in entry["files"]:  # index.keep_vectors: read only where a re-rank needs them
+        rows["vectors"] = np.load(folder / f"{name}.vectors.npy", mmap_mode="r")
     if index.ntotal != entry["rows"] or len(rows["ids"]) != entry["rows"]:
         raise ResMemError(f"index shard {entry['shard']}: holds {index.ntotal} vectors, "
                           f"the manifest says {entry['rows']}")
+    if "vectors" in rows and rows["vectors"].shape != (index.ntotal, index.d):
+        raise ResMemError(f"index shard {entry['shard']}: {name}.vectors.npy has shape {rows['vectors'].shape}, "
+                          f"the index holds {index.ntotal} x {index.d}")
     return index, rows

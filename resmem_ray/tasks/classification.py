@@ -31,7 +31,7 @@ from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_vote,
                                     softmax)
 from resmem_ray.runtime.trainer import chance_warning
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import read_memory_split, read_split
+from resmem_ray.store.artifacts import footprint_line, read_memory_split, read_split
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import (METHODS, neighbour_baselines, ordered, setting, setting_line, setting_record,
                                       title, tuned_baselines, tuning_lines)
@@ -198,7 +198,8 @@ def write_report(folder, cfg: Config, metrics: dict, model_title: str) -> None:
     lines = [f"# ResMem report: {cfg.data.name}, {model_title}", ""]
     lines += [line for w in metrics.get("warnings", []) for line in (f"> **Warning:** {w}", "")]
     lines += [f"Test split: {metrics['num_test']} examples (one example is {100 / metrics['num_test']:.2f} "
-              f"points); memory: {metrics['memory_rows']} training examples in {metrics['num_shards']} shard(s).",
+              f"points); memory: {metrics['memory_rows']} training examples in {metrics['num_shards']} shard(s), "
+              f"{metrics['memory_footprint']}.",
               f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate} "
               f"(where max p < {r.gate_threshold}), "
               f"distance={r.distance}, normalize={r.normalize}."]
@@ -313,7 +314,8 @@ def evaluate_classification(cfg: Config, run: RunDir, test: dict, queries: np.nd
     metrics = {"accuracy": {m: float(r.mean()) for m, r in right.items()},
                "vs_base": {m: paired_change(r, right["base"]) for m, r in right.items() if m != "base"},
                "num_test": int(len(labels)), "memory_rows": manifest["rows"],
-               "num_shards": len(manifest["shards"]), "resmem": cfg.resmem.__dict__, "tuning": tuning,
+               "num_shards": len(manifest["shards"]), "memory_footprint": footprint_line(manifest),
+               "resmem": cfg.resmem.__dict__, "tuning": tuning,
                **{m.key: setting_record(cfg, m, tuning) for m in neighbour_baselines()},
                "warnings": training_warnings(run, test["logits"].shape[1]),
                "per_class": per_class(labels, preds, train_counts)}

@@ -31,7 +31,7 @@ from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
 from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.schema import Config, ResMemConfig
-from resmem_ray.store.artifacts import read_model_meta
+from resmem_ray.store.artifacts import footprint_line, read_model_meta
 from resmem_ray.store.files import atomic_dir
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import (neighbour_baselines, setting, setting_line, setting_record, title,
@@ -78,7 +78,8 @@ def residual_storage(manifest: dict) -> dict:
     row) and what dense vocabulary-sized rows would take in the same dtype."""
     rows, m, vocab = manifest["rows"], manifest["top_m"], manifest["num_classes"]
     prob = np.dtype(manifest["residual_dtype"]).itemsize
-    return {"sparse_bytes": rows * (8 + m * (4 + prob)), "dense_bytes": rows * vocab * prob}
+    scale = 4 if manifest["residual_dtype"] == "int8" else 0  # a float32 scale per row
+    return {"sparse_bytes": rows * (8 + scale + m * (4 + prob)), "dense_bytes": rows * (vocab * prob + scale)}
 
 
 def token_reads(logits: np.ndarray, r: ResMemConfig, batch: int = 4096) -> np.ndarray:
@@ -211,7 +212,7 @@ def lm_report(cfg: Config, m: dict) -> str:
     lines = [f"# ResMem report: {cfg.data.name}, next-token prediction ({m['base_model']}, vocabulary "
              f"{m['vocab_size']})", "",
              f"Test split: {m['num_test_tokens']} tokens; memory: {m['memory_rows']} training tokens in "
-             f"{m['num_shards']} shard(s), embedding: {cfg.text.lm_embedding}.",
+             f"{m['num_shards']} shard(s), {m['memory_footprint']}, embedding: {cfg.text.lm_embedding}.",
              f"ResMem: k={r.k}, sigma={r.sigma}, T={r.temperature}, gate={r.gate}, distance={r.distance}; "
              f"corrected distribution clipped below at {cfg.text.prob_floor} x p and renormalised.",
              *(setting_line(b, m[b.key], "lm") for b in neighbour_baselines()),
@@ -311,7 +312,7 @@ class TokenLM(TextTask):
                    "num_test_tokens": int(len(queries)), "memory_rows": manifest["rows"],
                    "memory_read_fraction": float(reads.mean()) if len(reads) else 0.0,
                    "num_shards": len(manifest["shards"]), "vocab_size": manifest["num_classes"],
-                   "top_m": manifest["top_m"], **sizes,
+                   "top_m": manifest["top_m"], "memory_footprint": footprint_line(manifest), **sizes,
                    **{f"{m}_{k}": v for m, d in scores.items() for k, v in d.items()},
                    "accuracy": {m: d["accuracy"] for m, d in scores.items()}, "resmem": cfg.resmem.__dict__,
                    "prob_floor": cfg.text.prob_floor, "tuning": tuning,

@@ -31,7 +31,7 @@ from resmem_ray.core.resmem import apply_correction, memory_correction
 from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.runtime.trainer import Recipe, worker_loader
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import read_model_meta
+from resmem_ray.store.artifacts import footprint_line, read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import ordered, title, tuning_lines
 from resmem_ray.tasks.registry import Task, register
@@ -193,7 +193,7 @@ class Regression(Task):
         lines = [f"# ResMem report: {cfg.data.name}, {cfg.model.name} regression"
                  + (f" (width {cfg.model.width})" if cfg.model.name == "mlp" else ""), "",
                  f"Test split: {len(y)} examples (target std {y.std():.4g}); memory: {manifest['rows']} training "
-                 f"examples in {len(manifest['shards'])} shard(s).",
+                 f"examples in {len(manifest['shards'])} shard(s), {footprint_line(manifest)}.",
                  f"ResMem: k={r.k}, sigma={r.sigma}, gate={r.gate}, distance={r.distance}, normalize={r.normalize}.",
                  "", "| method | test RMSE |", "| --- | ---: |"]
         lines += [f"| {title(m, self.name)} | {v:.4f} |" for m, v in metrics["rmse"].items()]
