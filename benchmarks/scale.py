@@ -12,8 +12,11 @@ reader), val and test 10,000 each. Per N: each stage's time, build rows/s, the p
 resident memory of the driver, of each shard build task and of each shard actor (sampled
 every 0.2 s), bytes per row on disk and in the actors' RAM, the lookup rate, and against
 exact search (faiss.knn over the train rows, in chunks) on 1,000 test queries: recall@k
-and ResMem's accuracy with exact neighbours beside the run's. Writes the table, a
-log-log plot (benchmarks/scale.png) and a projection to 100M and 1B rows.
+and ResMem's accuracy with exact neighbours beside the run's. Then, on the same rows, a
+compressed memory (PQ codes, int8 residual rows, the full-precision vectors kept on
+disk): index and evaluate again (embed is current), once without and once with an exact
+re-rank, each with its bytes per row, lookup rate, recall and ResMem accuracy. Writes the
+tables, a log-log plot (benchmarks/scale.png) and a projection to 100M and 1B rows.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from results import section, write
 QUESTION = ("How do build time, memory per row and lookup rate grow with the memory's size, and how many "
             "nodes does a memory of 100M or 1B rows need?")
 CLUSTERS, CLASSES, HELD_OUT, SAMPLE, K = 4096, 10, 10_000, 1_000, 20
+RERANK = 8  # the compressed memory's re-rank: RERANK x K candidates from the PQ codes
 CHUNK = 1_000_000  # rows generated (and searched exactly) at a time
 
 
@@ -100,7 +104,7 @@ def _processes() -> dict[int, tuple[int, str, int]]:
 class PeakMemory(threading.Thread):
     """The peak resident memory of a process and of its Ray workers by role, sampled."""
 
-    ROLES = {"driver": None, "shard build task": "_build_shard", "shard actor": "ShardActor"}
+    ROLES = {"driver": None, "shard build task": "_build_planned_shard", "shard actor": "ShardActor"}
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
@@ -121,12 +125,17 @@ class PeakMemory(threading.Thread):
             time.sleep(0.2)
 
 
-def run_pipeline(source: Path, run_dir: Path, n: int, factory: str, shards: int) -> dict:
-    cmd = [sys.executable, "-m", "resmem_ray.cli", "run", "--config", "jobs/configs/precomputed.yaml",
-           f"model.path={source}", f"run_dir={run_dir}", f"index.factory={factory}", f"index.num_shards={shards}",
-           f"index.cpus_per_shard={min(0.5, 1.5 / shards):.3f}",  # every shard actor fits on 2 cores
-           "index.shards_per_actor=1", "index.nprobe=32", f"resmem.k={K}", "resmem.distance=l2",
-           "resmem.normalize=false", "resmem.sigma=1.0", "evaluate.knn_ks=[1]", "embed.batch_size=65536"]
+def settings(source: Path, run_dir: Path, factory: str, shards: int, extra: tuple = ()) -> list[str]:
+    """The run's config overrides (shared by the pipeline and the exact check)."""
+    return [f"model.path={source}", f"run_dir={run_dir}", f"index.factory={factory}", f"index.num_shards={shards}",
+            f"index.cpus_per_shard={min(0.5, 1.5 / shards):.3f}",  # every shard actor fits on 2 cores
+            "index.shards_per_actor=1", "index.nprobe=32", f"resmem.k={K}", "resmem.distance=l2",
+            "resmem.normalize=false", "resmem.sigma=1.0", "evaluate.knn_ks=[1]", "embed.batch_size=65536", *extra]
+
+
+def run_pipeline(overrides: list[str], n: int) -> dict:
+    """`resmem run` with these overrides (stages already current are skipped), watched."""
+    cmd = [sys.executable, "-m", "resmem_ray.cli", "run", "--config", "jobs/configs/precomputed.yaml", *overrides]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=Path(__file__).resolve().parents[1])
     watch = PeakMemory(proc.pid)
@@ -138,15 +147,33 @@ def run_pipeline(source: Path, run_dir: Path, n: int, factory: str, shards: int)
         raise SystemExit(f"resmem run failed at N={n}:\n{out[-3000:]}")
     seconds = {name: float(t) for name, t in re.findall(r"== (\w+) done in ([\d.]+)s ==", out)}
     rate = re.findall(r"(\d+)/(\d+) queries \((\d+)/s\)", out)
-    index_bytes = sum(p.stat().st_size for p in (run_dir / "index").glob("shard-*"))
-    return {"seconds": {s: seconds[s] for s in ("train", "embed", "index", "evaluate")},
-            "peak_rss": watch.peak, "index_bytes": index_bytes, "queries_per_s": int(rate[-1][2]) if rate else None}
+    run_dir = Path(next(o for o in overrides if o.startswith("run_dir=")).split("=", 1)[1])
+    on_disk = {kind: sum(p.stat().st_size for p in (run_dir / "index").glob(f"shard-*{kind}"))
+               for kind in (".faiss", ".npz", ".vectors.npy")}
+    return {"seconds": seconds, "peak_rss": watch.peak, "index_bytes": on_disk[".faiss"] + on_disk[".npz"],
+            "vectors_bytes": on_disk[".vectors.npy"], "queries_per_s": int(rate[-1][2]) if rate else None}
 
 
-def exact_check(source: Path, run_dir: Path, n: int) -> dict:
-    """Recall@K of the run's neighbours (searched again in this process from its shards)
-    and ResMem's accuracy with exact neighbours, on SAMPLE test queries."""
+def exact_neighbours(source: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The K nearest train rows of the first SAMPLE test queries (squared L2, row numbers)."""
     import faiss
+
+    queries = np.load(source / "test" / "embedding.npy")[:SAMPLE]
+    train_emb = np.load(source / "train" / "embedding.npy", mmap_mode="r")
+    best_d = np.full((SAMPLE, K), np.inf, np.float32)
+    best_i = np.zeros((SAMPLE, K), np.int64)
+    for a in range(0, n, CHUNK):
+        d, i = faiss.knn(queries, np.ascontiguousarray(train_emb[a:a + CHUNK]), K)
+        d, i = np.concatenate([best_d, d], 1), np.concatenate([best_i, i + a], 1)
+        order = np.argsort(d, axis=1, kind="stable")[:, :K]
+        best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
+    return best_d, best_i
+
+
+def exact_check(source: Path, overrides: list[str], n: int, exact: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Recall@K of the run's neighbours (searched again in this process from its shards,
+    with the run's search settings) and ResMem's accuracy with exact neighbours, on SAMPLE
+    test queries."""
     import pyarrow.parquet as pq
 
     from resmem_ray.config import load_config
@@ -154,20 +181,14 @@ def exact_check(source: Path, run_dir: Path, n: int) -> dict:
     from resmem_ray.runtime.shards import LocalShards
     from resmem_ray.store.artifacts import load_index_manifest
 
+    best_d, best_i = exact
     test = {c: np.load(source / "test" / f"{c}.npy")[:SAMPLE] for c in ("embedding", "logits", "label")}
-    train_emb = np.load(source / "train" / "embedding.npy", mmap_mode="r")
-    best_d = np.full((SAMPLE, K), np.inf, np.float32)
-    best_i = np.zeros((SAMPLE, K), np.int64)
-    for a in range(0, n, CHUNK):
-        d, i = faiss.knn(test["embedding"], np.ascontiguousarray(train_emb[a:a + CHUNK]), K)
-        d, i = np.concatenate([best_d, d], 1), np.concatenate([best_i, i + a], 1)
-        order = np.argsort(d, axis=1, kind="stable")[:, :K]
-        best_d, best_i = np.take_along_axis(d, order, 1), np.take_along_axis(i, order, 1)
-    cfg = load_config("jobs/configs/precomputed.yaml", (f"run_dir={run_dir}", "resmem.distance=l2",
-                                                         "resmem.normalize=false", "resmem.sigma=1.0", f"resmem.k={K}"))
+    cfg = load_config("jobs/configs/precomputed.yaml", tuple(overrides))
+    run_dir = Path(cfg.run_dir)
     manifest = load_index_manifest(run_dir / "index" / "manifest.json")
     shards = LocalShards(run_dir / "index", manifest["shards"], "l2", cfg.index)
     nb = shards.search(test["embedding"], K)
+    del shards
     recall = np.mean([len(set(a) & set(b)) / K for a, b in zip(nb.ids, best_i)])  # ids: row numbers (train first)
     train_logits = np.load(source / "train" / "logits.npy", mmap_mode="r")
     train_labels = np.load(source / "train" / "label.npy", mmap_mode="r")
@@ -189,38 +210,67 @@ def exact_check(source: Path, run_dir: Path, n: int) -> dict:
             "resmem_acc": float((run_resmem == y).mean()), "exact_resmem_acc": float((exact_pred == y).mean())}
 
 
-def factory_for(n: int) -> tuple[str, int]:
-    """IVF with ~4 sqrt(rows per shard) lists; a shard per ~4M rows, at least 2."""
+def factory_for(n: int) -> tuple[int, int]:
+    """IVF lists (~4 sqrt(rows per shard)) and shards (one per ~4M rows, at least 2)."""
     shards = max(2, -(-n // 4_000_000))
-    lists = int(2 ** round(np.log2(4 * np.sqrt(n / shards))))
-    return f"IVF{lists},Flat", shards
+    return int(2 ** round(np.log2(4 * np.sqrt(n / shards)))), shards
+
+
+def variants(lists: int, dim: int) -> list[tuple[str, str, tuple]]:
+    """(name, factory, extra overrides) of each memory measured per N: IVF over float32
+    vectors and residuals, then the compressed memory (PQ codes of dim / 4 bytes, int8
+    residual rows, the full-precision vectors on disk), searched as it is and re-ranked."""
+    squeezed = ("index.residual_dtype=int8", "index.keep_vectors=true")
+    return [("IVF-Flat, float32 residuals", f"IVF{lists},Flat", ()),
+            (f"IVF-PQ{dim // 4}, int8 residuals", f"IVF{lists},PQ{dim // 4}", squeezed),
+            (f"IVF-PQ{dim // 4}, int8 residuals, re-rank {RERANK}x from disk", f"IVF{lists},PQ{dim // 4}",
+             (*squeezed, f"index.rerank={RERANK}"))]
+
+
+GIB = 2 ** 30
 
 
 def render(found: list[dict], dim: int) -> list[str]:
     lines = ["| rows | shards, index | train / embed / index / evaluate (s) | build rows/s | peak RSS: driver / "
              "build task / shard actor (GiB) | disk bytes/row | actor RAM bytes/row | lookups/s | recall@20 | "
              "accuracy: base / ResMem / ResMem exact (%) |", "|" + " ---: |" * 10]
-    gib = 2 ** 30
     for f in found:
-        s, p, e = f["seconds"], f["peak_rss"], f["exact"]
+        v = f["variants"][0]
+        s, p, e = v["seconds"], v["peak_rss"], v["exact"]
         lines.append(
-            f"| {f['rows']:,} | {f['shards']}, {f['factory']} | {s['train']:.0f} / {s['embed']:.0f} / {s['index']:.0f} / "
-            f"{s['evaluate']:.0f} | {f['rows'] / s['index']:,.0f} | {p['driver'] / gib:.2f} / "
-            f"{p['shard build task'] / gib:.2f} / {p['shard actor'] / gib:.2f} | {f['index_bytes'] / f['rows']:.0f} | "
-            f"{f['shards'] * p['shard actor'] / f['rows']:.0f} | {f['queries_per_s'] or 0:,} | {e['recall']:.3f} | "
+            f"| {f['rows']:,} | {f['shards']}, {v['factory']} | {s['train']:.0f} / {s['embed']:.0f} / "
+            f"{s['index']:.0f} / {s['evaluate']:.0f} | {f['rows'] / s['index']:,.0f} | {p['driver'] / GIB:.2f} / "
+            f"{p['shard build task'] / GIB:.2f} / {p['shard actor'] / GIB:.2f} | {v['index_bytes'] / f['rows']:.0f} | "
+            f"{f['shards'] * p['shard actor'] / f['rows']:.0f} | {v['queries_per_s'] or 0:,} | {e['recall']:.3f} | "
             f"{100 * e['base_acc']:.1f} / {100 * e['resmem_acc']:.1f} / {100 * e['exact_resmem_acc']:.1f} |")
+    lines += ["", f"Memory of {dim}-dim float32 rows with 10-class dense residuals (float32), IVF-Flat shards. "
+              "Actor RAM per row: the shard actors' peak resident memory (index, residual rows and each process's "
+              "own libraries) over the rows they hold.", "",
+              "The same rows as a compressed memory (index and evaluate again on the same run; accuracy on the "
+              f"same {SAMPLE:,} test queries, against ResMem with exact neighbours and float32 residuals):", "",
+              "| rows | memory | index build (s) | disk bytes/row: index + rows / vectors | actor RAM bytes/row | "
+              "lookups/s | recall@20 | ResMem accuracy (%) | vs exact (points) |",
+              "| ---: | --- |" + " ---: |" * 7]
+    for f in found:
+        for v in f["variants"]:
+            e = v["exact"]
+            build = v["seconds"].get("index")
+            lines.append(
+                f"| {f['rows']:,} | {v['name']} | {'' if build is None else f'{build:.0f}'} | "
+                f"{v['index_bytes'] / f['rows']:.0f} / {v['vectors_bytes'] / f['rows']:.0f} | "
+                f"{f['shards'] * v['peak_rss']['shard actor'] / f['rows']:.0f} | {v['queries_per_s'] or 0:,} | "
+                f"{e['recall']:.3f} | {100 * e['resmem_acc']:.1f} | "
+                f"{100 * (e['resmem_acc'] - e['exact_resmem_acc']):+.1f} |")
     last = found[-1]
-    per_row = last["shards"] * last["peak_rss"]["shard actor"] / last["rows"]
-    node_ram = 0.7 * 24 * gib  # a 24 GiB node, 70% of it for shard actors
-    per_node = node_ram / per_row
-    lines += ["", f"Memory of {dim}-dim float32 rows with 10-class dense residuals (float32). Actor RAM per row: "
-              "the shard actors' peak resident memory (index, residual rows and each process's own libraries) over "
-              "the rows they hold.", "",
-              f"Projection from the largest run ({per_row:.0f} bytes per row in the actors): a 24 GiB node with 70% "
-              f"of its memory for shard actors holds ~{per_node / 1e6:.0f}M rows, so 100M rows need "
-              f"~{int(np.ceil(1e8 / per_node))} such nodes and 1B rows ~{int(np.ceil(1e9 / per_node))}; with PQ "
-              "codes (e.g. 64 bytes per row, as kNN-LM keeps WikiText-103) and float16 residuals, about a quarter "
-              "as many."]
+    lines.append("")
+    for v in last["variants"][:2]:
+        per_row = last["shards"] * v["peak_rss"]["shard actor"] / last["rows"]
+        per_node = 0.7 * 24 * GIB / per_row  # a 24 GiB node, 70% of it for shard actors
+        lines.append(f"Projection, {v['name']} (the largest run: {per_row:.0f} bytes per row in the actors): a 24 GiB "
+                     f"node with 70% of its memory for shard actors holds ~{per_node / 1e6:.0f}M rows, so 100M rows "
+                     f"need ~{int(np.ceil(1e8 / per_node))} such nodes and 1B rows ~{int(np.ceil(1e9 / per_node))}.")
+    lines += ["", "Each actor's resident memory includes its own process (Python, numpy, FAISS, Ray: about 0.3 GiB), "
+              "which a node pays once per actor, so the smaller memories' bytes per row are mostly that."]
     return lines
 
 
@@ -232,12 +282,13 @@ def plot(found: list[dict], path: Path) -> None:
 
     n = [f["rows"] for f in found]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.loglog(n, [f["seconds"]["index"] for f in found], "o-", label="index build (s)")
-    ax.loglog(n, [f["peak_rss"]["driver"] / 2**20 for f in found], "s-", label="driver peak RSS (MiB)")
-    ax.loglog(n, [f["shards"] * f["peak_rss"]["shard actor"] / 2**20 for f in found], "^-",
-              label="shard actors' RSS, all (MiB)")
+    ax.loglog(n, [f["variants"][0]["seconds"]["index"] for f in found], "o-", label="index build, IVF-Flat (s)")
+    ax.loglog(n, [f["variants"][0]["peak_rss"]["driver"] / 2**20 for f in found], "s-", label="driver peak RSS (MiB)")
+    for v, mark in zip(range(2), "^v"):
+        ax.loglog(n, [f["shards"] * f["variants"][v]["peak_rss"]["shard actor"] / 2**20 for f in found], mark + "-",
+                  label=f"shard actors' RSS, all (MiB): {found[0]['variants'][v]['name']}")
     ax.set_xlabel("memory rows")
-    ax.legend()
+    ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -257,12 +308,16 @@ def main(argv=None) -> None:
         shutil.rmtree(work, ignore_errors=True)
         t0 = time.time()
         write_memory(work / "source", n, args.dim)
-        factory, shards = factory_for(n)
-        print(f"N={n:,}: data written in {time.time() - t0:.0f}s; {shards} x {factory}", flush=True)
-        f = {"rows": n, "factory": factory, "shards": shards,
-             **run_pipeline(work / "source", work / "run", n, factory, shards)}
-        f["exact"] = exact_check(work / "source", work / "run", n)
-        print(json.dumps(f), flush=True)
+        lists, shards = factory_for(n)
+        print(f"N={n:,}: data written in {time.time() - t0:.0f}s; {shards} shards, IVF{lists}", flush=True)
+        exact = exact_neighbours(work / "source", n)
+        f = {"rows": n, "shards": shards, "variants": []}
+        for name, factory, extra in variants(lists, args.dim):
+            overrides = settings(work / "source", work / "run", factory, shards, extra)
+            v = {"name": name, "factory": factory, **run_pipeline(overrides, n)}
+            v["exact"] = exact_check(work / "source", overrides, n, exact)
+            print(json.dumps(v), flush=True)
+            f["variants"].append(v)
         found.append(f)
     shutil.rmtree(work, ignore_errors=True)
     table = render(found, args.dim)
