@@ -146,12 +146,12 @@ def run_pipeline(overrides: list[str], n: int) -> dict:
     if proc.returncode:
         raise SystemExit(f"resmem run failed at N={n}:\n{out[-3000:]}")
     seconds = {name: float(t) for name, t in re.findall(r"== (\w+) done in ([\d.]+)s ==", out)}
-    rate = re.findall(r"(\d+)/(\d+) queries \((\d+)/s\)", out)
+    rate = re.findall(r"test rows scored, (\d+) searched \((\d+) queries/s\)", out)
     run_dir = Path(next(o for o in overrides if o.startswith("run_dir=")).split("=", 1)[1])
     on_disk = {kind: sum(p.stat().st_size for p in (run_dir / "index").glob(f"shard-*{kind}"))
                for kind in (".faiss", ".npz", ".vectors.npy")}
     return {"seconds": seconds, "peak_rss": watch.peak, "index_bytes": on_disk[".faiss"] + on_disk[".npz"],
-            "vectors_bytes": on_disk[".vectors.npy"], "queries_per_s": int(rate[-1][2]) if rate else None}
+            "vectors_bytes": on_disk[".vectors.npy"], "queries_per_s": int(rate[-1][1]) if rate else None}
 
 
 def exact_neighbours(source: Path, n: int) -> tuple[np.ndarray, np.ndarray]:

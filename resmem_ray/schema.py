@@ -242,6 +242,8 @@ class SweepConfig:
 class EvaluateConfig:
     knn_ks: list[int] = setting([1, 10, 20, 30], range=POSITIVE, non_empty=True)
     batch_size: int = resource(1024, range=POSITIVE)  # queries per lookup round trip
+    # test rows read, searched and scored at a time: the driver holds one chunk, never the split
+    chunk_mb: float = resource(256.0, range=POSITIVE)
 
 
 @dataclass

@@ -11,8 +11,8 @@ import pytest
 
 from resmem_ray.cli import main
 from resmem_ray.config import load_config
-from resmem_ray.runtime.shards import plan_shards, write_shards
-from resmem_ray.store.artifacts import load_shard, read_index_manifest, read_split, row_groups
+from resmem_ray.runtime.shards import write_shards
+from resmem_ray.store.artifacts import load_shard, plan_shards, read_index_manifest, read_split, row_groups
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.registry import task_for
 

@@ -91,7 +91,8 @@ def main(tmp: str) -> None:
     from ray.cluster_utils import Cluster
 
     from resmem_ray.config import IndexConfig
-    from resmem_ray.runtime.shards import ShardedMemory, build_planned_shards, plan_shards
+    from resmem_ray.runtime.shards import ShardedMemory, build_planned_shards
+    from resmem_ray.store.artifacts import plan_shards
     from resmem_ray.core.knn import merge_topk, search_shard
     from resmem_ray.store.artifacts import load_shard, split_row_groups, write_split
     from resmem_ray.store.rundir import RunDir

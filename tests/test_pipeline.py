@@ -71,20 +71,26 @@ def test_run_writes_report_and_artifacts(digits_run):
     assert not list(run.root.glob(".*.tmp"))
 
 
-def evaluate_with_shards(run_dir, shards):
+def evaluate_with_shards(run_dir, shards, *more):
     args = [*DIGITS_ARGS, f"run_dir={run_dir}", f"index.num_shards={shards}"]
     assert main(["index", *args]) == 0
-    assert main(["evaluate", *args]) == 0
+    assert main(["evaluate", *args, *more]) == 0
     index = json.loads((run_dir / "index" / "manifest.json").read_text())
     assert len(index["shards"]) == shards and sum(s["rows"] for s in index["shards"]) == index["rows"]
     return pq.read_table(run_dir / "report" / "predictions.parquet").to_pydict()
 
 
 def test_one_and_three_shards_give_identical_predictions(run_copy, digits_run):
+    """Also streamed in chunks of ~10 KB of test rows (a row group of predictions each):
+    the same predictions and metrics as the whole split at once."""
     two = pq.read_table(digits_run / "report" / "predictions.parquet").to_pydict()
     one = evaluate_with_shards(run_copy, 1)
-    three = evaluate_with_shards(run_copy, 3)
+    three = evaluate_with_shards(run_copy, 3, "evaluate.chunk_mb=0.01")
     assert one == three == two
+    assert pq.ParquetFile(run_copy / "report" / "predictions.parquet").metadata.num_row_groups > 10
+    whole, chunked = (json.loads((r / "report" / "metrics.json").read_text()) for r in (digits_run, run_copy))
+    assert chunked["accuracy"] == whole["accuracy"] and chunked["per_class"] == whole["per_class"]
+    assert chunked["vs_base"] == pytest.approx(whole["vs_base"], rel=1e-9)
 
 
 def cli(*args):

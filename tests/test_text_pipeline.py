@@ -145,10 +145,10 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
     top = (top / top.sum(1, keepdims=True)).max(1)
     threshold = float(np.median(top))
     capsys.readouterr()
-    assert main(["evaluate", *args, f"resmem.gate_threshold={threshold}"]) == 0
+    assert main(["evaluate", *args, f"resmem.gate_threshold={threshold}", "evaluate.chunk_mb=4"]) == 0  # chunks
     gated = json.loads((run.report / "metrics.json").read_text())
     assert gated["memory_read_fraction"] == pytest.approx((top < threshold).mean())
-    assert f"{(top < threshold).sum()} of {len(top)} test queries" in capsys.readouterr().out
+    assert f"{len(top)}/{len(top)} test rows scored, {(top < threshold).sum()} searched" in capsys.readouterr().out
     assert gated["base_perplexity"] == pytest.approx(metrics["base_perplexity"])
 
     # reproducible: the same config and seed train the same weights and losses, bit for bit, over

@@ -124,25 +124,6 @@ def write_shards(folder: Path, embeddings: np.ndarray, ids: np.ndarray, labels: 
                            temperature)
 
 
-def plan_shards(groups: list[dict], num_shards: int) -> list[list[dict]]:
-    """num_shards contiguous shards of the rows of parquet row groups (artifacts.row_groups),
-    each a list of pieces (a group's rows start:stop). When the groups' id ranges do not
-    overlap (as embed and memorize write them), the plan is in id order, rows of a group
-    ranked by id, so shard s holds the same rows as slicing the memory sorted by id;
-    otherwise it is in file order (the same exact answers, other shard boundaries)."""
-    ordered = sorted(groups, key=lambda g: g["ids"][0]) if all(g["ids"] for g in groups) else None
-    by_id = bool(ordered) and all(a["ids"][1] < b["ids"][0] for a, b in zip(ordered, ordered[1:]))
-    groups = ordered if by_id else groups
-    starts = np.cumsum([0] + [g["rows"] for g in groups])
-    bounds = np.linspace(0, starts[-1], num_shards + 1).astype(int)
-    plan = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        plan.append([{"file": g["file"], "sha256": g["sha256"], "group": g["group"], "by_id": by_id,
-                      "start": int(max(a, first) - first), "stop": int(min(b, first + g["rows"]) - first)}
-                     for g, first in zip(groups, starts) if first < b and a < first + g["rows"]])
-    return plan
-
-
 def _build_planned_shard(folder: str, root: str, run_uri: str | None, pieces: list[dict], columns, memory_rows,
                          dim: int, cfg: IndexConfig, distance: str, normalize: bool, shard: int) -> dict:
     """One shard from its rows of the split's files: read (only its memory columns), turned
@@ -351,10 +332,11 @@ class ShardedMemory:
         futures, first, ref = sent
         return merge_topk([self._get(group, future, first, ref, k) for group, future in enumerate(futures)], k)
 
-    def search_batches(self, queries: np.ndarray, k: int, batch_size: int) -> Neighbours:
-        """`search` over many queries, `batch_size` per round trip, with progress. The next
-        batch is sent before this one is merged, so the shards search while the driver merges."""
-        parts, t0, progress = [], time.time(), Progress(log)
+    def search_batches(self, queries: np.ndarray, k: int, batch_size: int, progress: bool = True) -> Neighbours:
+        """`search` over many queries, `batch_size` per round trip, with progress lines unless
+        the caller shows its own. The next batch is sent before this one is merged, so the
+        shards search while the driver merges."""
+        parts, t0, shown = [], time.time(), Progress(log) if progress else (lambda *a, **kw: None)
         starts = range(0, max(len(queries), 1), batch_size)  # no queries: one empty answer
         sent = self._fan_out(queries[:batch_size], k)
         for start in starts:
@@ -363,8 +345,8 @@ class ShardedMemory:
             parts.append(self._merge(sent, k))
             sent = ahead
             done = min(following, len(queries))
-            progress(f"{done}/{len(queries)} queries ({done / max(time.time() - t0, 1e-9):.0f}/s)",
-                     last=done == len(queries))
+            shown(f"{done}/{len(queries)} queries ({done / max(time.time() - t0, 1e-9):.0f}/s)",
+                  last=done == len(queries))
         fields = ("distances", "ids", "labels", "residuals") + (("residual_ids",) if parts[0].residual_ids is not None
                                                                else ())
         return Neighbours(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))

@@ -8,7 +8,7 @@ one Ray task per shard.
 
 The driver never reads the memory's rows: it checks the split's files against the embed
 manifest (names, hashes, row counts from parquet metadata) and plans contiguous shards
-as pieces of row groups (runtime/shards.py: plan_shards); each shard's task reads its
+as pieces of row groups (store/artifacts.py: plan_shards); each shard's task reads its
 own rows and turns them into residual rows (dense: computed there from the stored
 logits at resmem.temperature, so the memory always matches the T it is queried with).
 """
@@ -21,10 +21,10 @@ import shutil
 from resmem_ray.core.knn import check_index_config
 from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
-from resmem_ray.runtime.shards import build_planned_shards, plan_shards
+from resmem_ray.runtime.shards import build_planned_shards
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import (footprint_line, load_index_manifest, memorized_row_groups, memory_footprint,
-                                        model_fingerprint, read_first_row, split_row_groups)
+                                        model_fingerprint, plan_shards, read_first_row, split_row_groups)
 from resmem_ray.store.files import atomic_dir, inside, write_json
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.registry import task_for

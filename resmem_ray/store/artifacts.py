@@ -27,7 +27,7 @@ def write_split(rows, run: RunDir, name: str, batch_size: int) -> int:
     """Write a split's embedding rows as parquet under RUN/embeddings/<name>, atomically;
     the number of rows written. `rows`: a Ray dataset, or Arrow tables in id order (one
     held at a time), each written from this process as one row group (its id range in
-    the statistics that runtime/shards.plan_shards reads)."""
+    the statistics that plan_shards reads)."""
     with atomic_dir(run.embeddings / name) as tmp:
         if hasattr(rows, "write_parquet"):  # a Ray dataset
             rows.write_parquet(str(tmp), min_rows_per_file=max(batch_size, 4096))
@@ -91,6 +91,34 @@ def read_split(run: RunDir, split: str, needed_by: str,
     return table_arrays(table, columns, np.argsort(table.column("id").to_numpy()))
 
 
+class TableWriter:
+    """A parquet file written a table at a time (a row group each), the schema the first
+    table's: per-row results as they come (evaluate's predictions.parquet)."""
+
+    def __init__(self, path: Path):
+        self.path, self.writer = path, None
+
+    def write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema)
+        self.writer.write_table(table)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def label_counts(run: RunDir, split: str, needed_by: str, num_classes: int) -> np.ndarray:
+    """Examples per class in a split, read a row group's labels at a time."""
+    counts = np.zeros(num_classes, np.int64)
+    for path in _split_files(run, split, needed_by)[0]:
+        file = pq.ParquetFile(path)
+        for g in range(file.metadata.num_row_groups):
+            labels = file.read_row_group(g, columns=["label"]).column("label").to_numpy()
+            counts += np.bincount(labels, minlength=num_classes)[:num_classes]
+    return counts
+
+
 def row_groups(root: Path, rel: str, digest_: str, columns) -> list[dict]:
     """The row groups of one parquet file (`rel`: its path under the run directory `root`),
     read from its metadata only: rows and, where the writer kept statistics, the id range."""
@@ -150,6 +178,42 @@ def read_pieces(root: Path, pieces: list[dict], columns, run_uri: str | None = N
             raise ResMemError(f"{path}: unreadable parquet ({str(e).splitlines()[0]})") from None
     order = np.argsort(np.concatenate([p["id"] for p in parts]), kind="stable")
     return {c: np.concatenate([p[c] for p in parts])[order] for c in columns}
+
+
+def plan_shards(groups: list[dict], num_shards: int) -> list[list[dict]]:
+    """num_shards contiguous shards of the rows of parquet row groups (artifacts.row_groups),
+    each a list of pieces (a group's rows start:stop). When the groups' id ranges do not
+    overlap (as embed and memorize write them), the plan is in id order, rows of a group
+    ranked by id, so shard s holds the same rows as slicing the memory sorted by id;
+    otherwise it is in file order (the same exact answers, other shard boundaries)."""
+    ordered = sorted(groups, key=lambda g: g["ids"][0]) if all(g["ids"] for g in groups) else None
+    by_id = bool(ordered) and all(a["ids"][1] < b["ids"][0] for a, b in zip(ordered, ordered[1:]))
+    groups = ordered if by_id else groups
+    starts = np.cumsum([0] + [g["rows"] for g in groups])
+    bounds = np.linspace(0, starts[-1], num_shards + 1).astype(int)
+    plan = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        plan.append([{"file": g["file"], "sha256": g["sha256"], "group": g["group"], "by_id": by_id,
+                      "start": int(max(a, first) - first), "stop": int(min(b, first + g["rows"]) - first)}
+                     for g, first in zip(groups, starts) if first < b and a < first + g["rows"]])
+    return plan
+
+
+def split_chunks(root: Path, groups: list[dict], columns, max_bytes: int):
+    """The rows of a split's row groups (split_row_groups) in chunks of at most ~max_bytes
+    (at least one row), in id order where the groups' id ranges do not overlap
+    (plan_shards), each read as read_pieces reads it: the whole split is never held.
+    Yields (rows, rows before this chunk, total rows)."""
+    total = sum(g["rows"] for g in groups)
+    if not total:
+        return
+    first = read_first_row(root, next(g for g in groups if g["rows"]), columns)
+    row_bytes = max(1, sum(a.nbytes for a in first.values()))
+    done = 0
+    for pieces in plan_shards(groups, min(total, -(-total * row_bytes // max_bytes))):
+        rows = read_pieces(root, pieces, columns)
+        yield rows, done, total
+        done += len(rows["id"])
 
 
 def read_first_row(root: Path, group: dict, columns) -> dict[str, np.ndarray]:

@@ -22,7 +22,6 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from resmem_ray.core.gates import fit_learned_gate, gate_features, learned_gate
 from resmem_ray.core.knn import Neighbours
@@ -31,12 +30,12 @@ from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_vote,
                                     softmax)
 from resmem_ray.runtime.trainer import chance_warning
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import footprint_line, read_memory_split, read_split
+from resmem_ray.store.artifacts import TableWriter, footprint_line, label_counts, read_memory_split
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import (METHODS, neighbour_baselines, ordered, setting, setting_line, setting_record,
                                       title, tuned_baselines, tuning_lines)
-from resmem_ray.tasks.neighbour_model import transformer_predictions
-from resmem_ray.tasks.registry import Task
+from resmem_ray.tasks.neighbour_model import transformer_predictor
+from resmem_ray.tasks.registry import Scorer, Task
 
 
 class ClassificationTask(Task):
@@ -52,9 +51,8 @@ class ClassificationTask(Task):
         nt = cfg.neighbour_transformer
         return max([cfg.resmem.k, *cfg.evaluate.knn_ks, nt.k if nt.enabled else 1])
 
-    def evaluate(self, cfg: Config, run: RunDir, test: dict, queries, nb, manifest: dict, folder,
-                 tuning: dict | None = None) -> dict:
-        return evaluate_classification(cfg, run, test, queries, nb, manifest, folder, self.model_title(cfg), tuning)
+    def scorer(self, cfg: Config, run: RunDir, manifest: dict, folder, tuning: dict | None = None) -> Scorer:
+        return ClassificationScorer(cfg, run, manifest, folder, self.model_title(cfg), tuning)
 
     def method_accuracies(self, cfg: Config, table: dict, tuning: dict | None) -> dict[str, float]:
         """Every method's accuracy but the neighbour Transformer's on a neighbour table's val
@@ -300,28 +298,43 @@ def plot_accuracy_vs_k(path, cfg: Config, acc: dict) -> None:
     plt.close(fig)
 
 
-def evaluate_classification(cfg: Config, run: RunDir, test: dict, queries: np.ndarray, nb: Neighbours,
-                            manifest: dict, folder, title: str, tuning: dict | None) -> dict:
-    """Every method's test predictions and accuracy; the report files into `folder`."""
-    labels = test["label"]
-    preds = predictions(cfg, test["logits"], labels, nb, (tuning or {}).get("learned_gate"))
-    if cfg.neighbour_transformer.enabled:
-        preds["nbr_transformer"] = transformer_predictions(run, queries, labels, nb)
-    preds = {m: preds[m] for m in ordered(preds)}
-    train_counts = np.bincount(read_split(run, "train", "evaluate", ("id", "label"))["label"],
-                               minlength=test["logits"].shape[1])
-    right = {m: p == labels for m, p in preds.items()}
-    metrics = {"accuracy": {m: float(r.mean()) for m, r in right.items()},
-               "vs_base": {m: paired_change(r, right["base"]) for m, r in right.items() if m != "base"},
-               "num_test": int(len(labels)), "memory_rows": manifest["rows"],
-               "num_shards": len(manifest["shards"]), "memory_footprint": footprint_line(manifest),
-               "resmem": cfg.resmem.__dict__, "tuning": tuning,
-               **{m.key: setting_record(cfg, m, tuning) for m in neighbour_baselines()},
-               "warnings": training_warnings(run, test["logits"].shape[1]),
-               "per_class": per_class(labels, preds, train_counts)}
-    write_report(folder, cfg, metrics, title)
-    table = pa.table({"id": test["id"], "label": labels, **{m: p for m, p in preds.items()}, "nn1_id": nb.ids[:, 0]})
-    pq.write_table(table, folder / "predictions.parquet")
-    plot_accuracy_vs_k(folder / "accuracy_vs_k.png", cfg, metrics["accuracy"])
-    plot_per_class(folder / "per_class.png", metrics["per_class"])
-    return metrics
+class ClassificationScorer(Scorer):
+    """Every method's test predictions and accuracy, chunk by chunk: predictions.parquet
+    gets a row group per chunk; the driver keeps each test row's label and predicted class
+    per method (a byte or two each), from which finish() computes the metrics and writes
+    the report files into `folder`."""
+
+    def __init__(self, cfg: Config, run: RunDir, manifest: dict, folder, title: str, tuning: dict | None):
+        self.cfg, self.run, self.manifest, self.folder, self.title, self.tuning = cfg, run, manifest, folder, title, tuning
+        self.transformer = transformer_predictor(run) if cfg.neighbour_transformer.enabled else None
+        self.kept, self.num_classes = [], manifest["num_classes"]
+        self.predictions = TableWriter(folder / "predictions.parquet")
+
+    def add(self, rows: dict, queries, nb: Neighbours, reads) -> None:
+        labels = rows["label"]
+        preds = predictions(self.cfg, rows["logits"], labels, nb, (self.tuning or {}).get("learned_gate"))
+        if self.transformer:
+            preds["nbr_transformer"] = self.transformer(queries, labels, nb)
+        small = np.int16 if self.num_classes < 2 ** 15 else np.int32
+        self.predictions.write(pa.table({"id": rows["id"], "label": labels, **{m: preds[m] for m in ordered(preds)},
+                                         "nn1_id": nb.ids[:, 0]}))
+        self.kept.append({"label": labels.astype(small), **{m: p.astype(small) for m, p in preds.items()}})
+
+    def finish(self) -> dict:
+        self.predictions.close()
+        cfg, kept = self.cfg, {c: np.concatenate([k[c] for k in self.kept]) for c in self.kept[0]}
+        labels = kept.pop("label")
+        preds = {m: kept[m] for m in ordered(kept)}
+        right = {m: p == labels for m, p in preds.items()}
+        metrics = {"accuracy": {m: float(r.mean()) for m, r in right.items()},
+                   "vs_base": {m: paired_change(r, right["base"]) for m, r in right.items() if m != "base"},
+                   "num_test": int(len(labels)), "memory_rows": self.manifest["rows"],
+                   "num_shards": len(self.manifest["shards"]), "memory_footprint": footprint_line(self.manifest),
+                   "resmem": cfg.resmem.__dict__, "tuning": self.tuning,
+                   **{m.key: setting_record(cfg, m, self.tuning) for m in neighbour_baselines()},
+                   "warnings": training_warnings(self.run, self.num_classes),
+                   "per_class": per_class(labels, preds, label_counts(self.run, "train", "evaluate", self.num_classes))}
+        write_report(self.folder, cfg, metrics, self.title)
+        plot_accuracy_vs_k(self.folder / "accuracy_vs_k.png", cfg, metrics["accuracy"])
+        plot_per_class(self.folder / "per_class.png", metrics["per_class"])
+        return metrics

@@ -36,7 +36,7 @@ from resmem_ray.store.files import atomic_dir
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import (neighbour_baselines, setting, setting_line, setting_record, title,
                                       tuned_baselines, tuning_lines)
-from resmem_ray.tasks.registry import register
+from resmem_ray.tasks.registry import Scorer, register
 from resmem_ray.tasks.splits import Split
 from resmem_ray.tasks.text import SOURCE_KEYS, TextTask, load_text_model, train_bpe
 
@@ -109,6 +109,17 @@ def corrected_token_probs(p: np.ndarray, g: np.ndarray, distances, labels, resid
 
 def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: np.ndarray | None = None,
                batch: int = 1024, methods: tuple[str, ...] | None = None) -> dict:
+    """lm_totals' scores: {method: {"accuracy", "perplexity"}}."""
+    return token_scores(lm_totals(logits, labels, nb, cfg, reads, batch, methods))
+
+
+def token_scores(totals: dict[str, np.ndarray]) -> dict:
+    """Accuracy and perplexity from (tokens right, summed -log q(label), tokens) per method."""
+    return {m: {"accuracy": t[0] / t[2], "perplexity": float(np.exp(t[1] / t[2]))} for m, t in totals.items()}
+
+
+def lm_totals(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: np.ndarray | None = None,
+              batch: int = 1024, methods: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Next-token accuracy and perplexity of the base model (T=1), of each neighbour baseline
     (tasks/methods.py; kNN-LM: (1 - lambda) p + lambda p_kNN over the same k neighbours' next
     tokens, resmem.knn_lambda / knn_tau) and of ResMem (its clipped, renormalised
@@ -140,7 +151,7 @@ def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: n
             totals["resmem"] += token_metrics(q, labels[sl])
         if "base" in totals:
             totals["base"] += token_metrics(softmax(logits[sl]), labels[sl])
-    return {m: {"accuracy": t[0] / t[2], "perplexity": float(np.exp(t[1] / t[2]))} for m, t in totals.items()}
+    return totals
 
 
 RETRIEVAL_FRACTIONS = (0.1, 0.25, 0.5, 0.75)  # shares of val tokens the retrieval gate's cut-offs open
@@ -193,12 +204,11 @@ def fit_retrieval_gate_on_val(cfg: Config, table: dict) -> dict:
     return {**params, "val": gated_perplexities(logp, logq, scores, cutoffs)}
 
 
-def retrieval_gate_on_test(cfg: Config, test: dict, nb, reads, gate: dict) -> list[dict]:
-    """The retrieval gate fitted on val, applied to the test tokens at its val cut-offs."""
+def retrieval_gate_scores(cfg: Config, test: dict, nb, reads, gate: dict) -> tuple[np.ndarray, ...]:
+    """Per test token: log p(label), ResMem's log q(label) and the retrieval gate's score
+    (the gate fitted on val)."""
     logp, logq, features = token_logprobs(test["logits"], test["label"], nb, cfg, reads)
-    scores = retrieval_gate(gate, np.column_stack([features, np.linalg.norm(test["embedding"], axis=1)]))
-    return [{**row, "val_searched": v["searched"], "val_perplexity": v["perplexity"]}
-            for row, v in zip(gated_perplexities(logp, logq, scores, [v["cutoff"] for v in gate["val"]]), gate["val"])]
+    return logp, logq, retrieval_gate(gate, np.column_stack([features, np.linalg.norm(test["embedding"], axis=1)]))
 
 
 def model_line(cfg: Config, meta: dict) -> str:
@@ -303,26 +313,49 @@ class TokenLM(TextTask):
     def memory_reads(self, cfg: Config, test: dict) -> np.ndarray:
         return token_reads(test["logits"], cfg.resmem)
 
-    def evaluate(self, cfg: Config, run: RunDir, test: dict, queries, nb, manifest: dict, folder,
-                 tuning: dict | None = None) -> dict:
-        reads = token_reads(test["logits"], cfg.resmem)
-        scores = lm_metrics(test["logits"], test["label"], nb, cfg, reads)
-        sizes = residual_storage(manifest)
-        metrics = {"task": "lm", "base_model": model_line(cfg, read_model_meta(run, needed_by="evaluate")),
-                   "num_test_tokens": int(len(queries)), "memory_rows": manifest["rows"],
-                   "memory_read_fraction": float(reads.mean()) if len(reads) else 0.0,
-                   "num_shards": len(manifest["shards"]), "vocab_size": manifest["num_classes"],
-                   "top_m": manifest["top_m"], "memory_footprint": footprint_line(manifest), **sizes,
-                   **{f"{m}_{k}": v for m, d in scores.items() for k, v in d.items()},
-                   "accuracy": {m: d["accuracy"] for m, d in scores.items()}, "resmem": cfg.resmem.__dict__,
-                   "prob_floor": cfg.text.prob_floor, "tuning": tuning,
-                   **{b.key: setting_record(cfg, b, tuning) for b in neighbour_baselines()}}
-        if (tuning or {}).get("retrieval_gate"):
-            metrics["retrieval_gate"] = retrieval_gate_on_test(cfg, test, nb, reads, tuning["retrieval_gate"])
-        (folder / "report.md").write_text(lm_report(cfg, metrics))
-        return metrics
+    def scorer(self, cfg: Config, run: RunDir, manifest: dict, folder, tuning: dict | None = None) -> Scorer:
+        return LMScorer(cfg, run, manifest, folder, tuning)
 
     def done_info(self, metrics: dict) -> dict:
         return {"accuracy": metrics["accuracy"],
                 "perplexity": {m: metrics[f"{m}_perplexity"] for m in metrics["accuracy"]}}
 
+
+
+class LMScorer(Scorer):
+    """Next-token accuracy and perplexity of every method as running totals over the test
+    tokens, chunk by chunk; with the retrieval gate, three numbers per token (log p, log q,
+    its score) for its table at the val cut-offs."""
+
+    def __init__(self, cfg: Config, run: RunDir, manifest: dict, folder, tuning: dict | None):
+        self.cfg, self.run, self.manifest, self.folder, self.tuning = cfg, run, manifest, folder, tuning
+        self.gate = (tuning or {}).get("retrieval_gate")
+        self.totals, self.tokens, self.read, self.per_token = {}, 0, 0, []
+
+    def add(self, rows: dict, queries, nb, reads) -> None:
+        for m, t in lm_totals(rows["logits"], rows["label"], nb, self.cfg, reads).items():
+            self.totals[m] = self.totals.get(m, 0) + t
+        self.tokens, self.read = self.tokens + len(rows["label"]), self.read + int(reads.sum())
+        if self.gate:
+            self.per_token.append(retrieval_gate_scores(self.cfg, rows, nb, reads, self.gate))
+
+    def finish(self) -> dict:
+        cfg, manifest, tuning = self.cfg, self.manifest, self.tuning
+        scores = token_scores(self.totals)
+        metrics = {"task": "lm", "base_model": model_line(cfg, read_model_meta(self.run, needed_by="evaluate")),
+                   "num_test_tokens": self.tokens, "memory_rows": manifest["rows"],
+                   "memory_read_fraction": self.read / self.tokens if self.tokens else 0.0,
+                   "num_shards": len(manifest["shards"]), "vocab_size": manifest["num_classes"],
+                   "top_m": manifest["top_m"], "memory_footprint": footprint_line(manifest),
+                   **residual_storage(manifest), **{f"{m}_{k}": v for m, d in scores.items() for k, v in d.items()},
+                   "accuracy": {m: d["accuracy"] for m, d in scores.items()}, "resmem": cfg.resmem.__dict__,
+                   "prob_floor": cfg.text.prob_floor, "tuning": tuning,
+                   **{b.key: setting_record(cfg, b, tuning) for b in neighbour_baselines()}}
+        if self.gate:
+            logp, logq, gate_scores = (np.concatenate(c) for c in zip(*self.per_token))
+            cutoffs = [v["cutoff"] for v in self.gate["val"]]
+            metrics["retrieval_gate"] = [{**row, "val_searched": v["searched"], "val_perplexity": v["perplexity"]}
+                                         for row, v in zip(gated_perplexities(logp, logq, gate_scores, cutoffs),
+                                                           self.gate["val"])]
+        (self.folder / "report.md").write_text(lm_report(cfg, metrics))
+        return metrics

@@ -87,13 +87,17 @@ def load_transformer(run: RunDir, needed_by: str) -> tuple[NeighbourTransformer,
     return model.eval(), meta
 
 
-def transformer_predictions(run: RunDir, queries: np.ndarray, labels: np.ndarray, nb) -> np.ndarray:
-    """The trained Transformer's class for each (already prepared) query, from its lookup `nb`."""
+def transformer_predictor(run: RunDir):
+    """The trained Transformer's class for each (already prepared) query from its lookup
+    `nb`, as a function of (queries, labels, nb): the model and the memory's embeddings
+    (the neighbours' inputs) are loaded once."""
     model, meta = load_transformer(run, needed_by="evaluate")
     k = meta["settings"]["k"]
-    if nb.ids.shape[1] < k:
-        raise ResMemError(f"the neighbour Transformer reads {k} neighbours, the lookup returned {nb.ids.shape[1]}")
     memory = read_memory_split(run, "evaluate", ("id", "embedding"))
     memory_embeddings = prepare_queries(memory["embedding"], meta["distance"], meta["normalize"])
-    inputs = neighbour_inputs(queries, labels, None, nb, memory_embeddings, memory["id"], k)
-    return predict(model, inputs)
+
+    def predictions(queries: np.ndarray, labels: np.ndarray, nb) -> np.ndarray:
+        if nb.ids.shape[1] < k:
+            raise ResMemError(f"the neighbour Transformer reads {k} neighbours, the lookup returned {nb.ids.shape[1]}")
+        return predict(model, neighbour_inputs(queries, labels, None, nb, memory_embeddings, memory["id"], k))
+    return predictions

@@ -24,6 +24,19 @@ if TYPE_CHECKING:
 _TASKS: dict[str, "Task"] = {}
 
 
+class Scorer:
+    """A task's scoring of the test split, one chunk at a time (stages/evaluate.py): `add`
+    takes a chunk's rows, its prepared queries, the neighbours of the rows that read the
+    memory (`reads`: their mask, None: all) and keeps running metrics (and at most a few
+    numbers per row); `finish` writes the report and returns the metrics."""
+
+    def add(self, rows: dict, queries, nb, reads) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> dict:
+        raise NotImplementedError
+
+
 class Task:
     """One kind of problem. Subclasses set the names and override what they support."""
 
@@ -97,14 +110,13 @@ class Task:
         return cfg.resmem.k
 
     def memory_reads(self, cfg: "Config", test: dict):
-        """A mask of the test rows that read the memory (the others are never searched);
-        None: every row."""
+        """A mask of the test rows (of one chunk) that read the memory (the others are never
+        searched); None: every row."""
         return None
 
-    def evaluate(self, cfg: "Config", run: "RunDir", test: dict, queries, nb, manifest: dict, folder,
-                 tuning: dict | None = None) -> dict:
-        """Score every method (tasks/methods.py) on the test rows from their neighbours `nb`;
-        write report.md (and plots, predictions) into `folder`; return metrics. `tuning`:
+    def scorer(self, cfg: "Config", run: "RunDir", manifest: dict, folder, tuning: dict | None = None) -> "Scorer":
+        """What scores every method (tasks/methods.py) on the test split as it streams
+        through evaluate, writing report.md (and plots, predictions) into `folder`. `tuning`:
         `resmem tune`'s summary when the config evaluates its chosen setting."""
         raise NotImplementedError
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -31,10 +30,10 @@ from resmem_ray.core.resmem import apply_correction, memory_correction
 from resmem_ray.runtime.embedding import map_with_model
 from resmem_ray.runtime.trainer import Recipe, worker_loader
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import footprint_line, read_model_meta
+from resmem_ray.store.artifacts import TableWriter, footprint_line, read_model_meta
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import ordered, title, tuning_lines
-from resmem_ray.tasks.registry import Task, register
+from resmem_ray.tasks.registry import Scorer, Task, register
 from resmem_ray.tasks.splits import DatasetInfo, Split, make_splits
 from resmem_ray.tasks.vision_models import EmbedHead
 
@@ -180,28 +179,48 @@ class Regression(Task):
                                      resmem_regression(cfg, val["prediction"], table["neighbours"]), val["label"])}
                 for m in methods}
 
-    def evaluate(self, cfg: Config, run: RunDir, test: dict, queries, nb, manifest: dict, folder,
-                 tuning: dict | None = None) -> dict:
-        r, y = cfg.resmem, test["label"]
-        preds = {"base": test["prediction"]}
-        for k in cfg.evaluate.knn_ks:
-            preds[f"knn_{k}"] = nb.labels[:, :k].astype(np.float64).mean(1)
-        preds["resmem"] = resmem_regression(cfg, test["prediction"], nb)
-        metrics = {"task": "regression", "rmse": {m: rmse(preds[m], y) for m in ordered(preds)},
-                   "num_test": int(len(y)), "memory_rows": manifest["rows"], "num_shards": len(manifest["shards"]),
-                   "target_std": float(y.std()), "resmem": r.__dict__, "tuning": tuning}
-        lines = [f"# ResMem report: {cfg.data.name}, {cfg.model.name} regression"
-                 + (f" (width {cfg.model.width})" if cfg.model.name == "mlp" else ""), "",
-                 f"Test split: {len(y)} examples (target std {y.std():.4g}); memory: {manifest['rows']} training "
-                 f"examples in {len(manifest['shards'])} shard(s), {footprint_line(manifest)}.",
-                 f"ResMem: k={r.k}, sigma={r.sigma}, gate={r.gate}, distance={r.distance}, normalize={r.normalize}.",
-                 "", "| method | test RMSE |", "| --- | ---: |"]
-        lines += [f"| {title(m, self.name)} | {v:.4f} |" for m, v in metrics["rmse"].items()]
-        if tuning:
-            lines += tuning_lines(tuning, self.name)
-        (folder / "report.md").write_text("\n".join(lines) + "\n")
-        pq.write_table(pa.table({"id": test["id"], "label": y, **preds}), folder / "predictions.parquet")
-        return metrics
+    def scorer(self, cfg: Config, run: RunDir, manifest: dict, folder, tuning: dict | None = None) -> Scorer:
+        return RegressionScorer(cfg, manifest, folder, tuning, self.name)
 
     def done_info(self, metrics: dict) -> dict:
         return {"rmse": metrics["rmse"]}
+
+
+class RegressionScorer(Scorer):
+    """Every method's test RMSE as running sums of squared errors, chunk by chunk;
+    predictions.parquet gets a row group per chunk."""
+
+    def __init__(self, cfg: Config, manifest: dict, folder, tuning: dict | None, task: str):
+        self.cfg, self.manifest, self.folder, self.tuning, self.task = cfg, manifest, folder, tuning, task
+        self.predictions = TableWriter(folder / "predictions.parquet")
+        self.squared, self.n, self.y_sum, self.y_squared = {}, 0, 0.0, 0.0
+
+    def add(self, rows: dict, queries, nb, reads) -> None:
+        y = rows["label"].astype(np.float64)
+        preds = {"base": rows["prediction"]}
+        for k in self.cfg.evaluate.knn_ks:
+            preds[f"knn_{k}"] = nb.labels[:, :k].astype(np.float64).mean(1)
+        preds["resmem"] = resmem_regression(self.cfg, rows["prediction"], nb)
+        for m in ordered(preds):
+            self.squared[m] = self.squared.get(m, 0.0) + float(((preds[m] - y) ** 2).sum())
+        self.n, self.y_sum, self.y_squared = self.n + len(y), self.y_sum + y.sum(), self.y_squared + (y * y).sum()
+        self.predictions.write(pa.table({"id": rows["id"], "label": rows["label"], **preds}))
+
+    def finish(self) -> dict:
+        self.predictions.close()
+        cfg, r, m, n = self.cfg, self.cfg.resmem, self.manifest, self.n
+        std = float(np.sqrt(max(self.y_squared / n - (self.y_sum / n) ** 2, 0.0)))
+        metrics = {"task": "regression", "rmse": {k: float(np.sqrt(v / n)) for k, v in self.squared.items()},
+                   "num_test": n, "memory_rows": m["rows"], "num_shards": len(m["shards"]),
+                   "target_std": std, "resmem": r.__dict__, "tuning": self.tuning}
+        lines = [f"# ResMem report: {cfg.data.name}, {cfg.model.name} regression"
+                 + (f" (width {cfg.model.width})" if cfg.model.name == "mlp" else ""), "",
+                 f"Test split: {n} examples (target std {std:.4g}); memory: {m['rows']} training "
+                 f"examples in {len(m['shards'])} shard(s), {footprint_line(m)}.",
+                 f"ResMem: k={r.k}, sigma={r.sigma}, gate={r.gate}, distance={r.distance}, normalize={r.normalize}.",
+                 "", "| method | test RMSE |", "| --- | ---: |"]
+        lines += [f"| {title(k, self.task)} | {v:.4f} |" for k, v in metrics["rmse"].items()]
+        if self.tuning:
+            lines += tuning_lines(self.tuning, self.task)
+        (self.folder / "report.md").write_text("\n".join(lines) + "\n")
+        return metrics
