@@ -68,3 +68,29 @@ def test_missing_vouched_file_is_named(s3, creds, monkeypatch, tmp_path):
 def test_unreachable_store_is_one_clear_error(creds):
     with pytest.raises(ResMemError, match="run_dir='nope://x'"):
         RunDir("nope://x")
+
+
+def test_a_disk_table_is_written_by_chunks_and_read_memory_mapped(tmp_path):
+    import numpy as np
+
+    from resmem_ray.errors import ResMemError
+    from resmem_ray.store.artifacts import DiskTable, open_disk_table
+
+    rng = np.random.default_rng(0)
+    whole = {"val": {"label": rng.integers(0, 9, 10), "logits": rng.normal(size=(10, 3)).astype(np.float32)},
+             "residuals_at": {1.0: rng.normal(size=(10, 4, 3)), 4.0: rng.normal(size=(10, 4, 3))},
+             "skipped": None}
+    table = DiskTable(tmp_path / "t", 10)
+    for a, b in ((0, 4), (4, 10)):
+        table.append({"val": {c: v[a:b] for c, v in whole["val"].items()},
+                      "residuals_at": {t: v[a:b] for t, v in whole["residuals_at"].items()}, "skipped": None})
+    opened = table.close()
+    assert set(opened) == {"val", "residuals_at"} and set(opened["residuals_at"]) == {1.0, 4.0}
+    assert isinstance(opened["val"]["logits"], np.memmap) and opened["val"]["logits"].dtype == np.float32
+    for t in (1.0, 4.0):
+        np.testing.assert_array_equal(opened["residuals_at"][t], whole["residuals_at"][t])
+    np.testing.assert_array_equal(open_disk_table(tmp_path / "t")["val"]["label"], whole["val"]["label"])
+    short = DiskTable(tmp_path / "short", 10)
+    short.append({"x": np.zeros(3)})
+    with pytest.raises(ResMemError, match="3 rows written, 10 expected"):
+        short.close()

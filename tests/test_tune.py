@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 import resmem_ray.store.artifacts
@@ -21,19 +22,22 @@ SPACE = ["tune.k=[1,5,10]", "tune.sigma=[0.03,0.3]", "tune.temperature=[1.0,4.0]
          "neighbour_transformer.enabled=true", "neighbour_transformer.epochs=2"]
 
 
-def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy, monkeypatch):
+def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy, tmp_path, monkeypatch):
     reads = []
-    real = resmem_ray.store.artifacts.read_split
 
-    def spy(module):
-        def read_split(run, split, *args, **kwargs):
+    def spy(module, name):
+        real = getattr(resmem_ray.store.artifacts, name)
+
+        def read(run, split, *args, **kwargs):
             reads.append((module, split))
             return real(run, split, *args, **kwargs)
-        return read_split
+        return read
 
-    # (index reads no split: its shard tasks read the train split's rows)
-    for module in (resmem_ray.stages.tune, resmem_ray.stages.evaluate, resmem_ray.stages.transformer):
-        monkeypatch.setattr(module, "read_split", spy(module.__name__.split(".")[-1]))
+    # (index reads no split: its shard tasks read the train split's rows; tune and evaluate
+    # stream theirs from its row groups)
+    for module, name in ((resmem_ray.stages.tune, "split_row_groups"), (resmem_ray.stages.evaluate, "split_row_groups"),
+                         (resmem_ray.stages.transformer, "read_split")):
+        monkeypatch.setattr(module, name, spy(module.__name__.split(".")[-1], name))
     args = [*DIGITS_ARGS, f"run_dir={run_copy}", *SPACE]
     assert main(["tune", *args]) == 0
 
@@ -51,7 +55,9 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
     cfg = load_config("jobs/configs/digits.yaml", (*DIGITS_ARGS[2:], f"run_dir={run_copy}", *SPACE))
     tune = resmem_ray.stages.tune
     table = tune.neighbour_table(tune.with_setting(cfg, {"distance": best["distance"], "normalize": best["normalize"]}),
-                                 RunDir(run_copy))
+                                 RunDir(run_copy), tmp_path / "table")
+    assert isinstance(table["val"]["logits"], np.memmap)  # on disk, memory-mapped
+    assert not list(run_copy.glob(".tune-tables-*"))  # the search's tables are gone with it
     # every T of the grid has its residual rows computed once, up front: no trial recomputes them
     assert set(table["residuals_at"]) >= set(cfg.tune.temperature) and "neighbour_logits" not in table
     score = tune.setting_scores(cfg, table, best)["val_accuracy"]

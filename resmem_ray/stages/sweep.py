@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -56,18 +58,19 @@ def sweep_trial(config: dict, cfg: Config, root: str) -> None:
         embed(trial_cfg)
         build_index(trial_cfg)  # new embeddings: a new memory
         # deep enough for every k of the grid and every k-NN row of the report
-        table = neighbour_table(trial_cfg, run, with_knn_ks=True)
-        setting, val_resmem = best_on_grid(trial_cfg, table)
-        metrics = {"epoch": rung, "val_base": task.val_scores(trial_cfg, table, ("base",))["base"]["val_accuracy"],
-                   "val_resmem": val_resmem, **setting}
-        if rung == cfg.sweep.rungs[-1]:  # survived every rung: every method on val, the one look at test
-            summary = tuning_summary(trial_cfg, table, {**setting, "distance": trial_cfg.resmem.distance,
-                                                        "normalize": trial_cfg.resmem.normalize},
-                                     {"val_accuracy": val_resmem}, grid_size(trial_cfg), "grid", [])
-            metrics["val"] = task.method_accuracies(with_setting(trial_cfg, summary["best"]), table, summary)
-            metrics["test"] = evaluate_chosen(dataclasses.replace(trial_cfg, tune=dataclasses.replace(
-                trial_cfg.tune, evaluate=True)), run, summary)["accuracy"]
-        tune.report(metrics)
+        with tempfile.TemporaryDirectory(prefix=".tune-tables-", dir=run.root) as scratch:
+            table = neighbour_table(trial_cfg, run, Path(scratch), with_knn_ks=True)
+            setting, val_resmem = best_on_grid(trial_cfg, table)
+            val_base = task.val_scores(trial_cfg, table, ("base",))["base"]["val_accuracy"]
+            metrics = {"epoch": rung, "val_base": val_base, "val_resmem": val_resmem, **setting}
+            if rung == cfg.sweep.rungs[-1]:  # survived every rung: every method on val, the one look at test
+                summary = tuning_summary(trial_cfg, table, {**setting, "distance": trial_cfg.resmem.distance,
+                                                            "normalize": trial_cfg.resmem.normalize},
+                                         {"val_accuracy": val_resmem}, grid_size(trial_cfg), "grid", [])
+                metrics["val"] = task.method_accuracies(with_setting(trial_cfg, summary["best"]), table, summary)
+                metrics["test"] = evaluate_chosen(dataclasses.replace(trial_cfg, tune=dataclasses.replace(
+                    trial_cfg.tune, evaluate=True)), run, summary)["accuracy"]
+            tune.report(metrics)
 
 
 def grid_size(cfg: Config) -> int:

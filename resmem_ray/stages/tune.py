@@ -4,10 +4,11 @@ regression k, sigma, the gate and the distance), each trial scored on val by the
 objective (val accuracy, val perplexity, val RMSE).
 
 Which neighbours a query has does not depend on sigma, T or the gate. So the val queries
-are searched once per (distance, normalize) pair at the largest k of the space; each
-neighbour table (the val rows, their neighbours and what the task adds: a dense memory's
-residual rows at each T) goes into the object store once, and every trial only reweights
-it: hundreds of trials cost about one lookup pass.
+are searched once per (distance, normalize) pair at the largest k of the space, a chunk
+of val at a time; each neighbour table (the val rows, their neighbours and what the task
+adds: a dense memory's residual rows at each T) is written to disk as it comes, and every
+trial (on the driver's node, where the files are) memory-maps it and only reweights it:
+hundreds of trials cost about one lookup pass, and no table is held whole in RAM.
 
 After the search: each baseline the task tunes (tasks/methods.py) gets its own setting on
 val at the chosen k and T from the same neighbour table, the task fits what it fits on val
@@ -19,13 +20,17 @@ read only there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 
 import numpy as np
 
-from resmem_ray.core.knn import prepare_queries
+from resmem_ray.core.knn import Neighbours, prepare_queries
 from resmem_ray.errors import ResMemError
 from resmem_ray.log import stage_log
 from resmem_ray.runtime.shards import ShardedMemory
@@ -33,7 +38,8 @@ from resmem_ray.schema import Config
 from resmem_ray.stages.evaluate import evaluate
 from resmem_ray.stages.index import build_index
 from resmem_ray.stages.transformer import train_neighbour_transformer
-from resmem_ray.store.artifacts import check_codec, check_k, read_index_manifest, read_split
+from resmem_ray.store.artifacts import (DiskTable, check_codec, check_k, open_disk_table, read_index_manifest,
+                                        split_chunks, split_row_groups)
 from resmem_ray.store.files import write_json
 from resmem_ray.store.rundir import RunDir, StageSteps, stage_entry
 from resmem_ray.tasks.methods import SCORES, title
@@ -59,23 +65,42 @@ def with_setting(cfg: Config, setting: dict) -> Config:
     return dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, **setting))
 
 
-def neighbour_table(cfg: Config, run: RunDir, with_knn_ks: bool = False) -> dict:
+def neighbour_table(cfg: Config, run: RunDir, folder: Path, with_knn_ks: bool = False) -> dict:
     """The val split's nearest memory rows in the current index, at the largest tune.k (and
-    evaluate.knn_ks), with what the task's trials read besides."""
+    evaluate.knn_ks), with what the task's trials read besides: searched a chunk of val at a
+    time (evaluate.chunk_mb), written to `folder` as it comes (store/artifacts.DiskTable)
+    and returned memory-mapped."""
     task = task_for(cfg)
     manifest = read_index_manifest(run, needed_by="tune")
     check_codec(run, manifest, task.codec, task.name)
     k_max = max(*cfg.tune.k, *(cfg.evaluate.knn_ks if with_knn_ks else ()))
     check_k(k_max, manifest["rows"], "config keys tune.k and evaluate.knn_ks" if with_knn_ks else "config key tune.k")
-    val = read_split(run, "val", "tune", task.query_columns)
-    embedding = val.pop("embedding")
-    val["embedding_norm"] = np.linalg.norm(embedding, axis=1)  # a retrieval gate's feature (tasks/lm.py)
-    queries = prepare_queries(embedding, manifest["distance"], manifest["normalize"])
-    log.info(f"searching {len(queries)} val queries once at k={k_max} "
+    groups = split_row_groups(run, "val", "tune", task.query_columns)
+    rows = sum(g["rows"] for g in groups)
+    if not rows:
+        raise ResMemError(f"{run.embeddings / 'val'} holds no rows: `resmem tune` chooses on val")
+    log.info(f"searching {rows} val queries once at k={k_max} "
              f"({memory_key(manifest['distance'], manifest['normalize'])}, T={manifest['temperature']})")
+    table = DiskTable(folder, rows)
     with ShardedMemory(run.index, manifest, cfg.index) as memory:
-        nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
-    return {"val": val, "neighbours": nb, **task.tune_table(cfg, run, val, nb)}
+        for val, _, _ in split_chunks(run.root, groups, task.query_columns, int(cfg.evaluate.chunk_mb * 2**20)):
+            embedding = val.pop("embedding")
+            val["embedding_norm"] = np.linalg.norm(embedding, axis=1)  # a retrieval gate's feature (tasks/lm.py)
+            queries = prepare_queries(embedding, manifest["distance"], manifest["normalize"])
+            nb = memory.search_batches(queries, k_max, cfg.evaluate.batch_size)
+            table.append({"val": val, "neighbours": dataclasses.asdict(nb), **task.tune_table(cfg, run, val, nb)})
+    return with_neighbours(table.close())
+
+
+def with_neighbours(table: dict) -> dict:
+    """A neighbour table read back from disk, its neighbours as Neighbours again."""
+    return {**table, "neighbours": Neighbours(**table["neighbours"])}
+
+
+@functools.lru_cache(maxsize=4)
+def opened_table(folder: str) -> dict:
+    """A neighbour table a trial reads: memory-mapped once per process (trial actors are reused)."""
+    return with_neighbours(open_disk_table(Path(folder)))
 
 
 def ensure_index(cfg: Config, run: RunDir, keys=("temperature", *MEMORY)) -> None:
@@ -94,13 +119,15 @@ def memory_pairs(cfg: Config, task: Task) -> list[tuple[str, bool]]:
                                   t.normalize if "normalize" in task.tune_keys else [r.normalize]))
 
 
-def neighbour_tables(cfg: Config, run: RunDir, task: Task) -> dict[str, dict]:
-    """One neighbour table per (distance, normalize) pair of the search space."""
+def neighbour_tables(cfg: Config, run: RunDir, task: Task, folder: Path) -> dict[str, str]:
+    """One neighbour table per (distance, normalize) pair of the search space, each in its
+    own folder under `folder`: {memory key: its folder}."""
     tables = {}
-    for distance, normalize in memory_pairs(cfg, task):
+    for i, (distance, normalize) in enumerate(memory_pairs(cfg, task)):
         pair_cfg = with_setting(cfg, {"distance": distance, "normalize": normalize})
         ensure_index(pair_cfg, run, keys=MEMORY)
-        tables[memory_key(distance, normalize)] = neighbour_table(pair_cfg, run)
+        neighbour_table(pair_cfg, run, folder / f"memory-{i}")
+        tables[memory_key(distance, normalize)] = str(folder / f"memory-{i}")
     return tables
 
 
@@ -129,11 +156,11 @@ def best_on_grid(cfg: Config, table: dict) -> tuple[dict, float]:
     return best, best_score
 
 
-def trial(config: dict, cfg: Config, tables: dict) -> None:
+def trial(config: dict, cfg: Config, tables: dict[str, str]) -> None:
     """One Ray Tune trial: reweight, score, report once (no scheduler can help here)."""
     from ray import tune
 
-    tune.report(setting_scores(cfg, tables[config["memory"]], config))
+    tune.report(setting_scores(cfg, opened_table(tables[config["memory"]]), config))
 
 
 def search_space(cfg: Config, task: Task, memories: list[str]) -> tuple[dict, int, object]:
@@ -156,14 +183,17 @@ def search_space(cfg: Config, task: Task, memories: list[str]) -> tuple[dict, in
     return space, t.num_samples, None
 
 
-def run_search(cfg: Config, run: RunDir, task: Task, tables: dict) -> "pandas.DataFrame":  # noqa: F821
+def run_search(cfg: Config, run: RunDir, task: Task, tables: dict[str, str]) -> "pandas.DataFrame":  # noqa: F821
     """Every trial's setting and val scores, best first (ties in the order Ray Tune ran them)."""
+    import ray
     from ray import tune
 
     keys, objective = searched(task), task.scores[0]
     space, samples, search_alg = search_space(cfg, task, list(tables))
+    # the tables are files on this host: the trials run here (a sliver of its node resource)
+    here = {"cpu": cfg.tune.cpus_per_trial, f"node:{ray.util.get_node_ip_address()}": 0.001}
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(trial, cfg=cfg, tables=tables), {"cpu": cfg.tune.cpus_per_trial}),
+        tune.with_resources(tune.with_parameters(trial, cfg=cfg, tables=tables), here),
         param_space=space,
         # trials are cheap reweightings: reusing trial actors saves a process start per trial
         tune_config=tune.TuneConfig(metric=objective, mode=task.mode, num_samples=samples, search_alg=search_alg,
@@ -292,8 +322,18 @@ def tune_resmem(cfg: Config) -> StageSteps:
                           "set resmem.* and run `resmem evaluate`")
     run = RunDir(cfg.run_dir)
     check_codec(run, read_index_manifest(run, needed_by="tune"), task.codec, task.name)  # before any rebuild
-    tables = neighbour_tables(cfg, run, task)
-    yield run
+    scratch = Path(tempfile.mkdtemp(prefix=".tune-tables-", dir=run.root))  # the neighbour tables, dropped at the end
+    try:
+        tables = neighbour_tables(cfg, run, task, scratch)
+        yield run
+        return search_and_evaluate(cfg, run, task, tables)
+    finally:
+        opened_table.cache_clear()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def search_and_evaluate(cfg: Config, run: RunDir, task: Task, tables: dict[str, str]) -> tuple[dict, dict]:
+    """The search over the neighbour tables, the summary, and evaluate at the chosen setting."""
     frame = run_search(cfg, run, task, tables)
     top = frame.iloc[0]
     best = {p: top[p].item() for p in searched(task)}  # per column: a row would upcast k
@@ -301,8 +341,10 @@ def tune_resmem(cfg: Config) -> StageSteps:
     own = memory_key(cfg.resmem.distance, cfg.resmem.normalize)
     config_setting = {p: getattr(cfg.resmem, p) for p in searched(task)}
     scored = own in tables and cfg.resmem.k <= max(cfg.tune.k)  # its memory and its neighbours are in a table
-    untuned = {**config_setting, **setting_scores(cfg, tables[own], config_setting)} if scored else None
-    summary = tuning_summary(cfg, tables[top["memory"]], best, {s: top[s].item() for s in task.scores}, len(frame),
+    untuned = ({**config_setting, **setting_scores(cfg, opened_table(tables[own]), config_setting)} if scored
+               else None)
+    best_table = opened_table(tables[top["memory"]])
+    summary = tuning_summary(cfg, best_table, best, {s: top[s].item() for s in task.scores}, len(frame),
                              cfg.tune.search, frame.drop(columns="memory").head(10).to_dict("records"), untuned)
     summary["heatmap"] = plot_search(run.root / "tune", frame, task)
     write_json(run.root / "tune" / "best.json", summary)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from resmem_ray.errors import ResMemError
-from resmem_ray.store.files import atomic_dir, digest, inside, read_json, sha256, verify_hashes
+from resmem_ray.store.files import atomic_dir, digest, inside, read_json, sha256, verify_hashes, write_json
 from resmem_ray.store.rundir import RunDir, kind
 
 
@@ -347,18 +347,103 @@ def memorized_row_groups(run: RunDir, records: list[dict], columns) -> list[dict
             for g in row_groups(run.root, str(p.relative_to(run.root)), m["file_sha256"], columns)]
 
 
-def read_memory_split(run: RunDir, needed_by: str, columns) -> dict[str, np.ndarray]:
-    """The memory's embedding rows: the train split and the rows memorize added to the
-    current index (their ids follow every train id, so the ids stay sorted)."""
-    train = read_split(run, "train", needed_by, columns)
+def _memorized_records(run: RunDir, needed_by: str) -> list[dict]:
     records = read_index_manifest(run, needed_by).get("memorized", [])
     if any("file" not in m for m in records):
         raise ResMemError("the memory holds memorized examples whose embedding rows were not kept: run "
                           f"`resmem index` (it drops them) before `resmem {needed_by}`")
+    return records
+
+
+def read_memory_split(run: RunDir, needed_by: str, columns) -> dict[str, np.ndarray]:
+    """The memory's embedding rows: the train split and the rows memorize added to the
+    current index (their ids follow every train id, so the ids stay sorted)."""
+    train = read_split(run, "train", needed_by, columns)
+    records = _memorized_records(run, needed_by)
     if not records:
         return train
     extra = read_memorized(run.index, records, columns)
     return {c: np.concatenate([train[c], extra[c]]) for c in columns}
+
+
+def read_memory_rows(run: RunDir, needed_by: str, ids: np.ndarray, column: str) -> np.ndarray:
+    """One column of the memory rows with these ids (any shape; -1, a neighbour an
+    approximate index did not find, gives zeros), read a row group at a time from the train
+    split and the memorized rows: only the rows asked for are held."""
+    missing = ids < 0
+    ids = np.where(missing, ids.max(initial=0), ids) if missing.any() else ids
+    wanted = np.unique(ids)
+    groups = split_row_groups(run, "train", needed_by, ("id", column))
+    groups += memorized_row_groups(run, _memorized_records(run, needed_by), ("id", column))
+    found, values = np.zeros(len(wanted), bool), None
+    for g in groups:
+        if g["ids"] and not ((wanted >= g["ids"][0]) & (wanted <= g["ids"][1])).any():
+            continue  # the group's id range holds none of them
+        table = pq.ParquetFile(run.root / g["file"]).read_row_group(g["group"], columns=["id", column])
+        group_ids = table.column("id").to_numpy()
+        at = np.searchsorted(wanted, group_ids)
+        hit = (at < len(wanted)) & (wanted[np.minimum(at, len(wanted) - 1)] == group_ids)
+        if hit.any():
+            rows = table_arrays(table.filter(pa.array(hit)), (column,))[column]
+            values = np.zeros((len(wanted), *rows.shape[1:]), rows.dtype) if values is None else values
+            values[at[hit]], found[at[hit]] = rows, True
+    if not found.all():
+        raise ResMemError(f"memory rows {wanted[~found][:5].tolist()} are in the index but not in "
+                          f"{run.embeddings / 'train'} or the memorized rows: rerun `resmem index`")
+    out = values[np.searchsorted(wanted, ids)]
+    out[missing] = 0
+    return out
+
+
+class DiskTable:
+    """A table of arrays (nested dicts of arrays whose first axis is the row) written chunk
+    by chunk into .npy files and read back memory-mapped (open_disk_table): built as it is
+    computed, read by every process on the host from the page cache, never whole in RAM."""
+
+    def __init__(self, folder: Path, rows: int):
+        from numpy.lib.format import open_memmap
+
+        self.folder, self.rows, self.filled, self.files, self._open = Path(folder), rows, 0, {}, open_memmap
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def append(self, tree: dict) -> None:
+        flat = dict(_flatten(tree))
+        n = len(next(iter(flat.values())))
+        for path, a in flat.items():
+            if path not in self.files:
+                name = f"{len(self.files):03d}.npy"
+                self.files[path] = (name, self._open(self.folder / name, "w+", a.dtype, (self.rows, *a.shape[1:])))
+            self.files[path][1][self.filled:self.filled + n] = a
+        self.filled += n
+
+    def close(self) -> dict:
+        """Flush, write the index of files, and return the table opened read-only."""
+        if self.filled != self.rows:
+            raise ResMemError(f"{self.folder}: {self.filled} rows written, {self.rows} expected")
+        for _, array in self.files.values():
+            array.flush()
+        write_json(self.folder / "table.json", [{"path": list(p), "file": f} for p, (f, _) in self.files.items()])
+        return open_disk_table(self.folder)
+
+
+def _flatten(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, (*prefix, key))
+        elif value is not None:
+            yield (*prefix, key), value
+
+
+def open_disk_table(folder: Path) -> dict:
+    """A DiskTable's arrays, memory-mapped, in their nested dicts."""
+    table: dict = {}
+    for entry in read_json(Path(folder) / "table.json"):
+        *parents, leaf = entry["path"]
+        node = table
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = np.load(Path(folder) / entry["file"], mmap_mode="r")
+    return table
 
 
 def read_model_meta(run: RunDir, needed_by: str) -> dict:

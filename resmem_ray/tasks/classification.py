@@ -30,7 +30,7 @@ from resmem_ray.core.resmem import (apply_correction, confidence_gate, knn_vote,
                                     softmax)
 from resmem_ray.runtime.trainer import chance_warning
 from resmem_ray.schema import Config
-from resmem_ray.store.artifacts import TableWriter, footprint_line, label_counts, read_memory_split
+from resmem_ray.store.artifacts import TableWriter, footprint_line, label_counts, read_memory_rows
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import (METHODS, neighbour_baselines, ordered, setting, setting_line, setting_record,
                                       title, tuned_baselines, tuning_lines)
@@ -68,8 +68,7 @@ class ClassificationTask(Task):
     def tune_table(self, cfg: Config, run: RunDir, val: dict, nb: Neighbours) -> dict:
         """The neighbours' residual rows at each T of tune.temperature and the config's own,
         computed once here from their logits (kept too when a sampled T may fall between them)."""
-        memory = read_memory_split(run, "tune", ("id", "logits"))  # memorized rows included
-        logits = memory["logits"][np.searchsorted(memory["id"], nb.ids)]
+        logits = read_memory_rows(run, "tune", nb.ids, "logits")  # memorized rows included
         table = {"residuals_at": {t: neighbour_residuals(logits, nb.labels, t)
                                   for t in dict.fromkeys([*cfg.tune.temperature, cfg.resmem.temperature])}}
         return table if cfg.tune.search == "grid" else {**table, "neighbour_logits": logits}
@@ -305,7 +304,8 @@ class ClassificationScorer(Scorer):
     the report files into `folder`."""
 
     def __init__(self, cfg: Config, run: RunDir, manifest: dict, folder, title: str, tuning: dict | None):
-        self.cfg, self.run, self.manifest, self.folder, self.title, self.tuning = cfg, run, manifest, folder, title, tuning
+        self.cfg, self.run, self.manifest, self.folder = cfg, run, manifest, folder
+        self.title, self.tuning = title, tuning
         self.transformer = transformer_predictor(run) if cfg.neighbour_transformer.enabled else None
         self.kept, self.num_classes = [], manifest["num_classes"]
         self.predictions = TableWriter(folder / "predictions.parquet")
