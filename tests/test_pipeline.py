@@ -81,16 +81,16 @@ def evaluate_with_shards(run_dir, shards, *more):
 
 
 def test_one_and_three_shards_give_identical_predictions(run_copy, digits_run):
-    """Also streamed in chunks of ~10 KB of test rows (a row group of predictions each):
+    """Also streamed in chunks of ~10 KB of test rows (6 chunks) (a row group of predictions each):
     the same predictions and metrics as the whole split at once."""
     two = pq.read_table(digits_run / "report" / "predictions.parquet").to_pydict()
     one = evaluate_with_shards(run_copy, 1)
     three = evaluate_with_shards(run_copy, 3, "evaluate.chunk_mb=0.01")
     assert one == three == two
-    assert pq.ParquetFile(run_copy / "report" / "predictions.parquet").metadata.num_row_groups > 10
+    assert pq.ParquetFile(run_copy / "report" / "predictions.parquet").metadata.num_row_groups > 3
     whole, chunked = (json.loads((r / "report" / "metrics.json").read_text()) for r in (digits_run, run_copy))
     assert chunked["accuracy"] == whole["accuracy"] and chunked["per_class"] == whole["per_class"]
-    assert chunked["vs_base"] == pytest.approx(whole["vs_base"], rel=1e-9)
+    assert chunked["vs_base"] == whole["vs_base"]
 
 
 def cli(*args):

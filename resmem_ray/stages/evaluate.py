@@ -56,17 +56,18 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> StageSteps:
     tuning = tuning or stored_tuning(run, cfg)
     if cfg.neighbour_transformer.enabled:
         run.stage_output("transformer", needed_by="evaluate (neighbour_transformer.enabled)")
-    k = task.lookup_k(cfg)
-    check_k(k, manifest["rows"], "max of resmem.k, evaluate.knn_ks and neighbour_transformer.k")
     groups = split_row_groups(run, "test", "evaluate", task.query_columns)
-    if not sum(g["rows"] for g in groups):
+    rows = sum(g["rows"] for g in groups)
+    if not rows:
         raise ResMemError(f"{run.embeddings / 'test'} holds no rows: rerun `resmem embed`")
     dim = read_first_row(run.root, next(g for g in groups if g["rows"]), ("embedding",))["embedding"].shape[1]
     if dim != manifest["dim"]:
         raise ResMemError(f"embedding dimension {dim} of {run.embeddings / 'test'} does not match the index in "
                           f"{run.index} ({manifest['dim']} dims): rerun `resmem index`")
     chunks = split_chunks(run.root, groups, task.query_columns, int(cfg.evaluate.chunk_mb * 2**20))
-    log.info(f"test queries against {manifest['rows']} memory rows in {len(manifest['shards'])} shard(s), k={k}, "
+    k = task.lookup_k(cfg)
+    check_k(k, manifest["rows"], "max of resmem.k, evaluate.knn_ks and neighbour_transformer.k")
+    log.info(f"{rows} test rows against {manifest['rows']} memory rows in {len(manifest['shards'])} shard(s), k={k}, "
              f"in chunks of at most {cfg.evaluate.chunk_mb} MiB")
     with ShardedMemory(run.index, manifest, cfg.index) as memory:  # the shards are checked as they load
         yield run  # once the shards are loaded and checked
