@@ -145,6 +145,11 @@ def test_a_task_on_a_host_without_the_run_reads_its_rows_from_the_uri(tmp_path, 
     elsewhere = tmp_path / "not-here"  # the driver's path, which this host lacks
     rows = read_pieces(elsewhere, second, ("id", "embedding"), run_uri=f"file://{run}")
     np.testing.assert_array_equal(rows["id"], [3, 4, 5])
+    stale = tmp_path / "stale"  # the driver's path names an old copy on this host (an earlier embed)
+    (stale / "embeddings" / "train").mkdir(parents=True)
+    pq.write_table(pa.table({"id": ids + 100, "label": ids % 2, "embedding": pa.FixedSizeListArray.from_arrays(
+        pa.array(emb.ravel()), 2)}), stale / rel, row_group_size=3)
+    assert read_pieces(stale, second, ("id",), run_uri=f"file://{run}")["id"].tolist() == [3, 4, 5]
     np.testing.assert_array_equal(rows["embedding"], emb[[1, 2, 0]])
     assert read_pieces(run, first, ("id",))["id"].tolist() == [0, 1, 2]
     with pytest.raises(ResMemError, match="is not on this host: a run directory on local disk"):

@@ -156,13 +156,16 @@ def read_pieces(root: Path, pieces: list[dict], columns, run_uri: str | None = N
                 batch_rows: int = 1 << 16) -> dict[str, np.ndarray]:
     """The rows that `pieces` name (rows start:stop of a file's row group; of the group
     ranked by id when piece["by_id"]), sorted by id, only `columns` read, a group's other
-    rows dropped batch by batch. A file missing under `root` (the run directory is another
-    host's) is fetched from `run_uri` into this host's mirror and checked against its hash."""
-    parts = []
+    rows dropped batch by batch. With `run_uri` (a URI run) each file is read from this
+    host's mirror, checked against its hash and fetched again if it differs: another host's
+    `root` can name a stale copy here; without, a file missing under `root` is an error."""
+    parts, mirrored = [], {}
     for piece in pieces:
         path = root / piece["file"]
-        if not path.is_file():
-            path = _fetched(run_uri, piece["file"], piece["sha256"], path)
+        if run_uri or not path.is_file():
+            if piece["file"] not in mirrored:
+                mirrored[piece["file"]] = _fetched(run_uri, piece["file"], piece["sha256"], path)
+            path = mirrored[piece["file"]]
         try:
             file = pq.ParquetFile(path)
             ids = file.read_row_group(piece["group"], columns=["id"]).column("id").to_numpy()
