@@ -112,10 +112,14 @@ class PeakMemory(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            procs, tree = _processes(), {self.pid}
-            for pid, (ppid, _, _) in sorted(procs.items()):  # descendants (a parent's pid is smaller, mostly)
-                if ppid in tree:
-                    tree.add(pid)
+            procs, tree, todo = _processes(), {self.pid}, [self.pid]
+            children: dict[int, list[int]] = {}
+            for pid, (ppid, _, _) in procs.items():
+                children.setdefault(ppid, []).append(pid)
+            while todo:  # descendants, whatever their pids (pids wrap around)
+                for child in children.get(todo.pop(), []):
+                    tree.add(child)
+                    todo.append(child)
             for pid in tree & procs.keys():
                 _, cmd, rss = procs[pid]
                 role = "driver" if pid == self.pid else next(
@@ -230,6 +234,12 @@ def variants(lists: int, dim: int) -> list[tuple[str, str, tuple]]:
 GIB = 2 ** 30
 
 
+def actor_bytes(f: dict, v: dict) -> str:
+    """The shard actors' resident bytes per memory row ("n/a" where no actor was sampled)."""
+    peak = v["peak_rss"]["shard actor"]
+    return f"{f['shards'] * peak / f['rows']:.0f}" if peak else "n/a"
+
+
 def render(found: list[dict], dim: int) -> list[str]:
     lines = ["| rows | shards, index | train / embed / index / evaluate (s) | build rows/s | peak RSS: driver / "
              "build task / shard actor (GiB) | disk bytes/row | actor RAM bytes/row | lookups/s | recall@20 | "
@@ -258,8 +268,7 @@ def render(found: list[dict], dim: int) -> list[str]:
             lines.append(
                 f"| {f['rows']:,} | {v['name']} | {'' if build is None else f'{build:.0f}'} | "
                 f"{v['index_bytes'] / f['rows']:.0f} / {v['vectors_bytes'] / f['rows']:.0f} | "
-                f"{f['shards'] * v['peak_rss']['shard actor'] / f['rows']:.0f} | {v['queries_per_s'] or 0:,} | "
-                f"{e['recall']:.3f} | {100 * e['resmem_acc']:.1f} | "
+                f"{actor_bytes(f, v)} | {v['queries_per_s'] or 0:,} | {e['recall']:.3f} | {100 * e['resmem_acc']:.1f} | "
                 f"{100 * (e['resmem_acc'] - e['exact_resmem_acc']):+.1f} |")
     last = found[-1]
     lines.append("")
@@ -294,6 +303,18 @@ def plot(found: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def replayed(log: Path) -> list[dict]:
+    """What a run found, from the lines it printed (its N lines and one JSON line a memory)."""
+    found = []
+    for line in log.read_text().splitlines():
+        head = re.match(r"N=([\d,]+): .*; (\d+) shards", line)
+        if head:
+            found.append({"rows": int(head[1].replace(",", "")), "shards": int(head[2]), "variants": []})
+        elif line.startswith("{"):
+            found[-1]["variants"].append(json.loads(line))
+    return [f for f in found if f["variants"]]  # a size the run did not finish is left out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000, 30_000_000])
@@ -301,10 +322,11 @@ def main(argv=None) -> None:
     parser.add_argument("--work", default="/tmp/resmem_scale", help="scratch folder (emptied per N)")
     parser.add_argument("--write-results", action="store_true")
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
+    parser.add_argument("--replay", metavar="LOG", help="render the tables from a run's printed lines instead")
     args = parser.parse_args(argv)
     work = Path(args.work)
-    found = []
-    for n in args.rows:
+    found = replayed(Path(args.replay)) if args.replay else []
+    for n in [] if args.replay else args.rows:
         shutil.rmtree(work, ignore_errors=True)
         t0 = time.time()
         write_memory(work / "source", n, args.dim)
@@ -319,7 +341,8 @@ def main(argv=None) -> None:
             print(json.dumps(v), flush=True)
             f["variants"].append(v)
         found.append(f)
-    shutil.rmtree(work, ignore_errors=True)
+    if not args.replay:
+        shutil.rmtree(work, ignore_errors=True)
     table = render(found, args.dim)
     print("\n".join(table))
     if args.write_results:
