@@ -348,7 +348,12 @@ def main(argv=None) -> None:
     if args.write_results:
         png = Path(__file__).with_name("scale.png")
         plot(found, png)
-        lines = [*section("Memory size: from 1M rows up", QUESTION), *table, "", f"![cost against memory rows]({png.name})"]
+        intro = []
+        if args.replay:  # the section names the run's command, and says it was rendered again
+            sys.argv = [sys.argv[0], "--rows", *(str(f["rows"]) for f in found), "--write-results"]
+            intro = ["The tables were rendered again from this run's printed lines (`--replay`).", ""]
+        lines = [*section("Memory size: from 1M rows up", QUESTION, *intro), *table, "",
+                 f"![cost against memory rows]({png.name})"]
         write(args.out, lines)
 
 
