@@ -57,7 +57,7 @@ def build_index(cfg: Config) -> StageSteps:
         manifest = build_planned_shards(tmp, run.root, run.location if run.remote else None,
                                         plan_shards(groups, cfg.index.num_shards), columns, memory_rows, dim,
                                         head["residuals"].shape[1], cfg.index, r.distance, r.normalize,
-                                        r.temperature)
+                                        r.temperature, sum(a.nbytes for a in first.values()))
         for m in kept:
             (tmp / m["file"]).parent.mkdir(exist_ok=True)
             shutil.copy2(run.index / m["file"], tmp / m["file"])
