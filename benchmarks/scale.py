@@ -270,6 +270,9 @@ def render(found: list[dict], dim: int) -> list[str]:
                 f"{v['index_bytes'] / f['rows']:.0f} / {v['vectors_bytes'] / f['rows']:.0f} | "
                 f"{actor_bytes(f, v)} | {v['queries_per_s'] or 0:,} | {e['recall']:.3f} | {100 * e['resmem_acc']:.1f} | "
                 f"{100 * (e['resmem_acc'] - e['exact_resmem_acc']):+.1f} |")
+    cut = [f"{f['rows']:,}" for f in found if len(f["variants"]) < len(found[0]["variants"])]
+    if cut:
+        lines += ["", f"At {', '.join(cut)} rows the run was stopped before the compressed memories were measured."]
     last = found[-1]
     lines.append("")
     for v in last["variants"][:2]:
@@ -294,7 +297,9 @@ def plot(found: list[dict], path: Path) -> None:
     ax.loglog(n, [f["variants"][0]["seconds"]["index"] for f in found], "o-", label="index build, IVF-Flat (s)")
     ax.loglog(n, [f["variants"][0]["peak_rss"]["driver"] / 2**20 for f in found], "s-", label="driver peak RSS (MiB)")
     for v, mark in zip(range(2), "^v"):
-        ax.loglog(n, [f["shards"] * f["variants"][v]["peak_rss"]["shard actor"] / 2**20 for f in found], mark + "-",
+        measured = [f for f in found if len(f["variants"]) > v]  # a stopped run lacks the last memories
+        ax.loglog([f["rows"] for f in measured],
+                  [f["shards"] * f["variants"][v]["peak_rss"]["shard actor"] / 2**20 for f in measured], mark + "-",
                   label=f"shard actors' RSS, all (MiB): {found[0]['variants'][v]['name']}")
     ax.set_xlabel("memory rows")
     ax.legend(fontsize=7)
