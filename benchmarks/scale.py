@@ -270,6 +270,8 @@ def render(found: list[dict], dim: int) -> list[str]:
                 f"{v['index_bytes'] / f['rows']:.0f} / {v['vectors_bytes'] / f['rows']:.0f} | "
                 f"{actor_bytes(f, v)} | {v['queries_per_s'] or 0:,} | {e['recall']:.3f} | {100 * e['resmem_acc']:.1f} | "
                 f"{100 * (e['resmem_acc'] - e['exact_resmem_acc']):+.1f} |")
+    if any(not v["peak_rss"]["shard actor"] for f in found for v in f["variants"]):
+        lines += ["", "n/a: the sampler saw no shard actor process during that evaluate."]
     cut = [f"{f['rows']:,}" for f in found if len(f["variants"]) < len(found[0]["variants"])]
     if cut:
         lines += ["", f"At {', '.join(cut)} rows the run was stopped before the compressed memories were measured."]
