@@ -439,29 +439,3 @@ def test_kept_vectors_are_written_checked_and_asked_for(tmp_path):
     with pytest.raises(ResMemError, match="index.keep_vectors=true keeps full-precision vectors"):
         check_index_config(IndexConfig(keep_vectors=True), 100, 8, "l2")
 
-
-@pytest.mark.timeout(180)
-def test_a_compressed_memory_through_the_cli(run_copy, capsys):
-    """`resmem index` with a 4-bit scalar-quantized IVF index, int8 residual rows and the
-    full-precision vectors kept; `resmem evaluate` re-ranking every row of the shard: the
-    exact neighbours of the Flat run, and ResMem's predictions within int8's rounding."""
-    import pyarrow.parquet as pq
-
-    from resmem_ray.cli import main
-
-    from .conftest import DIGITS_ARGS
-
-    flat = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
-    args = [*DIGITS_ARGS, f"run_dir={run_copy}", "index.factory=IVF4,SQ4", "index.residual_dtype=int8",
-            "index.keep_vectors=true", "index.nprobe=4"]
-    capsys.readouterr()
-    assert main(["index", *args]) == 0
-    assert "bytes per row on disk (index" in capsys.readouterr().out
-    assert main(["evaluate", *args, "index.rerank=1000"]) == 0
-    got = pq.read_table(run_copy / "report" / "predictions.parquet").to_pandas().set_index("id")
-    assert got.index.tolist() == flat.index.tolist()
-    assert got["nn1_id"].tolist() == flat["nn1_id"].tolist()
-    assert got["knn_10"].tolist() == flat["knn_10"].tolist()
-    assert (got["resmem"] == flat["resmem"]).mean() >= 0.99
-    report = (run_copy / "report" / "report.md").read_text()
-    assert "vectors" in report and "residuals int8" in report

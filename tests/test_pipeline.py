@@ -72,7 +72,8 @@ def test_run_writes_report_and_artifacts(digits_run):
 
 
 def evaluate_with_shards(run_dir, shards, *more):
-    args = [*DIGITS_ARGS, f"run_dir={run_dir}", f"index.num_shards={shards}"]
+    compressed = ["index.factory=IVF4,SQ4", "index.keep_vectors=true", "index.nprobe=4"] if more else []
+    args = [*DIGITS_ARGS, f"run_dir={run_dir}", f"index.num_shards={shards}", *compressed]
     assert main(["index", *args]) == 0
     assert main(["evaluate", *args, *more]) == 0
     index = json.loads((run_dir / "index" / "manifest.json").read_text())
@@ -81,16 +82,20 @@ def evaluate_with_shards(run_dir, shards, *more):
 
 
 def test_one_and_three_shards_give_identical_predictions(run_copy, digits_run):
-    """Also streamed in chunks of ~10 KB of test rows (6 chunks) (a row group of predictions each):
-    the same predictions and metrics as the whole split at once."""
+    """The three shards compressed (4-bit scalar-quantized IVF codes, the full-precision
+    vectors kept on disk) and every row re-ranked exactly; the test split streamed in
+    chunks of ~10 KB (6 chunks, a row group of predictions each): the same predictions
+    and metrics as exact shards and the whole split at once."""
     two = pq.read_table(digits_run / "report" / "predictions.parquet").to_pydict()
     one = evaluate_with_shards(run_copy, 1)
-    three = evaluate_with_shards(run_copy, 3, "evaluate.chunk_mb=0.01")
+    three = evaluate_with_shards(run_copy, 3, "evaluate.chunk_mb=0.01", "index.rerank=1000")
     assert one == three == two
     assert pq.ParquetFile(run_copy / "report" / "predictions.parquet").metadata.num_row_groups > 3
     whole, chunked = (json.loads((r / "report" / "metrics.json").read_text()) for r in (digits_run, run_copy))
     assert chunked["accuracy"] == whole["accuracy"] and chunked["per_class"] == whole["per_class"]
     assert chunked["vs_base"] == whole["vs_base"]
+    assert "bytes per row on disk (index" in (run_copy / "report" / "report.md").read_text()
+    assert chunked["memory_footprint"].count("vectors") == 1
 
 
 def cli(*args):
