@@ -74,16 +74,16 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> StageSteps:
         log.info(f"shard actors search on: {', '.join(sorted(set(memory.placement)))}")
         with atomic_dir(run.report) as tmp:
             scorer = task.scorer(cfg, run, manifest, tmp, tuning)
-            searched, t0, progress = 0, time.time(), Progress(log)
-            for test, done, total in chunks:  # each chunk searched, scored and dropped
+            done, searched, t0, progress = 0, 0, time.time(), Progress(log)
+            for test in chunks:  # each chunk searched, scored and dropped
                 queries = prepare_queries(test["embedding"], cfg.resmem.distance, cfg.resmem.normalize)
                 reads = task.memory_reads(cfg, test)  # a confidence gate: the other rows never read the memory
                 asked = queries if reads is None else queries[reads]
                 nb = memory.search_batches(asked, k, cfg.evaluate.batch_size, progress=False)
                 scorer.add(test, queries, nb, reads)
                 searched, done = searched + len(asked), done + len(queries)
-                progress(f"{done}/{total} test rows scored, {searched} searched "
-                         f"({searched / max(time.time() - t0, 1e-9):.0f} queries/s)", last=done == total)
+                progress(f"{done}/{rows} test rows scored, {searched} searched "
+                         f"({searched / max(time.time() - t0, 1e-9):.0f} queries/s)", last=done == rows)
             metrics = scorer.finish()
             write_json(tmp / "metrics.json", metrics)
     return metrics, task.done_info(metrics)

@@ -83,7 +83,7 @@ def neighbour_table(cfg: Config, run: RunDir, folder: Path, with_knn_ks: bool = 
              f"({memory_key(manifest['distance'], manifest['normalize'])}, T={manifest['temperature']})")
     table = DiskTable(folder, rows)
     with ShardedMemory(run.index, manifest, cfg.index) as memory:
-        for val, _, _ in split_chunks(run.root, groups, task.query_columns, int(cfg.evaluate.chunk_mb * 2**20)):
+        for val in split_chunks(run.root, groups, task.query_columns, int(cfg.evaluate.chunk_mb * 2**20)):
             embedding = val.pop("embedding")
             val["embedding_norm"] = np.linalg.norm(embedding, axis=1)  # a retrieval gate's feature (tasks/lm.py)
             queries = prepare_queries(embedding, manifest["distance"], manifest["normalize"])

@@ -205,18 +205,14 @@ def plan_shards(groups: list[dict], num_shards: int) -> list[list[dict]]:
 def split_chunks(root: Path, groups: list[dict], columns, max_bytes: int):
     """The rows of a split's row groups (split_row_groups) in chunks of at most ~max_bytes
     (at least one row), in id order where the groups' id ranges do not overlap
-    (plan_shards), each read as read_pieces reads it: the whole split is never held.
-    Yields (rows, rows before this chunk, total rows)."""
+    (plan_shards), each read as read_pieces reads it: the whole split is never held."""
     total = sum(g["rows"] for g in groups)
     if not total:
         return
     first = read_first_row(root, next(g for g in groups if g["rows"]), columns)
     row_bytes = max(1, sum(a.nbytes for a in first.values()))
-    done = 0
     for pieces in plan_shards(groups, min(total, -(-total * row_bytes // max_bytes))):
-        rows = read_pieces(root, pieces, columns)
-        yield rows, done, total
-        done += len(rows["id"])
+        yield read_pieces(root, pieces, columns)
 
 
 def read_first_row(root: Path, group: dict, columns) -> dict[str, np.ndarray]:
