@@ -4,24 +4,28 @@ the LM with ResMem lookups, over a finished token-LM run's test split, in one pr
 Both read the same pre-tokenised batches of test texts and end with a next-token
 distribution for every position: the plain LM's softmax, or ResMem's corrected one
 (tasks/lm.py corrected_token_probs). Per sequence batch, ResMem does one forward (with
-hidden states), one batched search of the tokens whose confidence gate is open
-(resmem.gate_threshold: the others never read the memory), one fetch of their
-neighbours' sparse rows and the correction. Each setting is a memory index (the run's
-memory rows re-indexed with a FAISS factory and nprobe, as `resmem index` with
-index.factory / index.nprobe builds it) and a gate threshold; perplexity, next-token
-accuracy and the fraction of tokens that read the memory sit beside its tokens/s.
-Settings and the plain LM are timed in turns, best of --repeats (a setting under 0.25x of the
-plain LM after the first pass is timed once).
+hidden states), one batched search of the tokens that read the memory, one fetch of their
+neighbours' sparse rows and the correction. With a `resmem tune` summary in the run, its
+chosen setting (memory, k, sigma, gate) is the starting point. Each setting is a memory
+index (the run's memory rows re-indexed with a FAISS factory and nprobe, as `resmem index`
+with index.factory / index.nprobe builds it: IVF, PCA to fewer dimensions, fast-scan PQ
+codes; or the torch_lowp backend), k, and which tokens read the memory: every one, those
+under a confidence threshold (resmem.gate_threshold), or those the learned retrieval gate
+(`resmem tune`) opens at a cut-off. Perplexity, the share of the perplexity gain kept,
+next-token accuracy and the fraction of tokens that read the memory sit beside its
+tokens/s. Settings and the plain LM are timed in turns, best of --repeats (a setting under
+0.25x of the plain LM after the first pass is timed once).
 
     python benchmarks/lm_throughput.py --config jobs/configs/bbc_lm.yaml run_dir=runs/bbc_lm [--device cuda]
 
-Writes its section of benchmarks/RESULTS.md.
+Writes its section of benchmarks/RESULTS.md (--variant: a section of its own).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -35,21 +39,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 from results import section, write  # noqa: E402
 
 from resmem_ray.config import load_config  # noqa: E402
+from resmem_ray.core.gates import retrieval_features, retrieval_gate  # noqa: E402
 from resmem_ray.core.knn import build_shard, place_index, prepare_queries, search_shard, set_search_params  # noqa: E402
 from resmem_ray.core.resmem import softmax  # noqa: E402
 from resmem_ray.core.sparse import token_metrics  # noqa: E402
 from resmem_ray.errors import ResMemError  # noqa: E402
+from resmem_ray.stages.tune import with_setting  # noqa: E402
 from resmem_ray.store.artifacts import load_shard, read_index_manifest  # noqa: E402
 from resmem_ray.store.rundir import RunDir  # noqa: E402
 from resmem_ray.tasks.lm import corrected_token_probs, open_gate  # noqa: E402
 from resmem_ray.tasks.registry import task_for  # noqa: E402
 from resmem_ray.tasks.text import load_text_model, tokenize_batch  # noqa: E402
 
-# (factory, nprobe, resmem.gate_threshold, resmem.k; None: the config's): the run's exact
-# memory, then the levers
-SETTINGS = [("Flat", 0, 1.0, None), ("IVF1024,Flat", 8, 1.0, None), ("IVF1024,Flat", 2, 1.0, None),
-            ("IVF1024,Flat", 2, 0.05, None), ("IVF1024,Flat", 1, 0.05, 10), ("IVF1024,Flat", 1, 0.03, 10),
-            ("IVF1024,Flat", 1, 0.02, 10)]
+# (factory, nprobe, which tokens read the memory, resmem.k (None: the run's), search backend):
+# the run's exact memory, then the levers. Which tokens: "all"; ("confidence", resmem.gate_threshold);
+# ("retrieval", share of val tokens): the learned retrieval gate `resmem tune` fitted, at its
+# cut-off that opened that share of val.
+SETTINGS = [("Flat", 0, "all", None, "faiss"), ("IVF1024,Flat", 8, "all", None, "faiss"),
+            ("IVF1024,Flat", 8, "all", 64, "faiss"), ("Flat", 0, "all", 64, "torch_lowp"),
+            ("PCA64,IVF1024,Flat", 8, "all", 64, "faiss"), ("PCA32,IVF1024,Flat", 8, "all", 64, "faiss"),
+            ("IVF1024,PQ32x4fs", 8, "all", 64, "faiss"), ("IVF1024,Flat", 2, "all", 16, "faiss"),
+            ("IVF1024,Flat", 2, ("confidence", 0.03), 16, "faiss"), ("IVF1024,Flat", 2, ("retrieval", 0.5), 16, "faiss"),
+            ("IVF1024,Flat", 2, ("retrieval", 0.25), 16, "faiss"), ("IVF1024,Flat", 2, ("retrieval", 0.1), 16, "faiss")]
 
 
 QUESTION = ("What does the token memory cost in tokens/s against the plain LM, and how much do an approximate "
@@ -96,24 +107,36 @@ def plain(model, b: dict) -> np.ndarray:
     return softmax(logits.float().cpu().numpy())
 
 
-def with_memory(model, b: dict, index, rows: dict, cfg, layer: int, nprobe: int) -> tuple[np.ndarray, int]:
-    """ResMem's distributions for a batch and how many tokens read the memory."""
+def with_memory(model, b: dict, index, rows: dict, cfg, layer: int, nprobe: int, opens) -> tuple[np.ndarray, int]:
+    """ResMem's distributions for a batch and how many tokens read the memory. `opens(p,
+    hidden)`: the tokens the retrieval gate opens (None: the confidence gate alone decides)."""
     if isinstance(index, faiss.Index):
         set_search_params(index, nprobe, cfg.index.ef_search)
     with torch.inference_mode():
         out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
         logits = out.logits[b["rows"], b["pos"]].float().cpu().numpy()
-        hidden = out.hidden_states[layer][b["rows"], b["pos"]]
+        hidden = out.hidden_states[layer][b["rows"], b["pos"]].float().cpu().numpy()
     r = cfg.resmem
     p = softmax(logits, r.temperature)
     g = open_gate(p, r)
+    if opens is not None:
+        g = np.where(opens(p, hidden), g, 0.0)
     found = g > 0
     if not found.any():
         return p, 0
-    queries = prepare_queries(hidden[torch.from_numpy(found).to(hidden.device)].float().cpu().numpy(),
-                              r.distance, r.normalize)
+    queries = prepare_queries(hidden[found], r.distance, r.normalize)
     dist, _, labels, residuals, residual_ids = search_shard(index, rows, queries, r.k, r.distance)
     return corrected_token_probs(p, g, dist, labels, residual_ids, residuals, cfg), int(found.sum())
+
+
+def retrieval_opens(gate: dict, share: float):
+    """The learned retrieval gate at the cut-off that opened `share` of val's tokens."""
+    row = min(gate["val"], key=lambda row: abs(row["searched"] - share))
+    if abs(row["searched"] - share) > 0.02:
+        raise ResMemError(f"the retrieval gate has no cut-off for {share:.0%} of val tokens: "
+                          f"{[round(row['searched'], 3) for row in gate['val']]}")
+    cutoff = row["cutoff"]
+    return lambda p, hidden: retrieval_gate(gate, retrieval_features(p, np.linalg.norm(hidden, axis=1))) >= cutoff
 
 
 def main() -> None:
@@ -125,11 +148,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
+    parser.add_argument("--variant", default="", help="a name for this run's own section (e.g. a larger LM)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA device")
     cfg = load_config(args.config, tuple(args.overrides))
     run = RunDir(cfg.run_dir)
+    tuned = run.root / "tune" / "best.json"
+    summary = json.loads(tuned.read_text()) if tuned.is_file() else {}
+    if summary:  # the setting `resmem tune` chose (its memory is the index it left)
+        cfg = with_setting(cfg, summary["best"])
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)
     model, _, meta = load_text_model(run)
@@ -143,21 +171,27 @@ def main() -> None:
 
     runs = [{"setting": "plain LM", "fn": lambda b: (plain(model, b), 0)}]
     indices = {}
-    for factory, nprobe, threshold, k in SETTINGS:
-        if factory not in indices:
+    for factory, nprobe, tokens_read, k, backend in SETTINGS:
+        if (factory, backend) not in indices:
             t0 = time.perf_counter()
             index = build_shard(vectors, factory, manifest["distance"], cfg.index.train_sample)
             where = "faiss-cpu"
-            if factory == "Flat" and args.device.startswith("cuda"):
-                index, where = place_index(index, "torch", use_gpu=True)
-            indices[factory] = index, where
-            print(f"built {factory} in {time.perf_counter() - t0:.1f} s", flush=True)
-        index, where = indices[factory]
+            if backend != "faiss" or (factory == "Flat" and args.device.startswith("cuda")):
+                index, where = place_index(index, "torch" if backend == "faiss" else backend, use_gpu=True)
+            indices[factory, backend] = index, where
+            print(f"built {factory} ({where}) in {time.perf_counter() - t0:.1f} s", flush=True)
+        index, where = indices[factory, backend]
         k = k or cfg.resmem.k
+        threshold = tokens_read[1] if tokens_read[0] == "confidence" else 1.0
         c = dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, gate_threshold=threshold, k=k))
-        name = f"ResMem, {factory}" + (f" nprobe={nprobe}" if nprobe else "") + f", gate_threshold={threshold:g}, k={k}"
-        runs.append({"setting": f"{name} ({where})", "fn": lambda b, index=index, c=c, nprobe=nprobe: with_memory(
-            model, b, index, rows, c, layer, nprobe)})
+        if tokens_read[0] == "retrieval" and "retrieval_gate" not in summary:
+            raise ResMemError(f"{tuned}: no retrieval gate; run `resmem tune` with tune.learned_gate=true first")
+        opens = retrieval_opens(summary["retrieval_gate"], tokens_read[1]) if tokens_read[0] == "retrieval" else None
+        read = {"all": "every token", "confidence": f"max p < {threshold:g}",
+                "retrieval": f"retrieval gate at {tokens_read[1]:.0%} of val"}[tokens_read[0]]
+        name = f"ResMem, {factory}" + (f" nprobe={nprobe}" if nprobe else "") + f", k={k}, {read}"
+        runs.append({"setting": f"{name} ({where})", "fn": lambda b, index=index, c=c, nprobe=nprobe, opens=opens:
+                     with_memory(model, b, index, rows, c, layer, nprobe, opens)})
     for r in runs:  # quality and read fraction, untimed
         print(f"scoring {r['setting']}", flush=True)
         totals, reads = np.zeros(3), 0
@@ -177,22 +211,28 @@ def main() -> None:
             for b in batches:
                 r["fn"](b)
             r["tps"] = max(r["tps"], tokens / (time.perf_counter() - t0))
+    gain = runs[0]["perplexity"] - runs[1]["perplexity"]  # the run's tuned ResMem, exact search, every token
     for r in runs:
         r["ratio"] = r["tps"] / runs[0]["tps"]
+        r["kept"] = (runs[0]["perplexity"] - r["perplexity"]) / gain if gain > 0 else float("nan")
         print(f"{r['setting']:<60} {r['tps']:>9,.0f} tok/s {r['ratio']:.2f}x ppl {r['perplexity']:.2f} "
               f"acc {100 * r['accuracy']:.2f}% reads {100 * r['reads']:.1f}%", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
-    lines = section("Token memory throughput", QUESTION, f"{run.root.name}: GPT-2 LM ({cfg.text.lm_layers} layers, "
-                    f"{cfg.text.lm_dim} dims), {tokens:,} test tokens in batches of {args.batch} sequences, on "
-                    f"{device}; load average {os.getloadavg()[0]:.1f} at the end; memory {vectors.shape[0]:,} x "
-                    f"{vectors.shape[1]} ({manifest['distance']}), "
-                    f"sigma={cfg.resmem.sigma}, gate={cfg.resmem.gate}. Tokens/s: best of "
-                    f"{args.repeats} passes in turns (a setting under 0.25x: one pass).", "",
-                    "| setting | tokens/s | vs plain | perplexity | accuracy (%) | tokens reading the memory |",
-                    "| --- | ---: | ---: | ---: | ---: | ---: |")
+    r = cfg.resmem
+    chosen = "chosen by `resmem tune`" if summary else "the config's"
+    lines = section("Token memory throughput" + (f": {args.variant}" if args.variant else ""), QUESTION, f"{run.root.name}: {meta.get('architecture', 'GPT-2')} LM "
+                    f"({meta.get('layers', cfg.text.lm_layers)} layers, {meta['embedding_dim']} dims), {tokens:,} test "
+                    f"tokens in batches of {args.batch} sequences (one search per batch), on {device}; load average "
+                    f"{os.getloadavg()[0]:.1f} at the end; memory {vectors.shape[0]:,} x {vectors.shape[1]} "
+                    f"({manifest['distance']}{'' if manifest['normalize'] else ', raw'}), k={r.k}, sigma={r.sigma:g}, "
+                    f"gate={r.gate:g} ({chosen}). Tokens/s: best of {args.repeats} passes in turns (a setting under "
+                    "0.25x: one pass). Gain kept: the share of the first ResMem row's perplexity gain over the "
+                    "plain LM.", "",
+                    "| setting | tokens/s | vs plain | perplexity | gain kept | accuracy (%) | tokens reading the memory |",
+                    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     lines += [f"| {r['setting']} | {r['tps']:,.0f} | {r['ratio']:.2f}x | {r['perplexity']:.2f} | "
-              f"{100 * r['accuracy']:.2f} | {100 * r['reads']:.1f}% |" for r in runs]
-    write(args.out, lines)
+              f"{100 * r['kept']:.0f}% | {100 * r['accuracy']:.2f} | {100 * r['reads']:.1f}% |" for r in runs]
+    write(args.out, lines, args.variant)
 
 
 if __name__ == "__main__":

@@ -177,8 +177,9 @@ class ResMemConfig:
     gate_softness: float = setting(0.0, range=NON_NEGATIVE, stages=("evaluate",))
     distance: str = setting("l2", choices=DISTANCES, stages=("index",))
     normalize: bool = setting(True, stages=("index",))  # L2-normalise embeddings before indexing and search
-    # baseline from the same k neighbours: (1 - knn_lambda) p + knn_lambda p_kNN, p_kNN the
+    # baseline from the same memory: (1 - knn_lambda) p + knn_lambda p_kNN, p_kNN the knn_k nearest
     # neighbours' labels weighted by softmax(-d / knn_tau) (kNN interpolation; kNN-LM for gpt2_lm)
+    knn_k: int = setting(0, range=NON_NEGATIVE, stages=("evaluate",))  # 0: resmem.k
     knn_lambda: float = setting(0.25, range=UNIT, stages=("evaluate",))
     knn_tau: float = setting(0.1, range=POSITIVE, stages=("evaluate",))
 
@@ -200,7 +201,9 @@ class TuneConfig:
     distance: list[str] = setting(["l2"], choices=DISTANCES, non_empty=True)
     normalize: list[bool] = setting([True], non_empty=True)
     learned_gate: bool = True  # fit a logistic gate on val at the best setting (a report row)
-    # the kNN interpolation baseline, tuned on val too: a grid at the best k and T, same neighbours
+    # the kNN interpolation baseline, tuned on val too: a grid at the best T, same neighbour table;
+    # its own k from tune.knn_k (empty: ResMem's chosen k)
+    knn_k: list[int] = setting([], range=POSITIVE)
     knn_lambda: list[float] = setting([0.1, 0.25, 0.5, 0.75, 1.0], range=UNIT, non_empty=True)
     knn_tau: list[float] = setting([0.01, 0.03, 0.1, 0.3, 1.0], range=POSITIVE, non_empty=True)
     cpus_per_trial: float = resource(0.25, range=POSITIVE)

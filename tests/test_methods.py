@@ -35,21 +35,28 @@ def test_tuned_baselines_name_real_config_keys_and_score_distributions():
         assert set(m.tuned) <= resmem_keys & tune_keys, m.key  # resmem.<key> its value, tune.<key> its grid
         rng = np.random.default_rng(0)
         p = rng.dirichlet(np.ones(5), 8)
-        q = m.probs(p, rng.integers(0, 5, (8, 3)), np.sort(rng.random((8, 3)), 1), {k: 0.5 for k in m.tuned})
+        q = m.probs(p, rng.integers(0, 5, (8, 3)), np.sort(rng.random((8, 3)), 1),
+                    {k: 3 if k == "knn_k" else 0.5 for k in m.tuned})
         np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-6)
 
 
 def test_knn_interp_setting_reads_the_config_and_says_who_chose_it():
     cfg = load_config("jobs/configs/digits.yaml", ("resmem.knn_lambda=0.4", "resmem.knn_tau=0.2"))
     m = METHODS["knn_interp"]
-    assert setting(cfg, m) == {"knn_lambda": 0.4, "knn_tau": 0.2}
+    assert setting(cfg, m) == {"knn_k": cfg.resmem.k, "knn_lambda": 0.4, "knn_tau": 0.2}  # knn_k=0: resmem.k
     record = setting_record(cfg, m, None)
-    assert record == {"lambda": 0.4, "tau": 0.2, "k": cfg.resmem.k, "chosen_by": "config"}
+    assert record == {"k": cfg.resmem.k, "lambda": 0.4, "tau": 0.2, "chosen_by": "config"}
     assert setting_record(cfg, m, {"knn_interp": {"knn_lambda": 0.4}})["chosen_by"] == "tune"
-    assert setting_line(m, record).endswith("lambda=0.4, tau=0.2 (from resmem.knn_lambda, resmem.knn_tau).")
+    assert setting_line(m, record).endswith(
+        f"k={cfg.resmem.k}, lambda=0.4, tau=0.2 (from resmem.knn_k, resmem.knn_lambda, resmem.knn_tau).")
+    # its own k: the first knn_k of a deeper search; never more than were searched
     rng = np.random.default_rng(1)
-    p, labels, d = rng.dirichlet(np.ones(4), 6), rng.integers(0, 4, (6, 2)), rng.random((6, 2))
-    np.testing.assert_array_equal(m.probs(p, labels, d, setting(cfg, m)), knn_interpolation(p, labels, d, 0.4, 0.2))
+    p, labels, d = rng.dirichlet(np.ones(4), 6), rng.integers(0, 4, (6, 5)), np.sort(rng.random((6, 5)), 1)
+    own = setting(load_config("jobs/configs/digits.yaml", ("resmem.knn_k=2", "resmem.knn_lambda=0.4",
+                                                           "resmem.knn_tau=0.2")), m)
+    np.testing.assert_array_equal(m.probs(p, labels, d, own), knn_interpolation(p, labels[:, :2], d[:, :2], 0.4, 0.2))
+    with pytest.raises(ResMemError, match=r"k=6 \(resmem.knn_k\) is more than the 5 neighbours searched"):
+        m.probs(p, labels, d, {**own, "knn_k": 6})
 
 
 @pytest.mark.parametrize("config", ["digits", "bbc_lm", "diabetes"])

@@ -144,7 +144,8 @@ def test_missing_stage_inputs(ray_session, tmp_path, capsys, stage, missing):
 def test_k_larger_than_memory_leaves_report_untouched(run_copy, capsys):
     before = file_hashes(run_copy)
     assert main(["evaluate", *DIGITS_ARGS, f"run_dir={run_copy}", "resmem.k=100000"]) == 2
-    expected = "k=100000 (max of resmem.k, evaluate.knn_ks and neighbour_transformer.k) is larger than the memory"
+    expected = ("k=100000 (max of resmem.k, resmem.knn_k, evaluate.knn_ks and neighbour_transformer.k) is larger "
+                "than the memory")
     assert expected in one_error_line(capsys)
     assert file_hashes(run_copy) == before
 

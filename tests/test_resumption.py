@@ -38,7 +38,7 @@ COMMON = {
     "resmem.distance": FROM_INDEX, "resmem.normalize": FROM_INDEX,
     "resmem.k": {"evaluate"}, "resmem.sigma": {"evaluate"}, "resmem.gate": {"evaluate"},
     "resmem.gate_threshold": {"evaluate"}, "resmem.gate_softness": {"evaluate"},
-    "resmem.knn_lambda": {"evaluate"}, "resmem.knn_tau": {"evaluate"},
+    "resmem.knn_k": {"evaluate"}, "resmem.knn_lambda": {"evaluate"}, "resmem.knn_tau": {"evaluate"},
     "tune": {"tune"}, "evaluate.knn_ks": {"evaluate"}, "neighbour_transformer.enabled": {"transformer", "evaluate"},
     "neighbour_transformer": {"transformer", "evaluate"},
     # resources: where and how fast, never what

@@ -54,14 +54,14 @@ def test_sparse_rows_stand_for_their_truncated_dense_rows():
     logits, labels, p, w = random_memory(vocab=50)
     n, k = w.shape
     ids, probs = encode(logits, 4)
-    rows, cols, vals = sparse_correction(w, labels.reshape(n, k), ids.reshape(n, k, 4), probs.reshape(n, k, 4))
-    assert len(vals) == n * k * 5  # label + top-4 per neighbour, never n x V per memory row
-    correction = np.zeros_like(p)
-    np.add.at(correction, (rows, cols), vals)
+    correction = sparse_correction(w, labels.reshape(n, k), ids.reshape(n, k, 4), probs.reshape(n, k, 4), 50)
     truncated = dense_residuals(labels, ids, probs, 50).reshape(n, k, 50)
     np.testing.assert_allclose(correction, np.einsum("nk,nkv->nv", w, truncated), atol=1e-12)
-    untouched = np.ones_like(p, dtype=bool)
-    untouched[rows, cols] = False
+    untouched = np.ones_like(p, dtype=bool)  # the tokens no neighbour names
+    rows = np.arange(n)[:, None]
+    untouched[rows, labels.reshape(n, k)] = False
+    untouched[rows, ids.reshape(n, -1)] = False
+    assert untouched.any() and (correction[untouched] == 0).all()
     q = corrected_probs(p, w, labels.reshape(n, k), ids.reshape(n, k, 4), probs.reshape(n, k, 4), 1.0, 1e-3)
     for i in range(n):  # outside the candidates: p, only renormalised
         ratio = q[i][untouched[i]] / p[i][untouched[i]]

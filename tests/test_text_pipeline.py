@@ -10,6 +10,7 @@ import pytest
 from resmem_ray.cli import main
 from resmem_ray.config import load_config
 from resmem_ray.pipeline import stage_keys
+from resmem_ray.stages import tune
 from resmem_ray.store.artifacts import read_split
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import neighbour_baselines
@@ -124,11 +125,16 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
     assert run.stale_reason("train", deeper.to_dict(), stage_keys("train", deeper)) == "config changed"
     assert run.stale_reason("evaluate", run.manifest()["config"], stage_keys("evaluate", deeper)) is None
     # tune: the sparse rows reweighted by val perplexity, then evaluate at the chosen setting
-    grid = ["tune.k=[4,16]", "tune.sigma=[0.02,0.3]", "tune.gate=[0.2,1.0]", "tune.knn_lambda=[0.25,0.5]",
-            "tune.knn_tau=[0.1,1.0]", "tune.cpus_per_trial=0.5"]
+    # two memories (bbc_lm.yaml: squared L2 on raw states and cosine), kNN-LM with its own k
+    grid = ["tune.k=[4,16]", "tune.sigma=[0.02,0.3]", "tune.gate=[0.2,1.0]", "tune.knn_k=[2,16]",
+            "tune.knn_lambda=[0.25,0.5]", "tune.knn_tau=[0.1,1.0]", "tune.cpus_per_trial=0.5"]
     assert main(["tune", *args, *grid]) == 0
     summary = json.loads((run_dir / "tune" / "best.json").read_text())
-    assert summary["trials"] == 8 and summary["objective"] == "val perplexity"
+    assert summary["trials"] == 16 and summary["objective"] == "val perplexity"
+    knn, chosen = summary["knn_interp"], tune.memory_key(summary["best"]["distance"], False)
+    assert knn["trials"] == 8 and summary["best"]["knn_k"] == knn["knn_k"] in (2, 16)
+    other = {"sqeuclidean/raw", "cosine"} - {chosen}  # kNN-LM on the memory ResMem did not choose: val only
+    assert set(knn["other_memories"]) == other and knn["other_memories"][other.pop()]["trials"] == 8
     assert summary["best_val_perplexity"] < summary["untuned"]["val_perplexity"] < summary["base_val_perplexity"]
     assert min(t["val_perplexity"] for t in summary["top"]) == pytest.approx(summary["best_val_perplexity"])
     tuned = json.loads((run.report / "metrics.json").read_text())
@@ -145,7 +151,8 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
     top = (top / top.sum(1, keepdims=True)).max(1)
     threshold = float(np.median(top))
     capsys.readouterr()
-    assert main(["evaluate", *args, f"resmem.gate_threshold={threshold}", "evaluate.chunk_mb=4"]) == 0  # chunks
+    memory = [f"resmem.{key}={summary['best'][key]}" for key in ("distance", "normalize")]  # the index tune left
+    assert main(["evaluate", *args, *memory, f"resmem.gate_threshold={threshold}", "evaluate.chunk_mb=4"]) == 0
     gated = json.loads((run.report / "metrics.json").read_text())
     assert gated["memory_read_fraction"] == pytest.approx((top < threshold).mean())
     assert f"{len(top)}/{len(top)} test rows scored, {(top < threshold).sum()} searched" in capsys.readouterr().out

@@ -65,11 +65,14 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
     # the in-process grid (what a sweep trial uses) finds the same best score on that table
     assert tune.best_on_grid(cfg, table)[1] == pytest.approx(summary["best_val_accuracy"])
     assert 0 < summary["learned_gate"]["val_accuracy"] <= 1
-    # the kNN interpolation baseline is tuned on val too, from the same table, at ResMem's k and T
+    # the kNN interpolation baseline is tuned on val too, from the same table, at ResMem's T and
+    # (tune.knn_k empty) its k
     knn = summary["knn_interp"]
-    assert (knn["k"], knn["temperature"], knn["trials"]) == (best["k"], best["temperature"], 25)
+    assert (knn["knn_k"], knn["temperature"], knn["trials"]) == (best["k"], best["temperature"], 25)
     assert knn["knn_lambda"] in cfg.tune.knn_lambda and knn["knn_tau"] in cfg.tune.knn_tau
+    others = knn.pop("other_memories")  # and on the memory it did not choose, for the report
     assert knn == tune.tune_baseline(tune.with_setting(cfg, best), table, METHODS["knn_interp"])
+    assert list(others) == [m for m in ("l2/normalized", "cosine") if m != tune.memory_key(best["distance"], True)]
 
     metrics = json.loads((run_copy / "report" / "metrics.json").read_text())
     assert {k: metrics["resmem"][k] for k in best} == best

@@ -51,17 +51,22 @@ def dense_residuals(labels: np.ndarray, ids: np.ndarray, probs: np.ndarray, voca
     return r
 
 
-def sparse_correction(weights: np.ndarray, labels: np.ndarray, ids: np.ndarray, probs: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """sum_i w_i r_i as coordinate triples (rows, cols, values); a (row, col) may repeat,
-    repeats add up.
+def sparse_correction(weights: np.ndarray, labels: np.ndarray, ids: np.ndarray, probs: np.ndarray,
+                      vocab_size: int) -> np.ndarray:
+    """sum_i w_i r_i as (n, V) rows: each neighbour adds w_i at its label and takes w_i * prob
+    at each of its top-m ids; nothing else is touched.
 
     weights (n, k); labels (n, k) neighbour labels; ids, probs (n, k, m) their top-m rows.
+    Two bincounts over flat (row, token) positions: one pass each, where np.add.at over
+    k * (m + 1) triples per query was the cost of a large-k search.
     """
-    n, k, m = ids.shape
-    cols = np.concatenate([labels[:, :, None], ids], axis=2).reshape(n, -1)
-    vals = np.concatenate([np.ones((n, k, 1)), -probs.astype(np.float64)], axis=2) * weights[:, :, None]
-    return np.repeat(np.arange(n), k * (m + 1)), cols.ravel(), vals.reshape(n, -1).ravel()
+    n = len(weights)
+    start = np.arange(n, dtype=np.int64)[:, None] * vocab_size  # each query's first flat position
+    add = np.bincount((labels + start).ravel(), weights=np.asarray(weights, np.float64).ravel(),
+                      minlength=n * vocab_size)
+    take = np.bincount((ids + start[:, :, None]).ravel(), weights=(probs * weights[:, :, None]).ravel(),
+                       minlength=n * vocab_size)
+    return (add - take).reshape(n, vocab_size)
 
 
 def clip_renormalise(q: np.ndarray, p: np.ndarray, floor: float) -> np.ndarray:
@@ -75,12 +80,9 @@ def corrected_probs(p: np.ndarray, weights: np.ndarray, labels: np.ndarray, ids:
     """ResMem's distribution for queries with base probabilities p (n, V), from their
     neighbours' sparse rows: p + gate * sum_i w_i r_i, clipped and renormalised. `gate`:
     one number, or one per query (n,)."""
-    rows, cols, vals = sparse_correction(weights, labels, ids, probs)
-    q = np.array(p, dtype=np.float64)
     gate = np.broadcast_to(np.asarray(gate, dtype=np.float64), (len(p),))
-    flat = rows * q.shape[1] + cols  # flat positions: numpy's fast path for add.at (repeats add up)
-    np.add.at(q.reshape(-1), flat, gate[rows] * vals)
-    return clip_renormalise(q, p, floor)
+    correction = sparse_correction(np.asarray(weights, np.float64) * gate[:, None], labels, ids, probs, p.shape[1])
+    return clip_renormalise(np.asarray(p, dtype=np.float64) + correction, p, floor)
 
 
 def token_metrics(p: np.ndarray, labels: np.ndarray) -> tuple[float, float, int]:

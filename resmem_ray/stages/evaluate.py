@@ -66,7 +66,7 @@ def evaluate(cfg: Config, tuning: dict | None = None) -> StageSteps:
                           f"{run.index} ({manifest['dim']} dims): rerun `resmem index`")
     chunks = split_chunks(run.root, groups, task.query_columns, int(cfg.evaluate.chunk_mb * 2**20))
     k = task.lookup_k(cfg)
-    check_k(k, manifest["rows"], "max of resmem.k, evaluate.knn_ks and neighbour_transformer.k")
+    check_k(k, manifest["rows"], "max of resmem.k, resmem.knn_k, evaluate.knn_ks and neighbour_transformer.k")
     log.info(f"{rows} test rows against {manifest['rows']} memory rows in {len(manifest['shards'])} shard(s), k={k}, "
              f"in chunks of at most {cfg.evaluate.chunk_mb} MiB")
     with ShardedMemory(run.index, manifest, cfg.index) as memory:  # the shards are checked as they load

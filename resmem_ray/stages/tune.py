@@ -1,5 +1,5 @@
 """Stage tune: Ray Tune over the resmem keys the task searches (`Task.tune_keys`:
-classification k, sigma, T, the gate and the distance; the token LM k, sigma and the gate;
+classification k, sigma, T, the gate and the distance; the token LM k, sigma, the gate and the distance;
 regression k, sigma, the gate and the distance), each trial scored on val by the task's
 objective (val accuracy, val perplexity, val RMSE).
 
@@ -53,7 +53,8 @@ SAMPLED = {"sigma": "loguniform", "temperature": "loguniform", "gate": "uniform"
 
 
 def memory_key(distance: str, normalize: bool) -> str:
-    return f"{distance}/{'normalized' if normalize else 'raw'}"
+    """A memory's name: its distance and whether its rows are normalised (cosine always is)."""
+    return "cosine" if distance == "cosine" else f"{distance}/{'normalized' if normalize else 'raw'}"
 
 
 def searched(task: Task) -> tuple[str, ...]:
@@ -73,8 +74,9 @@ def neighbour_table(cfg: Config, run: RunDir, folder: Path, with_knn_ks: bool = 
     task = task_for(cfg)
     manifest = read_index_manifest(run, needed_by="tune")
     check_codec(run, manifest, task.codec, task.name)
-    k_max = max(*cfg.tune.k, *(cfg.evaluate.knn_ks if with_knn_ks else ()))
-    check_k(k_max, manifest["rows"], "config keys tune.k and evaluate.knn_ks" if with_knn_ks else "config key tune.k")
+    ks = {"tune.k": cfg.tune.k, "tune.knn_k": cfg.tune.knn_k, "evaluate.knn_ks": cfg.evaluate.knn_ks if with_knn_ks else []}
+    k_max = max(k for values in ks.values() for k in values)
+    check_k(k_max, manifest["rows"], "config key " + next(key for key, values in ks.items() if k_max in values))
     groups = split_row_groups(run, "val", "tune", task.query_columns)
     rows = sum(g["rows"] for g in groups)
     if not rows:
@@ -113,10 +115,14 @@ def ensure_index(cfg: Config, run: RunDir, keys=("temperature", *MEMORY)) -> Non
 
 def memory_pairs(cfg: Config, task: Task) -> list[tuple[str, bool]]:
     """The (distance, normalize) pairs searched: tune.distance x tune.normalize where the
-    task searches them, else the config's own."""
+    task searches them, else the config's own; cosine once (normalize changes nothing there)."""
     r, t = cfg.resmem, cfg.tune
-    return list(itertools.product(t.distance if "distance" in task.tune_keys else [r.distance],
-                                  t.normalize if "normalize" in task.tune_keys else [r.normalize]))
+    pairs = itertools.product(t.distance if "distance" in task.tune_keys else [r.distance],
+                              t.normalize if "normalize" in task.tune_keys else [r.normalize])
+    memories = {}
+    for pair in pairs:
+        memories.setdefault(memory_key(*pair), pair)
+    return list(memories.values())
 
 
 def neighbour_tables(cfg: Config, run: RunDir, task: Task, folder: Path) -> dict[str, str]:
@@ -265,11 +271,13 @@ def _save(fig, path) -> None:
 
 def tune_baseline(cfg: Config, table: dict, method) -> dict:
     """A baseline tuned on val like ResMem: the best setting of its tune.<key> grid at cfg's
-    (ResMem's chosen) k and T, from the same neighbour table, by the task's objective. Ties
-    keep the first setting met; a non-finite score (lambda=1 drops the model: infinite
-    perplexity) never wins."""
+    (ResMem's chosen) T, from the same neighbour table, by the task's objective; an empty
+    tune.knn_k keeps ResMem's chosen k. Ties keep the first setting met; a non-finite score
+    (lambda=1 drops the model: infinite perplexity) never wins."""
     task = task_for(cfg)
-    objective, grid = task.scores[0], [getattr(cfg.tune, key) for key in method.tuned]
+    objective = task.scores[0]
+    grid = [getattr(cfg.tune, key) or [cfg.resmem.k] if key == "knn_k" else getattr(cfg.tune, key)
+            for key in method.tuned]
     best, best_scores = None, None
     for values in itertools.product(*grid):
         setting = dict(zip(method.tuned, values))
@@ -280,15 +288,16 @@ def tune_baseline(cfg: Config, table: dict, method) -> dict:
     if best is None:
         raise ResMemError(f"every {title(method.key, task.name)} setting of "
                           f"{' x '.join(f'tune.{key}' for key in method.tuned)} gives a non-finite {objective}")
-    return {**best, "k": cfg.resmem.k, "temperature": cfg.resmem.temperature, **best_scores,
-            "trials": math.prod(map(len, grid))}
+    return {**best, "temperature": cfg.resmem.temperature, **best_scores, "trials": math.prod(map(len, grid))}
 
 
 def tuning_summary(cfg: Config, table: dict, best: dict, best_scores: dict, trials: int, search: str,
-                   top: list[dict], untuned: dict | None = None) -> dict:
+                   top: list[dict], untuned: dict | None = None, other_memories: dict | None = None) -> dict:
     """What evaluate reports of a search: the chosen setting (with the tuned baselines'
     settings merged in, so that the config of the evaluation holds them all), its val
-    scores and the base model's, and what the task fits on val from the same table."""
+    scores and the base model's, and what the task fits on val from the same table.
+    Each tuned baseline is also tuned on the other memories searched ({memory key: its
+    table}), so that a report can say where it would have done better."""
     task = task_for(cfg)
     chosen = with_setting(cfg, best)
     base = task.val_scores(chosen, table, ("base",))["base"]
@@ -300,6 +309,9 @@ def tuning_summary(cfg: Config, table: dict, best: dict, best_scores: dict, tria
     for method in task.tuned_baselines():
         summary[method.key] = tune_baseline(chosen, table, method)
         summary["best"].update({key: summary[method.key][key] for key in method.tuned})
+        if other_memories:
+            summary[method.key]["other_memories"] = {key: tune_baseline(chosen, other, method)
+                                                     for key, other in other_memories.items()}
     summary.update(task.fit_on_val(chosen, table))
     return summary
 
@@ -344,8 +356,10 @@ def search_and_evaluate(cfg: Config, run: RunDir, task: Task, tables: dict[str, 
     untuned = ({**config_setting, **setting_scores(cfg, opened_table(tables[own]), config_setting)} if scored
                else None)
     best_table = opened_table(tables[top["memory"]])
+    others = {key: opened_table(folder) for key, folder in tables.items() if key != top["memory"]}
     summary = tuning_summary(cfg, best_table, best, {s: top[s].item() for s in task.scores}, len(frame),
-                             cfg.tune.search, frame.drop(columns="memory").head(10).to_dict("records"), untuned)
+                             cfg.tune.search, frame.drop(columns="memory").head(10).to_dict("records"), untuned,
+                             others)
     summary["heatmap"] = plot_search(run.root / "tune", frame, task)
     write_json(run.root / "tune" / "best.json", summary)
     phrase = lambda scores: ", ".join(SCORES[s][2](scores[s]) for s in task.scores)  # noqa: E731

@@ -32,8 +32,8 @@ from resmem_ray.runtime.trainer import chance_warning
 from resmem_ray.schema import Config
 from resmem_ray.store.artifacts import TableWriter, footprint_line, label_counts, read_memory_rows
 from resmem_ray.store.rundir import RunDir
-from resmem_ray.tasks.methods import (METHODS, neighbour_baselines, ordered, setting, setting_line, setting_record,
-                                      title, tuned_baselines, tuning_lines)
+from resmem_ray.tasks.methods import (METHODS, baseline_k, neighbour_baselines, ordered, setting, setting_line,
+                                      setting_record, title, tuned_baselines, tuning_lines)
 from resmem_ray.tasks.neighbour_model import transformer_predictor
 from resmem_ray.tasks.registry import Scorer, Task
 
@@ -49,7 +49,7 @@ class ClassificationTask(Task):
 
     def lookup_k(self, cfg: Config) -> int:
         nt = cfg.neighbour_transformer
-        return max([cfg.resmem.k, *cfg.evaluate.knn_ks, nt.k if nt.enabled else 1])
+        return max([cfg.resmem.k, baseline_k(cfg.resmem), *cfg.evaluate.knn_ks, nt.k if nt.enabled else 1])
 
     def scorer(self, cfg: Config, run: RunDir, manifest: dict, folder, tuning: dict | None = None) -> Scorer:
         return ClassificationScorer(cfg, run, manifest, folder, self.model_title(cfg), tuning)
@@ -76,15 +76,15 @@ class ClassificationTask(Task):
     def val_scores(self, cfg: Config, table: dict, methods: tuple[str, ...]) -> dict[str, dict[str, float]]:
         r, val = cfg.resmem, table["val"]
         probs = softmax(val["logits"], r.temperature)
-        near = table_neighbours(table, r.temperature).first(r.k) if set(methods) - {"base"} else None
+        nb = table_neighbours(table, r.temperature) if set(methods) - {"base"} else None
         out = {}
         for key in methods:
             if key == "base":
                 scored = probs
             elif key == "resmem":
-                scored = resmem_prediction(cfg, probs, near)[0]
+                scored = resmem_prediction(cfg, probs, nb.first(r.k))[0]
             else:
-                scored = METHODS[key].probs(probs, near.labels, near.distances, setting(cfg, METHODS[key]))
+                scored = METHODS[key].probs(probs, nb.labels, nb.distances, setting(cfg, METHODS[key]))
             out[key] = {"val_accuracy": float((scored.argmax(1) == val["label"]).mean())}
         return out
 
@@ -163,7 +163,7 @@ def predictions(cfg: Config, logits: np.ndarray, labels: np.ndarray, nb: Neighbo
         preds[f"knn_{k}"] = knn_vote(nb.labels[:, :k], num_classes)
     near = nb.first(r.k)
     for m in neighbour_baselines():
-        preds[m.key] = m.probs(probs, near.labels, near.distances, setting(cfg, m)).argmax(1)
+        preds[m.key] = m.probs(probs, nb.labels, nb.distances, setting(cfg, m)).argmax(1)
     preds["resmem"] = resmem_prediction(cfg, probs, near)[0].argmax(1)
     if gate_params is not None:
         correction = memory_correction(near.residuals, near.distances, r.sigma)

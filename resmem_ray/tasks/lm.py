@@ -13,7 +13,8 @@ probabilities at resmem.temperature). The stages are the same as for images:
   evaluate  next-token accuracy and perplexity of the base model, the neighbour baselines
             (tasks/methods.py: kNN interpolation, titled kNN-LM here) and ResMem, and the
             memory's residual storage against what dense rows would take
-  tune      k, sigma and the gate by val perplexity (T stays the one the top-m were encoded at),
+  tune      k, sigma, the gate and the memory's distance by val perplexity, kNN-LM's k, lambda
+            and tau on the same neighbours (T stays the one the top-m were encoded at),
             then the retrieval gate on val (core/gates.py): which tokens the memory helps,
             told from the model's own max p, entropy and hidden-state norm; evaluate
             reports the perplexity and the share of tokens searched at its cut-offs
@@ -121,8 +122,8 @@ def token_scores(totals: dict[str, np.ndarray]) -> dict:
 def lm_totals(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: np.ndarray | None = None,
               batch: int = 1024, methods: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """Next-token accuracy and perplexity of the base model (T=1), of each neighbour baseline
-    (tasks/methods.py; kNN-LM: (1 - lambda) p + lambda p_kNN over the same k neighbours' next
-    tokens, resmem.knn_lambda / knn_tau) and of ResMem (its clipped, renormalised
+    (tasks/methods.py; kNN-LM: (1 - lambda) p + lambda p_kNN over its knn_k nearest neighbours'
+    next tokens, resmem.knn_lambda / knn_tau) and of ResMem (its clipped, renormalised
     distribution); the last two over p at resmem.temperature. Where the confidence gate is
     closed (memory_reads), they keep p. `nb` answers the tokens marked in `reads` (None:
     every token). `methods`: only these (None: every one)."""
@@ -143,7 +144,7 @@ def lm_totals(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: np
         at = row[s + found]
         for m in baselines:
             q = p.copy()
-            q[found] = m.probs(p[found], near.labels[at], near.distances[at], setting(cfg, m))
+            q[found] = m.probs(p[found], nb.labels[at], nb.distances[at], setting(cfg, m))
             totals[m.key] += token_metrics(q, labels[sl])
         if "resmem" in totals:  # last: corrected_token_probs writes into p
             q = corrected_token_probs(p, g, near.distances[at], near.labels[at], near.residual_ids[at],
@@ -296,7 +297,7 @@ class TokenLM(TextTask):
         return {**sizes, "lines": [f"residual storage: {sizes['sparse_bytes'] / 2**20:.2f} MiB sparse "
                                    f"(top-{manifest['top_m']}) vs {sizes['dense_bytes'] / 2**20:.2f} MiB as dense rows"]}
 
-    tune_keys = ("k", "sigma", "gate")  # T stays the index's: the top-m were encoded at it
+    tune_keys = ("k", "sigma", "gate", "distance", "normalize")  # T stays the index's: the top-m were encoded at it
     scores = ("val_perplexity", "val_accuracy")
     mode = "min"
 

@@ -3,11 +3,12 @@ tune/best.json and every report), its title, its place in a report, the config k
 score follows from, what `resmem tune` tunes for it on val, and its role: the base model,
 a rival baseline, ResMem, or an upper bound that is no usable method (the oracle gate).
 
-A baseline scored from the same neighbours' labels carries its function (`probs`): every
-task whose prediction is a distribution scores it (classification on every example, the
-token LM where the confidence gate is open), and `resmem tune` searches its `tuned` keys,
-each over tune.<key>, on val at ResMem's chosen k and T. Such a baseline is one entry here
-and its test.
+A baseline scored from the same neighbours' labels carries its function (`probs`, handed
+the nearest neighbours of a search at least as deep as its own k): every task whose
+prediction is a distribution scores it (classification on every example, the token LM
+where the confidence gate is open), and `resmem tune` searches its `tuned` keys, each over
+tune.<key>, on val at ResMem's chosen T and memory. Such a baseline is one entry here and
+its test.
 """
 
 from __future__ import annotations
@@ -28,14 +29,18 @@ class Method:
     role: str  # base | rival | resmem | bound (an upper bound, not a usable method)
     reads: tuple[str, ...] = ()  # config keys its test score follows from (beside the memory's)
     tuned: dict[str, str] = field(default_factory=dict)  # resmem key -> its name in reports; tune.<key> its grid
-    formula: str = ""  # for the report; {k}: resmem.k
+    formula: str = ""  # for the report
     probs: Callable | None = None  # (p, neighbour labels, distances, setting) -> distribution
     titles: dict[str, str] = field(default_factory=dict)  # a task's own title (task name -> title)
     plot: bool = True  # a line of the sweep's accuracy-per-width plot
 
 
 def _knn_interp(p: np.ndarray, labels: np.ndarray, distances: np.ndarray, setting: dict) -> np.ndarray:
-    return knn_interpolation(p, labels, distances, setting["knn_lambda"], setting["knn_tau"])
+    k = setting["knn_k"]
+    if labels.shape[1] < k:
+        raise ResMemError(f"kNN interpolation's k={k} (resmem.knn_k) is more than the {labels.shape[1]} "
+                          "neighbours searched")
+    return knn_interpolation(p, labels[:, :k], distances[:, :k], setting["knn_lambda"], setting["knn_tau"])
 
 
 RESMEM_KEYS = ("resmem.k", "resmem.sigma", "resmem.gate", "resmem.gate_threshold", "resmem.gate_softness")
@@ -44,10 +49,11 @@ METHODS: dict[str, Method] = {m.key: m for m in (
     Method("base", "base model", "base"),
     Method("knn", "{k}-NN", "rival", reads=("evaluate.knn_ks",), titles={"regression": "{k}-NN regression"},
            plot=False),
-    Method("knn_interp", "kNN interpolation", "rival", reads=("resmem.k", "resmem.knn_lambda", "resmem.knn_tau"),
-           tuned={"knn_lambda": "lambda", "knn_tau": "tau"}, probs=_knn_interp, titles={"lm": "kNN-LM"},
-           formula="(1 - lambda) p + lambda p_kNN over the same k={k} neighbours, p_kNN their labels weighted "
-                   "by softmax(-d / tau)"),
+    Method("knn_interp", "kNN interpolation", "rival",
+           reads=("resmem.k", "resmem.knn_k", "resmem.knn_lambda", "resmem.knn_tau"),
+           tuned={"knn_k": "k", "knn_lambda": "lambda", "knn_tau": "tau"}, probs=_knn_interp,
+           titles={"lm": "kNN-LM"}, formula="(1 - lambda) p + lambda p_kNN, p_kNN the labels of the k nearest "
+                                            "memory rows weighted by softmax(-d / tau)"),
     Method("nbr_transformer", "neighbour Transformer", "rival", reads=("neighbour_transformer.enabled",)),
     Method("resmem", "ResMem", "resmem", reads=RESMEM_KEYS),
     Method("learned_gate", "ResMem, learned gate", "resmem", plot=False),  # fitted by `resmem tune`
@@ -103,15 +109,20 @@ def config_keys() -> tuple[str, ...]:
     return tuple(dict.fromkeys(key for m in METHODS.values() for key in m.reads))
 
 
+def baseline_k(resmem) -> int:
+    """kNN interpolation's k: resmem.knn_k, 0 meaning ResMem's resmem.k."""
+    return resmem.knn_k or resmem.k
+
+
 def setting(cfg, m: Method) -> dict:
-    """A baseline's setting: its tuned keys' values in cfg.resmem."""
-    return {key: getattr(cfg.resmem, key) for key in m.tuned}
+    """A baseline's setting: its tuned keys' values in cfg.resmem (knn_k resolved)."""
+    return {key: baseline_k(cfg.resmem) if key == "knn_k" else getattr(cfg.resmem, key) for key in m.tuned}
 
 
 def setting_record(cfg, m: Method, tuning: dict | None) -> dict:
-    """What metrics.json records of a baseline's setting: its values by their report names,
-    the k it reads and whether `resmem tune` chose them."""
-    return {**{short: getattr(cfg.resmem, key) for key, short in m.tuned.items()}, "k": cfg.resmem.k,
+    """What metrics.json records of a baseline's setting: its values by their report names
+    and whether `resmem tune` chose them."""
+    return {**{m.tuned[key]: value for key, value in setting(cfg, m).items()},
             "chosen_by": "tune" if tuning and tuning.get(m.key) else "config"}
 
 
@@ -120,7 +131,7 @@ def setting_line(m: Method, record: dict, task: str = "") -> str:
     values = ", ".join(f"{short}={record[short]:.4g}" for short in m.tuned.values())
     source = ("chosen by `resmem tune` on val" if record["chosen_by"] == "tune"
               else "from " + ", ".join(f"resmem.{key}" for key in m.tuned))
-    return f"{title(m.key, task)}: {m.formula.format(k=record['k'])}; {values} ({source})."
+    return f"{title(m.key, task)}: {m.formula}; {values} ({source})."
 
 
 # --- what every report says of `resmem tune` ---------------------------------------------
@@ -161,8 +172,11 @@ def tuning_lines(tuning: dict, task: str = "") -> list[str]:
         if t:
             grid = " x ".join(f"tune.{key}" for key in m.tuned)
             lines += ["", f"{title(m.key, task)}, tuned on val from the same neighbour table ({t['trials']} settings "
-                      f"of {grid} at the chosen k={t['k']}, T={t['temperature']:.4g}): "
+                      f"of {grid} at the chosen T={t['temperature']:.4g}): "
                       + ", ".join(f"{short}={t[key]:.4g}" for key, short in m.tuned.items()) + f", {phrases(t)}."]
+            for memory, o in t.get("other_memories", {}).items():  # tested only on the memory ResMem chose
+                lines += [f"- on the {memory} memory instead (val only): "
+                          + ", ".join(f"{short}={o[key]:.4g}" for key, short in m.tuned.items()) + f", {phrases(o)}."]
     if tuning.get("learned_gate"):
         g = tuning["learned_gate"]
         lines += ["", f"Learned gate: logistic regression of 'base model wrong' on {', '.join(g['features'])}, "

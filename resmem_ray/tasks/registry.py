@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from resmem_ray.errors import ConfigError, ResMemError
+from resmem_ray.tasks.methods import baseline_k
 
 if TYPE_CHECKING:
     from resmem_ray.schema import Config
@@ -106,8 +107,8 @@ class Task:
 
     # --- evaluate ---------------------------------------------------------------------
     def lookup_k(self, cfg: "Config") -> int:
-        """How many neighbours evaluate asks the memory for."""
-        return cfg.resmem.k
+        """How many neighbours evaluate asks the memory for (ResMem's and kNN interpolation's)."""
+        return max(cfg.resmem.k, baseline_k(cfg.resmem))
 
     def memory_reads(self, cfg: "Config", test: dict):
         """A mask of the test rows (of one chunk) that read the memory (the others are never

@@ -1,0 +1,124 @@
+"""What separates ResMem from the textbook kNN-LM on a token LM, on the same neighbours: a
+finished run that `resmem tune` tuned (both methods over the same space), its val split,
+one exact FAISS search of the memory tune chose.
+
+Before its clip and renormalisation, ResMem at gate = lambda, sigma = tau and kNN-LM's k is
+
+    resmem = p + lambda * (p_kNN - sum_i w_i p~_i)      kNN-LM = p + lambda * (p_kNN - p)
+
+(p~_i a neighbour's stored top-m distribution), so the two differ only in what is taken
+away: the neighbours' own predictions against the query's. This measures how far apart
+those two are and what each scores, beside both methods as tuned.
+
+    python benchmarks/lm_rivals.py --config jobs/configs/bbc_lm.yaml --run runs/bbc_lm/seed0 --write-results
+
+docs/results.md's LM section (benchmarks/results_doc.py) records the same figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results import section, write  # noqa: E402
+
+from resmem_ray.config import load_config  # noqa: E402
+from resmem_ray.core.knn import faiss_metric, prepare_queries, to_distance  # noqa: E402
+from resmem_ray.core.resmem import kernel_weights, knn_interpolation, softmax  # noqa: E402
+from resmem_ray.core.sparse import corrected_probs  # noqa: E402
+from resmem_ray.store.artifacts import read_split  # noqa: E402
+from resmem_ray.store.rundir import RunDir  # noqa: E402
+
+QUESTION = ("Tuned over the same space, what separates ResMem from the textbook kNN-LM on the same neighbours "
+            "of a token LM?")
+
+
+def perplexity(q: np.ndarray, y: np.ndarray) -> float:
+    return float(np.exp(-np.log(q[np.arange(len(y)), y]).mean()))
+
+
+def separation(config: str, run_dir: str, batch: int = 512) -> dict:
+    """On a tuned run's val split at the memory and settings tune chose: the base model,
+    kNN-LM and ResMem as tuned, and ResMem at kNN-LM's k, kernel and weight, from one exact
+    search; how far the neighbours' weighted predictions lie from the query's own."""
+    cfg = load_config(config, (f"run_dir={run_dir}",))
+    run = RunDir(cfg.run_dir)
+    best = json.loads((run.root / "tune" / "best.json").read_text())["best"]
+    train = read_split(run, "train", "benchmark", columns=("label", "embedding", "top_ids", "top_probs"))
+    val = read_split(run, "val", "benchmark", columns=("label", "embedding", "logits"))
+    distance, normalize, k = best["distance"], best["normalize"], max(best["k"], best["knn_k"])
+    index = faiss.IndexFlat(train["embedding"].shape[1], faiss_metric(distance))
+    index.add(prepare_queries(train["embedding"], distance, normalize))
+    raw, ids = index.search(prepare_queries(val["embedding"], distance, normalize), k)
+    d, y, vocab = to_distance(raw, distance), val["label"], val["logits"].shape[1]
+    p = softmax(val["logits"], cfg.resmem.temperature)
+    lam, tau, kk, floor = best["knn_lambda"], best["knn_tau"], best["knn_k"], cfg.text.prob_floor
+    parts = {"knn": [], "resmem": [], "resmem_at_knn": [], "apart": [], "missing": []}
+    for s in range(0, len(y), batch):
+        sl, i = slice(s, s + batch), ids[s:s + batch]
+        labels, top_ids, top_probs = train["label"][i], train["top_ids"][i], train["top_probs"][i]
+        parts["knn"].append(knn_interpolation(p[sl], labels[:, :kk], d[sl, :kk], lam, tau))
+        w = kernel_weights(d[sl, :best["k"]], best["sigma"])
+        parts["resmem"].append(corrected_probs(p[sl], w, labels[:, :best["k"]], top_ids[:, :best["k"]],
+                                               top_probs[:, :best["k"]], best["gate"], floor))
+        w = kernel_weights(d[sl, :kk], tau)
+        parts["resmem_at_knn"].append(corrected_probs(p[sl], w, labels[:, :kk], top_ids[:, :kk], top_probs[:, :kk],
+                                                      lam, floor))
+        # what ResMem takes away (the neighbours' stored predictions) against kNN-LM's (the query's own p)
+        start = np.arange(len(w))[:, None, None] * vocab
+        taken = np.bincount((top_ids[:, :kk] + start).ravel(), weights=(top_probs[:, :kk] * w[:, :, None]).ravel(),
+                            minlength=len(w) * vocab).reshape(len(w), vocab)
+        parts["apart"].append(0.5 * np.abs(p[sl] - taken).sum(1))
+        parts["missing"].append(1 - top_probs[:, :kk].astype(np.float64).sum(2).mean(1))
+    q = {key: np.concatenate(v) for key, v in parts.items()}
+    return {"val_tokens": len(y), "distance": distance, "normalize": normalize, "k": k, "best": best,
+            "top_m": int(train["top_ids"].shape[1]), "base": perplexity(p, y),
+            **{key: perplexity(q[key], y) for key in ("knn", "resmem", "resmem_at_knn")},
+            "apart_mean": float(q["apart"].mean()), "apart_median": float(np.median(q["apart"])),
+            "missing_mass": float(q["missing"].mean())}
+
+
+def separation_lines(f: dict) -> list[str]:
+    b = f["best"]
+    memory = f"{f['distance']}" + ("" if f["distance"] == "cosine" else ", normalized" if f["normalize"] else ", raw")
+    return [f"{f['val_tokens']:,} val tokens, the memory `resmem tune` chose ({memory}) and its settings; one exact "
+            f"search at k={f['k']}.", "",
+            "| scored on the same neighbours | val perplexity |", "| --- | ---: |",
+            f"| base model | {f['base']:.2f} |",
+            f"| kNN-LM as tuned: p + lambda (p_kNN - p); k={b['knn_k']}, lambda={b['knn_lambda']:g}, "
+            f"tau={b['knn_tau']:g} | {f['knn']:.2f} |",
+            f"| ResMem as tuned: k={b['k']}, sigma={b['sigma']:g}, gate={b['gate']:g} | {f['resmem']:.2f} |",
+            f"| ResMem at kNN-LM's k, kernel and weight: p + lambda (p_kNN - sum_i w_i p~_i) | "
+            f"{f['resmem_at_knn']:.2f} |", "",
+            f"There, what ResMem subtracts (the neighbours' weighted top-{f['top_m']} predictions) lies a "
+            f"total-variation distance of {f['apart_mean']:.3f} on average (median {f['apart_median']:.3f}) from "
+            f"what kNN-LM subtracts (the query's own p); the top-{f['top_m']} rows leave out "
+            f"{100 * f['missing_mass']:.1f}% of a neighbour's probability mass on average."]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="jobs/configs/bbc_lm.yaml")
+    parser.add_argument("--run", default="runs/bbc_lm/seed0", help="a run `resmem tune` has tuned")
+    parser.add_argument("--write-results", action="store_true", help="replace this script's section of RESULTS.md")
+    parser.add_argument("--out", default="benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    t0 = time.time()
+    found = separation(args.config, args.run)
+    lines = section("Token LM: what separates ResMem from kNN-LM", QUESTION, *separation_lines(found), "",
+                    f"{time.time() - t0:.0f} s.")
+    if args.write_results:
+        write(args.out, lines)
+    else:
+        print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
