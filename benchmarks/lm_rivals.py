@@ -32,9 +32,10 @@ from results import section, write  # noqa: E402
 from resmem_ray.config import load_config  # noqa: E402
 from resmem_ray.core.knn import faiss_metric, prepare_queries, to_distance  # noqa: E402
 from resmem_ray.core.resmem import kernel_weights, knn_interpolation, softmax  # noqa: E402
-from resmem_ray.core.sparse import corrected_probs  # noqa: E402
+from resmem_ray.core.sparse import clip_renormalise, corrected_probs  # noqa: E402
 from resmem_ray.store.artifacts import read_split  # noqa: E402
 from resmem_ray.store.rundir import RunDir  # noqa: E402
+from resmem_ray.tasks.text import load_text_model  # noqa: E402
 
 QUESTION = ("Tuned over the same space, what separates ResMem from the textbook kNN-LM on the same neighbours "
             "of a token LM?")
@@ -44,15 +45,49 @@ def perplexity(q: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(-np.log(q[np.arange(len(y)), y]).mean()))
 
 
-def separation(config: str, run_dir: str, batch: int = 512) -> dict:
+def dense_rows(cfg, run: RunDir, best: dict, memory: np.ndarray, ids: np.ndarray, d: np.ndarray, p: np.ndarray,
+               y: np.ndarray, tokens: int, batch: int = 16) -> dict:
+    """ResMem as tuned with dense residual rows against its top-m rows, on the first `tokens`
+    val tokens: with text.lm_embedding=final a memory row's embedding is the final hidden
+    state GPT-2's tied head reads, so its whole distribution is softmax(h W^T / T) again."""
+    if cfg.text.lm_embedding != "final":
+        return {}
+    model, _, _ = load_text_model(run)
+    head = model.get_output_embeddings().weight.detach().float().numpy()  # (V, d)
+    k, T, floor = best["k"], cfg.resmem.temperature, cfg.text.prob_floor
+    totals, apart, on_label = {"dense": 0.0, "sparse": 0.0, "knn": 0.0}, [], {"theirs": [], "own": []}
+    train = read_split(run, "train", "benchmark", columns=("id", "label", "top_ids", "top_probs"))
+    for s in range(0, tokens, batch):
+        sl, i = slice(s, min(s + batch, tokens)), ids[s:min(s + batch, tokens), :k]
+        n = len(i)
+        w = kernel_weights(d[sl, :k], best["sigma"])
+        taken = np.einsum("nk,nkv->nv", w, softmax(memory[i.ravel()] @ head.T, T).reshape(n, k, -1))
+        apart.append(0.5 * np.abs(p[sl] - taken).sum(1))
+        on_label["theirs"].append(taken[np.arange(n), y[sl]])
+        on_label["own"].append(p[sl][np.arange(n), y[sl]])
+        kk = best["knn_k"]
+        q = knn_interpolation(p[sl], train["label"][ids[sl, :kk]], d[sl, :kk], best["knn_lambda"], best["knn_tau"])
+        totals["knn"] -= np.log(q[np.arange(n), y[sl]]).sum()
+        votes = np.zeros_like(taken)  # sum_i w_i onehot(y_i)
+        np.add.at(votes, (np.repeat(np.arange(n), k), train["label"][i.ravel()]), w.ravel())
+        q = clip_renormalise(p[sl] + best["gate"] * (votes - taken), p[sl], floor)
+        totals["dense"] -= np.log(q[np.arange(n), y[sl]]).sum()
+        q = corrected_probs(p[sl], w, train["label"][i], train["top_ids"][i], train["top_probs"][i], best["gate"], floor)
+        totals["sparse"] -= np.log(q[np.arange(n), y[sl]]).sum()
+    return {"dense_tokens": tokens, "apart_dense": float(np.concatenate(apart).mean()),
+            **{f"label_{key}": float(np.concatenate(v).mean()) for key, v in on_label.items()},
+            **{f"{key}_rows": float(np.exp(v / tokens)) for key, v in totals.items()}}
+
+
+def separation(config: str, run_dir: str, batch: int = 512, dense_tokens: int | None = None) -> dict:
     """On a tuned run's val split at the memory and settings tune chose: the base model,
     kNN-LM and ResMem as tuned, and ResMem at kNN-LM's k, kernel and weight, from one exact
     search; how far the neighbours' weighted predictions lie from the query's own."""
     cfg = load_config(config, (f"run_dir={run_dir}",))
     run = RunDir(cfg.run_dir)
     best = json.loads((run.root / "tune" / "best.json").read_text())["best"]
-    train = read_split(run, "train", "benchmark", columns=("label", "embedding", "top_ids", "top_probs"))
-    val = read_split(run, "val", "benchmark", columns=("label", "embedding", "logits"))
+    train = read_split(run, "train", "benchmark", columns=("id", "label", "embedding", "top_ids", "top_probs"))
+    val = read_split(run, "val", "benchmark", columns=("id", "label", "embedding", "logits"))
     distance, normalize, k = best["distance"], best["normalize"], max(best["k"], best["knn_k"])
     index = faiss.IndexFlat(train["embedding"].shape[1], faiss_metric(distance))
     index.add(prepare_queries(train["embedding"], distance, normalize))
@@ -78,7 +113,8 @@ def separation(config: str, run_dir: str, batch: int = 512) -> dict:
         parts["apart"].append(0.5 * np.abs(p[sl] - taken).sum(1))
         parts["missing"].append(1 - top_probs[:, :kk].astype(np.float64).sum(2).mean(1))
     q = {key: np.concatenate(v) for key, v in parts.items()}
-    return {"val_tokens": len(y), "distance": distance, "normalize": normalize, "k": k, "best": best,
+    dense = dense_rows(cfg, run, best, train["embedding"], ids, d, p, y, dense_tokens or len(y))
+    return {**dense, "val_tokens": len(y), "distance": distance, "normalize": normalize, "k": k, "best": best,
             "top_m": int(train["top_ids"].shape[1]), "base": perplexity(p, y),
             **{key: perplexity(q[key], y) for key in ("knn", "resmem", "resmem_at_knn")},
             "apart_mean": float(q["apart"].mean()), "apart_median": float(np.median(q["apart"])),
@@ -100,18 +136,28 @@ def separation_lines(f: dict) -> list[str]:
             f"There, what ResMem subtracts (the neighbours' weighted top-{f['top_m']} predictions) lies a "
             f"total-variation distance of {f['apart_mean']:.3f} on average (median {f['apart_median']:.3f}) from "
             f"what kNN-LM subtracts (the query's own p); the top-{f['top_m']} rows leave out "
-            f"{100 * f['missing_mass']:.1f}% of a neighbour's probability mass on average."]
+            f"{100 * f['missing_mass']:.1f}% of a neighbour's probability mass on average."] + ([
+            "", f"On {'the same' if f['dense_tokens'] == f['val_tokens'] else 'the first'} {f['dense_tokens']:,} "
+            "val tokens, ResMem as tuned with dense residual rows (each "
+            f"neighbour's whole distribution, recomputed from its final hidden state): perplexity "
+            f"{f['dense_rows']:.2f}, against {f['sparse_rows']:.2f} with the top-{f['top_m']} rows and "
+            f"{f['knn_rows']:.2f} for kNN-LM as tuned. There the neighbours' weighted whole distributions lie a "
+            f"total-variation distance of {f['apart_dense']:.3f} on average from the query's own p, but give the "
+            f"query's true next token {f['label_theirs']:.4f} on average against the query's own "
+            f"{f['label_own']:.4f}."]
+            if "dense_rows" in f else [])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="jobs/configs/bbc_lm.yaml")
     parser.add_argument("--run", default="runs/bbc_lm/seed0", help="a run `resmem tune` has tuned")
+    parser.add_argument("--dense-tokens", type=int, help="val tokens scored with dense rows (default: all)")
     parser.add_argument("--write-results", action="store_true", help="replace this script's section of RESULTS.md")
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
     args = parser.parse_args()
     t0 = time.time()
-    found = separation(args.config, args.run)
+    found = separation(args.config, args.run, dense_tokens=args.dense_tokens)
     lines = section("Token LM: what separates ResMem from kNN-LM", QUESTION, *separation_lines(found), "",
                     f"{time.time() - t0:.0f} s.")
     if args.write_results:

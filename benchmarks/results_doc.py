@@ -225,16 +225,24 @@ def lm_lines(record: dict) -> list[str]:
     f = record.get("separation")
     if f:
         lines += [f"**What separates them** (`python benchmarks/lm_rivals.py --run runs/bbc_lm/seed{seeds[0]['seed']}`): "
-                  f"before its clip and renormalisation, ResMem at gate = lambda and sigma = tau is "
-                  "`p + lambda (p_kNN - sum_i w_i p~_i)` and kNN-LM is `p + lambda (p_kNN - p)`: they differ only in "
-                  "what is taken away, the neighbours' own (top-m) predictions or the query's p. On seed "
+                  "before its clip and renormalisation, ResMem at gate = lambda and sigma = tau is "
+                  "`p + lambda (p_kNN - sum_i w_i p_i)` and kNN-LM is `p + lambda (p_kNN - p)`: they differ only in "
+                  "what is taken away, the neighbours' own predictions or the query's p. On seed "
                   f"{seeds[0]['seed']}'s {f['val_tokens']:,} val tokens and the same neighbours: kNN-LM "
                   f"{f['knn']:.2f}, ResMem at kNN-LM's k, kernel and weight {f['resmem_at_knn']:.2f}, ResMem as tuned "
-                  f"{f['resmem']:.2f} (base {f['base']:.2f}). What ResMem subtracts lies a total-variation distance of "
-                  f"{f['apart_mean']:.3f} on average from the query's p, and the top-{f['top_m']} rows leave out "
-                  f"{100 * f['missing_mass']:.1f}% of a neighbour's mass (the codec itself costs nothing measurable: "
-                  "[top-m vs dense rows](../benchmarks/RESULTS.md#sparse-residual-codec-top-m-vs-dense-residuals-lm)).",
-                  ""]
+                  f"{f['resmem']:.2f} (base {f['base']:.2f}).", ""]
+        if "dense_rows" in f:
+            close = abs(f["dense_rows"] - f["knn_rows"]) < abs(f["sparse_rows"] - f["knn_rows"])
+            lines += [f"With dense residual rows (each neighbour's whole distribution, recomputed from its final hidden "
+                      f"state; {f['dense_tokens']:,} val tokens) ResMem scores {f['dense_rows']:.2f} against kNN-LM's "
+                      f"{f['knn_rows']:.2f} and the top-{f['top_m']} rows' {f['sparse_rows']:.2f}: the neighbours' "
+                      f"weighted distributions lie a total-variation distance of only {f['apart_dense']:.3f} from the "
+                      "query's own p, so what ResMem takes away is nearly what kNN-LM takes away. "
+                      + (f"The top-{f['top_m']} rows, which leave out {100 * f['missing_mass']:.0f}% of a neighbour's "
+                         "probability mass, take away less, and that is what separates the two rows here, not the "
+                         "residual itself." if close else
+                         f"The top-{f['top_m']} rows leave out {100 * f['missing_mass']:.0f}% of a neighbour's mass; "
+                         "dense rows do not bring ResMem closer to kNN-LM."), ""]
     m, t = first, first["tuning"]
     gate = m.get("retrieval_gate")
     if gate:

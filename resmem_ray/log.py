@@ -94,6 +94,8 @@ def quiet_ray_data() -> None:
     os.environ.setdefault("RAY_TQDM", "0")
     # a false alarm of the actor pool on a split of few blocks (a short text split)
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
+    # Ray Data sets its own deprecated option while planning a map: nothing a user can change
+    warnings.filterwarnings("ignore", message="`ExecutionOptions.exclude_resources` is deprecated")
     if RAY_DATA_LOGGING.is_file():  # read when ray.data configures its logger
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
     if "ray.data" in sys.modules:  # configured at its import: change it in place
