@@ -67,14 +67,15 @@ QUESTION = ("What does the token memory cost in tokens/s against the plain LM, a
             "index and the confidence gate buy back?")
 
 
-def test_batches(cfg, run: RunDir, meta: dict, batch: int, device: str) -> list[dict]:
-    """The test split's texts tokenised as `resmem embed` does, in batches of sequences."""
+def test_batches(cfg, run: RunDir, meta: dict, batch: int, device: str, texts: int | None) -> list[dict]:
+    """The test split's texts (the first `texts`, None: all) tokenised as `resmem embed`
+    does, in batches of sequences."""
     splits, _ = task_for(cfg).load_splits(cfg)
     test = splits["test"]
-    out = []
-    for s in range(0, len(test), batch):
-        enc = tokenize_batch({"id": test.ids[s:s + batch], "label": test.labels[s:s + batch],
-                              "text": np.array(test.texts[s:s + batch], dtype=object)},
+    out, n = [], min(len(test), texts or len(test))
+    for s in range(0, n, batch):
+        sl = slice(s, min(s + batch, n))
+        enc = tokenize_batch({"id": test.ids[sl], "label": test.labels[sl], "text": np.array(test.texts[sl], dtype=object)},
                              str(run.model), meta["max_length"])
         ids, mask = enc["input_ids"], enc["attention_mask"]
         rows, pos = np.nonzero(mask[:, 1:])  # positions whose next token is real
@@ -145,6 +146,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run_dir=runs/bbc_lm")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the LM; Flat search then on the torch backend)")
     parser.add_argument("--batch", type=int, default=32, help="sequences per forward and per search")
+    parser.add_argument("--texts", type=int, help="only the first N test texts (a large model on a small machine)")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/RESULTS.md")
@@ -162,7 +164,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     model, _, meta = load_text_model(run)
     model = model.to(args.device)
-    batches = test_batches(cfg, run, meta, args.batch, args.device)
+    batches = test_batches(cfg, run, meta, args.batch, args.device, args.texts)
     tokens = sum(len(b["labels"]) for b in batches)
     vectors, rows, manifest = memory(run)
     layer = -1 if cfg.text.lm_embedding == "final" else -2

@@ -128,7 +128,9 @@ def test_language_model_run_with_sparse_residuals(ray_session, tmp_path, capsys)
     # two memories (bbc_lm.yaml: squared L2 on raw states and cosine), kNN-LM with its own k
     grid = ["tune.k=[4,16]", "tune.sigma=[0.02,0.3]", "tune.gate=[0.2,1.0]", "tune.knn_k=[2,16]",
             "tune.knn_lambda=[0.25,0.5]", "tune.knn_tau=[0.1,1.0]", "tune.cpus_per_trial=0.5"]
+    capsys.readouterr()
     assert main(["tune", *args, *grid]) == 0
+    assert "View detailed results" not in capsys.readouterr().out  # Ray Tune's own banner stays out
     summary = json.loads((run_dir / "tune" / "best.json").read_text())
     assert summary["trials"] == 16 and summary["objective"] == "val perplexity"
     knn, chosen = summary["knn_interp"], tune.memory_key(summary["best"]["distance"], False)

@@ -19,8 +19,10 @@ read only there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import itertools
 import math
 import shutil
@@ -32,7 +34,7 @@ import numpy as np
 
 from resmem_ray.core.knn import Neighbours, prepare_queries
 from resmem_ray.errors import ResMemError
-from resmem_ray.log import stage_log
+from resmem_ray.log import stage_log, verbose
 from resmem_ray.runtime.shards import ShardedMemory
 from resmem_ray.schema import Config
 from resmem_ray.stages.evaluate import evaluate
@@ -205,7 +207,10 @@ def run_search(cfg: Config, run: RunDir, task: Task, tables: dict[str, str]) -> 
         tune_config=tune.TuneConfig(metric=objective, mode=task.mode, num_samples=samples, search_alg=search_alg,
                                     reuse_actors=True),
         run_config=tune.RunConfig(name="search", storage_path=str(run.root / "tune"), verbose=0))
-    frame = tuner.fit().get_dataframe().sort_values(objective, ascending=task.mode == "min", kind="stable")
+    # Ray Tune prints its experiment banner and paths whatever `verbose` says: Ray's lines, kept for --verbose
+    with contextlib.nullcontext() if verbose() else contextlib.redirect_stdout(io.StringIO()):
+        results = tuner.fit()
+    frame = results.get_dataframe().sort_values(objective, ascending=task.mode == "min", kind="stable")
     frame = frame.rename(columns={f"config/{p}": p for p in (*keys, "memory")})
     if "memory" not in frame:
         frame["memory"] = list(tables)[0]
