@@ -89,13 +89,18 @@ def quiet_ray_data() -> None:
     """In this process, Ray Data's lines (execution banners and plans, progress, warnings)
     go to its log file (logs/ray-data/ray-data.log in the Ray session), not the console,
     and its progress is logged there instead of drawn as tqdm_ray's bars, whose escape
-    codes a Ray worker would forward to the driver. A terminal still gets the driver's
-    own progress bars. Also Ray's `worker_process_setup_hook` (cli.init_ray)."""
+    codes a Ray worker would forward to the driver; Ray's own warnings that ask nothing of
+    a user are dropped. A terminal still gets the driver's own progress bars. Also Ray's
+    `worker_process_setup_hook` (cli.init_ray)."""
     os.environ.setdefault("RAY_TQDM", "0")
     # a false alarm of the actor pool on a split of few blocks (a short text split)
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
     # Ray Data sets its own deprecated option while planning a map: nothing a user can change
     warnings.filterwarnings("ignore", message="`ExecutionOptions.exclude_resources` is deprecated")
+    # Ray Train's controller logs a traceback it calls safe to ignore when a busy CPU delays
+    # its autoscaling request past 5 s (it asks again 20 s later)
+    logging.getLogger("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client").setLevel(
+        logging.ERROR)
     if RAY_DATA_LOGGING.is_file():  # read when ray.data configures its logger
         os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(RAY_DATA_LOGGING))
     if "ray.data" in sys.modules:  # configured at its import: change it in place
