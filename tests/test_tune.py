@@ -14,6 +14,7 @@ from resmem_ray.cli import main
 from resmem_ray.config import load_config
 from resmem_ray.store.rundir import RunDir
 from resmem_ray.tasks.methods import METHODS
+from resmem_ray.tasks.registry import task_for
 
 from .conftest import DIGITS_ARGS
 
@@ -95,3 +96,12 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
 def test_tune_k_larger_than_memory(run_copy, capsys):
     assert main(["tune", *DIGITS_ARGS, f"run_dir={run_copy}", "tune.k=[5,99999]"]) == 2
     assert "k=99999 (config key tune.k) is larger than the memory" in capsys.readouterr().err
+
+
+def test_each_memory_is_searched_once():
+    """tune.distance x tune.normalize, with cosine once: it normalises either way."""
+    tune = resmem_ray.stages.tune
+    cfg = load_config("jobs/configs/bbc_lm.yaml", ("tune.distance=[cosine,sqeuclidean]", "tune.normalize=[true,false]"))
+    pairs = tune.memory_pairs(cfg, task_for(cfg))
+    assert pairs == [("cosine", True), ("sqeuclidean", True), ("sqeuclidean", False)]
+    assert [tune.memory_key(*p) for p in pairs] == ["cosine", "sqeuclidean/normalized", "sqeuclidean/raw"]
