@@ -191,8 +191,8 @@ def main() -> None:
         threshold = value if reader == "confidence" else 1.0
         c = dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, gate_threshold=threshold, k=k))
         opens = retrieval_opens(summary["retrieval_gate"], value) if reader == "retrieval" else None
-        read = {"all": "every token", "confidence": f"max p < {threshold:g}",
-                "retrieval": f"retrieval gate at {value:.0%} of val"}[reader]
+        read = ("every token" if reader == "all" else f"max p < {value:g}" if reader == "confidence"
+                else f"retrieval gate at {value:.0%} of val")
         name = f"ResMem, {factory}" + (f" nprobe={nprobe}" if nprobe else "") + f", k={k}, {read}"
         runs.append({"setting": f"{name} ({where})", "fn": lambda b, index=index, c=c, nprobe=nprobe, opens=opens:
                      with_memory(model, b, index, rows, c, layer, nprobe, opens)})
