@@ -1,7 +1,7 @@
 """Stage tune: Ray Tune over the resmem keys the task searches (`Task.tune_keys`:
-classification k, sigma, T, the gate and the distance; the token LM k, sigma, the gate and the distance;
-regression k, sigma, the gate and the distance), each trial scored on val by the task's
-objective (val accuracy, val perplexity, val RMSE).
+classification k, sigma, T, the gate and the distance; the token LM and regression k,
+sigma, the gate and the distance), each trial scored on val by the task's objective (val
+accuracy, val perplexity, val RMSE).
 
 Which neighbours a query has does not depend on sigma, T or the gate. So the val queries
 are searched once per (distance, normalize) pair at the largest k of the space, a chunk
@@ -76,7 +76,8 @@ def neighbour_table(cfg: Config, run: RunDir, folder: Path, with_knn_ks: bool = 
     task = task_for(cfg)
     manifest = read_index_manifest(run, needed_by="tune")
     check_codec(run, manifest, task.codec, task.name)
-    ks = {"tune.k": cfg.tune.k, "tune.knn_k": cfg.tune.knn_k, "evaluate.knn_ks": cfg.evaluate.knn_ks if with_knn_ks else []}
+    ks = {"tune.k": cfg.tune.k, "tune.knn_k": cfg.tune.knn_k,
+          "evaluate.knn_ks": cfg.evaluate.knn_ks if with_knn_ks else []}
     k_max = max(k for values in ks.values() for k in values)
     check_k(k_max, manifest["rows"], "config key " + next(key for key, values in ks.items() if k_max in values))
     groups = split_row_groups(run, "val", "tune", task.query_columns)
