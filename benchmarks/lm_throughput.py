@@ -109,7 +109,8 @@ def plain(model, b: dict) -> np.ndarray:
     return softmax(logits.float().cpu().numpy())
 
 
-def with_memory(model, b: dict, index, rows: dict, cfg, layer: int, nprobe: int, opens) -> tuple[np.ndarray, int]:
+def with_memory(model, b: dict, index, rows: dict, cfg, layer: int, nprobe: int,
+                opens=None) -> tuple[np.ndarray, int]:
     """ResMem's distributions for a batch and how many tokens read the memory. `opens(p,
     hidden)`: the tokens the retrieval gate opens (None: the confidence gate alone decides)."""
     if isinstance(index, faiss.Index):
