@@ -60,6 +60,8 @@ SETTINGS = [("Flat", 0, ALL, None, "faiss"), ("IVF1024,Flat", 8, ALL, None, "fai
             ("IVF1024,Flat", 8, ALL, 64, "faiss"), ("Flat", 0, ALL, 64, "torch_lowp"),
             ("PCA64,IVF1024,Flat", 8, ALL, 64, "faiss"), ("PCA32,IVF1024,Flat", 8, ALL, 64, "faiss"),
             ("IVF1024,PQ32x4fs", 8, ALL, 64, "faiss"), ("IVF1024,Flat", 2, ALL, 16, "faiss"),
+            ("IVF1024,Flat", 1, ALL, 16, "faiss"), ("PCA32,IVF1024,Flat", 1, ALL, 16, "faiss"),
+            ("IVF1024,Flat", 1, ALL, 8, "faiss"),
             ("IVF1024,Flat", 2, ("confidence", 0.03), 16, "faiss"), ("IVF1024,Flat", 2, ("retrieval", 0.5), 16, "faiss"),
             ("IVF1024,Flat", 2, ("retrieval", 0.25), 16, "faiss"), ("IVF1024,Flat", 2, ("retrieval", 0.1), 16, "faiss")]
 
