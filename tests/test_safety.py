@@ -135,7 +135,7 @@ def test_leftovers_of_a_killed_writer_are_removed(run_copy):
 
 ZERO_IS_FINE = {"seed", "data.val_fraction", "data.test_fraction", "train.momentum", "train.weight_decay",
                 "text.prob_floor", "embed.gpus_per_actor", "resmem.gate", "resmem.gate_softness",
-                "tune.gate_softness", "resmem.knn_lambda", "tune.knn_lambda", "sweep.seeds",
+                "tune.gate_softness", "resmem.knn_k", "resmem.knn_lambda", "tune.knn_lambda", "sweep.seeds",
                 "serve.gpus", "serve.batch_wait_timeout_s"}
 
 
