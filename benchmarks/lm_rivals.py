@@ -34,6 +34,7 @@ from resmem_ray.core.knn import faiss_metric, prepare_queries, to_distance  # no
 from resmem_ray.core.resmem import kernel_weights, knn_interpolation, softmax  # noqa: E402
 from resmem_ray.core.sparse import clip_renormalise, corrected_probs  # noqa: E402
 from resmem_ray.store.artifacts import read_split  # noqa: E402
+from resmem_ray.stages.tune import memory_key  # noqa: E402
 from resmem_ray.store.rundir import RunDir  # noqa: E402
 from resmem_ray.tasks.text import load_text_model  # noqa: E402
 
@@ -41,48 +42,48 @@ QUESTION = ("Tuned over the same space, what separates ResMem from the textbook 
             "of a token LM?")
 
 
-def perplexity(q: np.ndarray, y: np.ndarray) -> float:
-    return float(np.exp(-np.log(q[np.arange(len(y)), y]).mean()))
+def perplexity(logq: np.ndarray) -> float:
+    """From each token's log-probability of its true next token."""
+    return float(np.exp(-logq.mean()))
 
 
-def dense_rows(cfg, run: RunDir, best: dict, memory: np.ndarray, ids: np.ndarray, d: np.ndarray, p: np.ndarray,
+def label_logprob(q: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return np.log(q[np.arange(len(y)), y])
+
+
+def dense_rows(cfg, run: RunDir, best: dict, train: dict, ids: np.ndarray, d: np.ndarray, p: np.ndarray,
                y: np.ndarray, tokens: int, batch: int = 16) -> dict:
-    """ResMem as tuned with dense residual rows against its top-m rows, on the first `tokens`
-    val tokens: with text.lm_embedding=final a memory row's embedding is the final hidden
-    state GPT-2's tied head reads, so its whole distribution is softmax(h W^T / T) again."""
+    """ResMem as tuned with dense residual rows, on the first `tokens` val tokens (each
+    token's log-probability of its true next token): with text.lm_embedding=final a memory
+    row's embedding is the final hidden state GPT-2's tied head reads, so its whole
+    distribution is softmax(h W^T / T) again. Also how far the neighbours' weighted whole
+    distributions lie from the query's own p."""
     if cfg.text.lm_embedding != "final":
         return {}
     model, _, _ = load_text_model(run)
     head = model.get_output_embeddings().weight.detach().float().numpy()  # (V, d)
     k, T, floor = best["k"], cfg.resmem.temperature, cfg.text.prob_floor
-    totals, apart, on_label = {"dense": 0.0, "sparse": 0.0, "knn": 0.0}, [], {"theirs": [], "own": []}
-    train = read_split(run, "train", "benchmark", columns=("id", "label", "top_ids", "top_probs"))
+    logq, apart, on_label = [], [], {"theirs": [], "own": []}
     for s in range(0, tokens, batch):
         sl, i = slice(s, min(s + batch, tokens)), ids[s:min(s + batch, tokens), :k]
         n = len(i)
         w = kernel_weights(d[sl, :k], best["sigma"])
-        taken = np.einsum("nk,nkv->nv", w, softmax(memory[i.ravel()] @ head.T, T).reshape(n, k, -1))
+        taken = np.einsum("nk,nkv->nv", w, softmax(train["embedding"][i.ravel()] @ head.T, T).reshape(n, k, -1))
         apart.append(0.5 * np.abs(p[sl] - taken).sum(1))
         on_label["theirs"].append(taken[np.arange(n), y[sl]])
         on_label["own"].append(p[sl][np.arange(n), y[sl]])
-        kk = best["knn_k"]
-        q = knn_interpolation(p[sl], train["label"][ids[sl, :kk]], d[sl, :kk], best["knn_lambda"], best["knn_tau"])
-        totals["knn"] -= np.log(q[np.arange(n), y[sl]]).sum()
         votes = np.zeros_like(taken)  # sum_i w_i onehot(y_i)
         np.add.at(votes, (np.repeat(np.arange(n), k), train["label"][i.ravel()]), w.ravel())
-        q = clip_renormalise(p[sl] + best["gate"] * (votes - taken), p[sl], floor)
-        totals["dense"] -= np.log(q[np.arange(n), y[sl]]).sum()
-        q = corrected_probs(p[sl], w, train["label"][i], train["top_ids"][i], train["top_probs"][i], best["gate"], floor)
-        totals["sparse"] -= np.log(q[np.arange(n), y[sl]]).sum()
-    return {"dense_tokens": tokens, "apart_dense": float(np.concatenate(apart).mean()),
-            **{f"label_{key}": float(np.concatenate(v).mean()) for key, v in on_label.items()},
-            **{f"{key}_rows": float(np.exp(v / tokens)) for key, v in totals.items()}}
+        logq.append(label_logprob(clip_renormalise(p[sl] + best["gate"] * (votes - taken), p[sl], floor), y[sl]))
+    return {"logq": np.concatenate(logq), "apart_dense": float(np.concatenate(apart).mean()),
+            **{f"label_{key}": float(np.concatenate(v).mean()) for key, v in on_label.items()}}
 
 
 def separation(config: str, run_dir: str, batch: int = 512, dense_tokens: int | None = None) -> dict:
     """On a tuned run's val split at the memory and settings tune chose: the base model,
     kNN-LM and ResMem as tuned, and ResMem at kNN-LM's k, kernel and weight, from one exact
-    search; how far the neighbours' weighted predictions lie from the query's own."""
+    search; how far the neighbours' weighted predictions lie from the query's own; ResMem
+    with dense rows beside its top-m rows and kNN-LM on the first `dense_tokens` (None: all)."""
     cfg = load_config(config, (f"run_dir={run_dir}",))
     run = RunDir(cfg.run_dir)
     best = json.loads((run.root / "tune" / "best.json").read_text())["best"]
@@ -99,13 +100,13 @@ def separation(config: str, run_dir: str, batch: int = 512, dense_tokens: int | 
     for s in range(0, len(y), batch):
         sl, i = slice(s, s + batch), ids[s:s + batch]
         labels, top_ids, top_probs = train["label"][i], train["top_ids"][i], train["top_probs"][i]
-        parts["knn"].append(knn_interpolation(p[sl], labels[:, :kk], d[sl, :kk], lam, tau))
+        parts["knn"].append(label_logprob(knn_interpolation(p[sl], labels[:, :kk], d[sl, :kk], lam, tau), y[sl]))
         w = kernel_weights(d[sl, :best["k"]], best["sigma"])
-        parts["resmem"].append(corrected_probs(p[sl], w, labels[:, :best["k"]], top_ids[:, :best["k"]],
-                                               top_probs[:, :best["k"]], best["gate"], floor))
+        parts["resmem"].append(label_logprob(corrected_probs(p[sl], w, labels[:, :best["k"]], top_ids[:, :best["k"]],
+                                                             top_probs[:, :best["k"]], best["gate"], floor), y[sl]))
         w = kernel_weights(d[sl, :kk], tau)
-        parts["resmem_at_knn"].append(corrected_probs(p[sl], w, labels[:, :kk], top_ids[:, :kk], top_probs[:, :kk],
-                                                      lam, floor))
+        parts["resmem_at_knn"].append(label_logprob(corrected_probs(p[sl], w, labels[:, :kk], top_ids[:, :kk],
+                                                                    top_probs[:, :kk], lam, floor), y[sl]))
         # what ResMem takes away (the neighbours' stored predictions) against kNN-LM's (the query's own p)
         start = np.arange(len(w))[:, None, None] * vocab
         taken = np.bincount((top_ids[:, :kk] + start).ravel(), weights=(top_probs[:, :kk] * w[:, :, None]).ravel(),
@@ -113,17 +114,21 @@ def separation(config: str, run_dir: str, batch: int = 512, dense_tokens: int | 
         parts["apart"].append(0.5 * np.abs(p[sl] - taken).sum(1))
         parts["missing"].append(1 - top_probs[:, :kk].astype(np.float64).sum(2).mean(1))
     q = {key: np.concatenate(v) for key, v in parts.items()}
-    dense = dense_rows(cfg, run, best, train["embedding"], ids, d, p, y, dense_tokens or len(y))
+    tokens = dense_tokens or len(y)
+    dense = dense_rows(cfg, run, best, train, ids, d, p, y, tokens)
+    if dense:  # the same tokens, scored by the arrays above
+        dense = {"dense_tokens": tokens, "dense_rows": perplexity(dense.pop("logq")),
+                 "sparse_rows": perplexity(q["resmem"][:tokens]), "knn_rows": perplexity(q["knn"][:tokens]), **dense}
     return {**dense, "val_tokens": len(y), "distance": distance, "normalize": normalize, "k": k, "best": best,
-            "top_m": int(train["top_ids"].shape[1]), "base": perplexity(p, y),
-            **{key: perplexity(q[key], y) for key in ("knn", "resmem", "resmem_at_knn")},
+            "top_m": int(train["top_ids"].shape[1]), "base": perplexity(label_logprob(p, y)),
+            **{key: perplexity(q[key]) for key in ("knn", "resmem", "resmem_at_knn")},
             "apart_mean": float(q["apart"].mean()), "apart_median": float(np.median(q["apart"])),
             "missing_mass": float(q["missing"].mean())}
 
 
 def separation_lines(f: dict) -> list[str]:
     b = f["best"]
-    memory = f"{f['distance']}" + ("" if f["distance"] == "cosine" else ", normalized" if f["normalize"] else ", raw")
+    memory = memory_key(f["distance"], f["normalize"])
     return [f"{f['val_tokens']:,} val tokens, the memory `resmem tune` chose ({memory}) and its settings; one exact "
             f"search at k={f['k']}.", "",
             "| scored on the same neighbours | val perplexity |", "| --- | ---: |",

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import machine  # noqa: E402
 
 from resmem_ray import versions  # noqa: E402
+from resmem_ray.stages.tune import memory_key  # noqa: E402
 from resmem_ray.tasks.methods import method, ordered, rivals, title  # noqa: E402
 
 DOCS = Path("docs")
@@ -177,7 +178,7 @@ LM_METHODS = (("base", "base model"), ("knn_interp", "kNN-LM"), ("resmem", "ResM
 
 def lm_settings(key: str, m: dict) -> str:
     r = m["resmem"]
-    memory = r["distance"] + ("" if r["distance"] == "cosine" else ", normalized" if r["normalize"] else ", raw")
+    memory = memory_key(r["distance"], r["normalize"])
     if key == "resmem":
         return f"k={r['k']}, sigma={r['sigma']:g}, gate={r['gate']:g}; {memory}"
     if key == "knn_interp":
