@@ -172,6 +172,17 @@ def _fit_in_a_thread(trainer):
     return out["result"]
 
 
+def ordered_ingest():
+    """Ray Train's ingest options with Ray Data's blocks kept in order: every rank then gets
+    the same rows in the same order, run after run. By default blocks go out as their tasks
+    finish, so a busy CPU changes which rank trains on which texts."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
+
+
 def fit(run, recipe: Recipe, num_workers: int, cpus_per_worker: float, use_gpu: bool = False,
         datasets: dict | None = None, until_epoch: int | None = None) -> tuple[dict, list[dict]]:
     """Fit a TorchTrainer over `num_workers`; (final state, per-epoch history) from its
@@ -185,6 +196,7 @@ def fit(run, recipe: Recipe, num_workers: int, cpus_per_worker: float, use_gpu: 
         worker_loop,
         train_loop_config={"recipe": recipe, "until_epoch": until_epoch, "verbose": verbose()},
         datasets=datasets,
+        dataset_config=ordered_ingest() if datasets else None,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
         # A stable name under the run directory: rerunning resumes from its last checkpoint.
