@@ -6,7 +6,8 @@ distribution for every position: the plain LM's softmax, or ResMem's corrected o
 (tasks/lm.py corrected_token_probs). Per sequence batch, ResMem does one forward (with
 hidden states), one batched search of the tokens that read the memory, one fetch of their
 neighbours' sparse rows and the correction. With a `resmem tune` summary in the run, its
-chosen setting (memory, k, sigma, gate) is the starting point. Each setting is a memory
+chosen setting (memory, k, sigma, gate) is the starting point, and a smaller k runs at
+tune's best sigma and gate for that k (best.json's best_per_k). Each setting is a memory
 index (the run's memory rows re-indexed with a FAISS factory and nprobe, as `resmem index`
 with index.factory / index.nprobe builds it: IVF, PCA to fewer dimensions, fast-scan PQ
 codes; or the torch_lowp backend), k, and which tokens read the memory: every one, those
@@ -61,7 +62,6 @@ SETTINGS = [("Flat", 0, ALL, None, "faiss"), ("IVF1024,Flat", 8, ALL, None, "fai
             ("PCA64,IVF1024,Flat", 8, ALL, 64, "faiss"), ("PCA32,IVF1024,Flat", 8, ALL, 64, "faiss"),
             ("IVF1024,PQ32x4fs", 8, ALL, 64, "faiss"), ("IVF1024,Flat", 2, ALL, 16, "faiss"),
             ("IVF1024,Flat", 1, ALL, 16, "faiss"), ("PCA32,IVF1024,Flat", 1, ALL, 16, "faiss"),
-            ("IVF1024,Flat", 1, ALL, 8, "faiss"),
             ("IVF1024,Flat", 2, ("confidence", 0.03), 16, "faiss"), ("IVF1024,Flat", 2, ("retrieval", 0.5), 16, "faiss"),
             ("IVF1024,Flat", 2, ("retrieval", 0.25), 16, "faiss"), ("IVF1024,Flat", 2, ("retrieval", 0.1), 16, "faiss")]
 
@@ -176,6 +176,7 @@ def main() -> None:
           flush=True)
 
     runs = [{"setting": "plain LM", "fn": lambda b: (plain(model, b), 0)}]
+    per_k = {row["k"]: row for row in summary.get("best_per_k", [])}  # tune's best kernel at each k
     indices = {}
     for factory, nprobe, (reader, value), k, backend in SETTINGS:
         if reader == "retrieval" and "retrieval_gate" not in summary:
@@ -192,11 +193,13 @@ def main() -> None:
         index, where = indices[factory, backend]
         k = k or cfg.resmem.k
         threshold = value if reader == "confidence" else 1.0
-        c = dataclasses.replace(cfg, resmem=dataclasses.replace(cfg.resmem, gate_threshold=threshold, k=k))
+        at_k = with_setting(cfg, {p: per_k[k][p] for p in summary["searched"]}) if k in per_k else cfg
+        c = dataclasses.replace(at_k, resmem=dataclasses.replace(at_k.resmem, gate_threshold=threshold, k=k))
         opens = retrieval_opens(summary["retrieval_gate"], value) if reader == "retrieval" else None
         read = ("every token" if reader == "all" else f"max p < {value:g}" if reader == "confidence"
                 else f"retrieval gate at {value:.0%} of val")
-        name = f"ResMem, {factory}" + (f" nprobe={nprobe}" if nprobe else "") + f", k={k}, {read}"
+        kernel = "" if k == cfg.resmem.k else f" (sigma={c.resmem.sigma:g}, gate={c.resmem.gate:g})"
+        name = f"ResMem, {factory}" + (f" nprobe={nprobe}" if nprobe else "") + f", k={k}{kernel}, {read}"
         runs.append({"setting": f"{name} ({where})", "fn": lambda b, index=index, c=c, nprobe=nprobe, opens=opens:
                      with_memory(model, b, index, rows, c, layer, nprobe, opens)})
     for r in runs:  # quality and read fraction, untimed
@@ -233,8 +236,8 @@ def main() -> None:
                     f"{os.getloadavg()[0]:.1f} at the end; memory {vectors.shape[0]:,} x {vectors.shape[1]} "
                     f"({manifest['distance']}{'' if manifest['normalize'] else ', raw'}), k={r.k}, sigma={r.sigma:g}, "
                     f"gate={r.gate:g} ({chosen}). Tokens/s: best of {args.repeats} passes in turns (a setting under "
-                    "0.25x: one pass). Gain kept: the share of the first ResMem row's perplexity gain over the "
-                    "plain LM.", "",
+                    "0.25x: one pass). A smaller k runs at tune's best sigma and gate for it on val. Gain kept: the "
+                    "share of the first ResMem row's perplexity gain over the plain LM.", "",
                     "| setting | tokens/s | vs plain | perplexity | gain kept | accuracy (%) | tokens reading the memory |",
                     "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     lines += [f"| {r['setting']} | {r['tps']:,.0f} | {r['ratio']:.2f}x | {r['perplexity']:.2f} | "

@@ -63,6 +63,14 @@ def test_tune_picks_on_val_and_reads_test_only_in_the_final_evaluation(run_copy,
     assert set(table["residuals_at"]) >= set(cfg.tune.temperature) and "neighbour_logits" not in table
     score = tune.setting_scores(cfg, table, best)["val_accuracy"]
     assert score == pytest.approx(summary["best_val_accuracy"])
+    # the best setting at each k of the grid, on the chosen memory: the chosen k's is the best,
+    # and a smaller k's is its own best, scored on the same table
+    per_k = summary["best_per_k"]
+    assert [row["k"] for row in per_k] == [1, 5, 10]
+    assert {row["distance"] for row in per_k} == {best["distance"]}
+    assert next(row for row in per_k if row["k"] == best["k"])["val_accuracy"] == summary["best_val_accuracy"]
+    smallest = {key: per_k[0][key] for key in best if key in per_k[0]}
+    assert tune.setting_scores(cfg, table, smallest)["val_accuracy"] == pytest.approx(per_k[0]["val_accuracy"])
     # the in-process grid (what a sweep trial uses) finds the same best score on that table
     assert tune.best_on_grid(cfg, table)[1] == pytest.approx(summary["best_val_accuracy"])
     assert 0 < summary["learned_gate"]["val_accuracy"] <= 1

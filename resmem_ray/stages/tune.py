@@ -366,6 +366,10 @@ def search_and_evaluate(cfg: Config, run: RunDir, task: Task, tables: dict[str, 
     summary = tuning_summary(cfg, best_table, best, {s: top[s].item() for s in task.scores}, len(frame),
                              cfg.tune.search, frame.drop(columns="memory").head(10).to_dict("records"), untuned,
                              others)
+    # the best setting at each k on the chosen memory (the frame is best first): what a smaller,
+    # cheaper k gives up, at its own best kernel rather than the chosen k's
+    summary["best_per_k"] = (frame[frame["memory"] == top["memory"]].drop_duplicates("k").drop(columns="memory")
+                             .sort_values("k").to_dict("records"))
     summary["heatmap"] = plot_search(run.root / "tune", frame, task)
     write_json(run.root / "tune" / "best.json", summary)
     phrase = lambda scores: ", ".join(SCORES[s][2](scores[s]) for s in task.scores)  # noqa: E731
