@@ -33,6 +33,11 @@ DOCS = Path("docs")
 RECORDS = DOCS / "results"
 
 LM_SEEDS = (0, 1, 2)  # the LM's figures are a mean and a spread over these seeds
+# the memory's other layer (kNN-LM's last_ffn_input) on the first seed: the same base model,
+# trained again from the same seed, embedded at the last block's input
+LM_LAYER_RUN = "runs/bbc_lm/last_block_input"
+LM_LAYER = ["--config", "jobs/configs/bbc_lm.yaml", f"seed={LM_SEEDS[0]}", f"run_dir={LM_LAYER_RUN}",
+            "text.lm_embedding=last_block_input"]
 
 # name -> (title, run directory, the commands in order)
 EXPERIMENTS = {
@@ -48,7 +53,7 @@ EXPERIMENTS = {
                   ["tune", "--config", "jobs/configs/bbc_news.yaml"]]),
     "bbc_lm": ("BBC News GPT-2 language model: token-level memory, ResMem against the textbook kNN-LM", "runs/bbc_lm",
                [[command, "--config", "jobs/configs/bbc_lm.yaml", f"seed={seed}", f"run_dir=runs/bbc_lm/seed{seed}"]
-                for seed in LM_SEEDS for command in ("run", "tune")]),
+                for seed in LM_SEEDS for command in ("run", "tune")] + [["run", *LM_LAYER], ["tune", *LM_LAYER]]),
 }
 
 
@@ -71,6 +76,7 @@ def run_experiment(name: str) -> None:
         record["seeds"] = [{"seed": seed, "metrics": json.loads((run / f"seed{seed}" / "report" / "metrics.json")
                                                                 .read_text())} for seed in LM_SEEDS]
         record["separation"] = separation("jobs/configs/bbc_lm.yaml", str(run / f"seed{LM_SEEDS[0]}"))
+        record["last_block_input"] = json.loads((Path(LM_LAYER_RUN) / "report" / "metrics.json").read_text())
     elif name == "fashion_mnist_sweep":
         record["sweep"] = json.loads((run / "sweep" / "summary" / "results.json").read_text())
         shutil.copy(run / "sweep" / "summary" / "width_sweep.png", RECORDS / f"{name}.png")
@@ -244,6 +250,8 @@ def lm_lines(record: dict) -> list[str]:
                          "residual itself." if close else
                          f"The top-{f['top_m']} rows leave out {100 * f['missing_mass']:.0f}% of a neighbour's mass; "
                          "dense rows do not bring ResMem closer to kNN-LM."), ""]
+    if "last_block_input" in record:
+        lines += layer_lines(seeds[0], record["last_block_input"])
     m, t = first, first["tuning"]
     gate = m.get("retrieval_gate")
     if gate:
@@ -262,6 +270,22 @@ def lm_lines(record: dict) -> list[str]:
         lines += ["", f"Searching {100 * half['searched']:.0f}% of the test tokens keeps {100 * kept(half):.0f}% "
                   "of the perplexity gain over the base model.", ""]
     return lines
+
+
+def layer_lines(seed: dict, other: dict) -> list[str]:
+    """The memory's two layers on one seed's base model, each tuned on val over the same space."""
+    lines = [f"**The memory's layer** (seed {seed['seed']}, `text.lm_embedding`): the final hidden state against the "
+             "last block's input (kNN-LM's `last_ffn_input`), each tuned on val over the same space. The base model is "
+             "trained again from the same seed for the second row.", "",
+             "| memory's layer | base test perplexity | method | settings (chosen on val) | val perplexity | "
+             "test perplexity |", "| --- | ---: | --- | --- | ---: | ---: |"]
+    for layer, m in (("final", seed["metrics"]), ("last_block_input", other)):
+        val = {"resmem": m["tuning"]["best_val_perplexity"], "knn_interp": m["tuning"]["knn_interp"]["val_perplexity"]}
+        lines += [f"| {layer} | {m['base_perplexity']:.2f} | {name} | {lm_settings(key, m)} | {val[key]:.2f} | "
+                  f"{m[f'{key}_perplexity']:.2f} |" for key, name in LM_METHODS if key != "base"]
+    best = min((m["tuning"]["best_val_perplexity"], layer) for layer, m in
+               (("the final hidden state", seed["metrics"]), ("the last block's input", other)))
+    return lines + ["", f"On val, ResMem is best on {best[1]}.", ""]
 
 
 def render() -> None:
