@@ -71,11 +71,12 @@ def test_run_writes_report_and_artifacts(digits_run):
     assert not list(run.root.glob(".*.tmp"))
 
 
-def evaluate_with_shards(run_dir, shards, *more):
-    compressed = ["index.factory=IVF4,SQ4", "index.keep_vectors=true", "index.nprobe=4"] if more else []
-    args = [*DIGITS_ARGS, f"run_dir={run_dir}", f"index.num_shards={shards}", *compressed]
+def evaluate_with_shards(run_dir, shards, index=(), evaluate=()):
+    """The predictions of the memory indexed in `shards` shards with the `index` overrides,
+    evaluated with the `evaluate` overrides added."""
+    args = [*DIGITS_ARGS, f"run_dir={run_dir}", f"index.num_shards={shards}", *index]
     assert main(["index", *args]) == 0
-    assert main(["evaluate", *args, *more]) == 0
+    assert main(["evaluate", *args, *evaluate]) == 0
     index = json.loads((run_dir / "index" / "manifest.json").read_text())
     assert len(index["shards"]) == shards and sum(s["rows"] for s in index["shards"]) == index["rows"]
     return pq.read_table(run_dir / "report" / "predictions.parquet").to_pydict()
@@ -88,7 +89,8 @@ def test_one_and_three_shards_give_identical_predictions(run_copy, digits_run):
     and metrics as exact shards and the whole split at once."""
     two = pq.read_table(digits_run / "report" / "predictions.parquet").to_pydict()
     one = evaluate_with_shards(run_copy, 1)
-    three = evaluate_with_shards(run_copy, 3, "evaluate.chunk_mb=0.01", "index.rerank=1000")
+    three = evaluate_with_shards(run_copy, 3, index=("index.factory=IVF4,SQ4", "index.keep_vectors=true", "index.nprobe=4"),
+                                 evaluate=("evaluate.chunk_mb=0.01", "index.rerank=1000"))
     assert one == three == two
     assert pq.ParquetFile(run_copy / "report" / "predictions.parquet").metadata.num_row_groups > 3
     whole, chunked = (json.loads((r / "report" / "metrics.json").read_text()) for r in (digits_run, run_copy))

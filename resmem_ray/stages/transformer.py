@@ -45,7 +45,8 @@ def _lookup_inputs(cfg: Config, run: RunDir, manifest: dict, needed_by: str, spl
 
 
 def recipe(cfg: Config, meta: dict, data_ref) -> trainer.Recipe:
-    """The Transformer as a Recipe: the neighbour tables travel through the object store."""
+    """The Transformer as a Recipe: the neighbour tables travel through the object store
+    (read-only there: torch.tensor copies what as_tensor would only wrap, with a warning)."""
     import ray
 
     s = cfg.neighbour_transformer
@@ -62,11 +63,11 @@ def recipe(cfg: Config, meta: dict, data_ref) -> trainer.Recipe:
     def batches(split: str, epoch: int):
         data = loaded["data"][split]
         if split == "val":  # plain slices: no DataLoader, no draw from the random stream
-            return ([torch.as_tensor(data[key][i:i + 1024]) for key in (*INPUTS, "target")]
+            return ([torch.tensor(data[key][i:i + 1024]) for key in (*INPUTS, "target")]
                     for i in range(0, len(data["target"]), 1024))
         return trainer.worker_loader(
             loaded, split, epoch,
-            lambda: torch.utils.data.TensorDataset(*model_inputs(data, "cpu"), torch.as_tensor(data["target"])),
+            lambda: torch.utils.data.TensorDataset(*model_inputs(data, "cpu"), torch.tensor(data["target"])),
             s.batch_size)
 
     def step(model, batch, device, training):
