@@ -19,10 +19,14 @@ import numpy as np
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0, axis: int = -1) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
+    """float64, computed in one new array (vocabulary-wide rows: each temporary costs a pass)."""
+    z = np.array(logits, dtype=np.float64)
+    if temperature != 1.0:
+        z /= temperature
+    z -= z.max(axis=axis, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=axis, keepdims=True)
+    return z
 
 
 def residuals(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> np.ndarray:

@@ -100,12 +100,14 @@ def corrected_token_probs(p: np.ndarray, g: np.ndarray, distances, labels, resid
     """ResMem's distribution for tokens with probabilities p (at resmem.temperature) and
     confidence gate g (open_gate): corrected where g > 0, p where it is closed. The
     neighbour arrays (resmem.k per token) are those of the open tokens only, in order.
-    Written into p (one pass fewer over a vocabulary-wide array) and returned."""
+    May be written into p (vocabulary-wide rows are copied as little as possible)."""
     found = g > 0
-    q = p
-    q[found] = corrected_probs(p[found], kernel_weights(distances, cfg.resmem.sigma), labels, residual_ids, residuals,
-                               cfg.resmem.gate * g[found], cfg.text.prob_floor)
-    return q
+    weights = kernel_weights(distances, cfg.resmem.sigma)
+    if found.all():
+        return corrected_probs(p, weights, labels, residual_ids, residuals, cfg.resmem.gate * g, cfg.text.prob_floor)
+    p[found] = corrected_probs(p[found], weights, labels, residual_ids, residuals, cfg.resmem.gate * g[found],
+                               cfg.text.prob_floor)
+    return p
 
 
 def lm_metrics(logits: np.ndarray, labels: np.ndarray, nb, cfg: Config, reads: np.ndarray | None = None,
