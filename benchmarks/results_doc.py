@@ -274,18 +274,24 @@ def lm_lines(record: dict) -> list[str]:
 
 def layer_lines(seed: dict, other: dict) -> list[str]:
     """The memory's two layers on one seed's base model, each tuned on val over the same space."""
+    layers = (("final", "the final hidden state", seed["metrics"]),
+              ("last_block_input", "the last block's input", other))
     lines = [f"**The memory's layer** (seed {seed['seed']}, `text.lm_embedding`): the final hidden state against the "
-             "last block's input (kNN-LM's `last_ffn_input`), each tuned on val over the same space. The base model is "
-             "trained again from the same seed for the second row.", "",
+             "last block's input, each tuned on val over the same space. The second row's base model is trained "
+             "again from the same seed.", "",
              "| memory's layer | base test perplexity | method | settings (chosen on val) | val perplexity | "
              "test perplexity |", "| --- | ---: | --- | --- | ---: | ---: |"]
-    for layer, m in (("final", seed["metrics"]), ("last_block_input", other)):
-        val = {"resmem": m["tuning"]["best_val_perplexity"], "knn_interp": m["tuning"]["knn_interp"]["val_perplexity"]}
-        lines += [f"| {layer} | {m['base_perplexity']:.2f} | {name} | {lm_settings(key, m)} | {val[key]:.2f} | "
+    val = {layer: {"resmem": m["tuning"]["best_val_perplexity"],
+                   "knn_interp": m["tuning"]["knn_interp"]["val_perplexity"]} for layer, _, m in layers}
+    for layer, _, m in layers:
+        lines += [f"| {layer} | {m['base_perplexity']:.2f} | {name} | {lm_settings(key, m)} | {val[layer][key]:.2f} | "
                   f"{m[f'{key}_perplexity']:.2f} |" for key, name in LM_METHODS if key != "base"]
-    best = min((m["tuning"]["best_val_perplexity"], layer) for layer, m in
-               (("the final hidden state", seed["metrics"]), ("the last block's input", other)))
-    return lines + ["", f"On val, ResMem is best on {best[1]}.", ""]
+    said = []
+    for key, name in LM_METHODS[1:]:
+        (a, layer_a, _), (b, _, _) = sorted(((val[layer][key], words, m) for layer, words, m in layers),
+                                            key=lambda t: t[0])
+        said.append(f"{name} is best on {layer_a} ({a:.2f} against {b:.2f})")
+    return lines + ["", f"On val, {'; '.join(said)}.", ""]
 
 
 def render() -> None:
