@@ -35,6 +35,9 @@ def test_resmem_matches_brute_force(k, sigma, T, gate):
     logits, mem_logits = rng.normal(size=(n, C)), rng.normal(size=(m, C)) * 3
     mem_labels, mem_z, q_z = rng.integers(0, C, m), rng.normal(size=(m, d)), rng.normal(size=(n, d))
     expected = brute_force(logits, mem_logits, mem_labels, mem_z, q_z, k, sigma, T, gate)
+    given = logits.copy()
+    softmax(given, T)
+    assert (given == logits).all()  # softmax works in a new array, never in its input
 
     dist = np.linalg.norm(q_z[:, None] - mem_z[None], axis=2)
     near = np.argsort(dist, axis=1)[:, :k]
