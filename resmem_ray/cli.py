@@ -50,8 +50,8 @@ def init_ray(verbose: bool = False) -> None:
     # on a cluster, the workers only keep Ray Data's lines to its log file
     hook = instance.SETUP_HOOK if not address else None if verbose else "resmem_ray.log.quiet_ray_data"
     runtime_env = {"worker_process_setup_hook": hook} if hook else {}
-    if not address:  # one node, drained by nobody: Train's preemption watcher has nothing to watch,
-        # and when a short fit kills it before it starts, its core worker logs an ERROR line
+    if not address:  # one node, drained by nobody: Train's preemption watcher has nothing to watch, and
+        # its creation (restartable, constructor arguments in the object store) logs an ERROR line every fit
         runtime_env["env_vars"] = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
     ray.init(address=address, log_to_driver=True, logging_config=quiet, runtime_env=runtime_env or None)
     if not address:
