@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 import uuid
@@ -32,7 +33,7 @@ def machine() -> str:
 def section(title: str, question: str, *intro: str) -> list[str]:
     """Title, the question the section answers, the date, the machine, the versions and
     the command that reproduces it."""
-    command = " ".join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    command = shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])  # quoted: it pastes as it ran
     return [f"## {title}", "", f"Question: {question}", "",
             f"Run {time.strftime('%Y-%m-%d')} on {machine()}; versions: {versions()}.",
             f"Command: `{command}`", "", *intro]
