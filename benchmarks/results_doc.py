@@ -33,8 +33,8 @@ DOCS = Path("docs")
 RECORDS = DOCS / "results"
 
 LM_SEEDS = (0, 1, 2)  # the LM's figures are a mean and a spread over these seeds
-# the memory's other layer (kNN-LM's last_ffn_input) on the first seed: the same base model,
-# trained again from the same seed, embedded at the last block's input
+# the memory's other layer on the first seed: the same base model, trained again from the
+# same seed, embedded at the last block's input
 LM_LAYER_RUN = "runs/bbc_lm/last_block_input"
 LM_LAYER = ["--config", "jobs/configs/bbc_lm.yaml", f"seed={LM_SEEDS[0]}", f"run_dir={LM_LAYER_RUN}",
             "text.lm_embedding=last_block_input"]
