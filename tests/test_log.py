@@ -59,7 +59,11 @@ def test_ray_workers_get_the_quiet_setup_hook(monkeypatch):
     monkeypatch.setattr(instance, "quiet_ray_data", lambda: quieted.append(verbose()))
     del os.environ["RAY_ADDRESS"]
     cli.init_ray(False)
-    assert calls[-1]["runtime_env"] == {"worker_process_setup_hook": instance.SETUP_HOOK}
+    # the command's own instance: one node that nobody drains, so no Ray Train preemption
+    # watcher (a cluster keeps it)
+    assert calls[-1]["runtime_env"] == {"worker_process_setup_hook": instance.SETUP_HOOK,
+                                        "env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}}
+    assert "env_vars" not in quiet["runtime_env"]
     instance.setup_worker()
     set_verbose(True)
     instance.setup_worker()
