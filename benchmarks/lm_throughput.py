@@ -58,6 +58,7 @@ from resmem_ray.tasks.text import load_text_model, tokenize_batch  # noqa: E402
 # cut-off that opened that share of val.
 ALL = ("all", None)
 SETTINGS = [("Flat", 0, ALL, None, "faiss"), ("IVF1024,Flat", 8, ALL, None, "faiss"),
+            ("IVF1024,Flat", 4, ALL, None, "faiss"), ("PCA128,IVF1024,Flat", 8, ALL, None, "faiss"),
             ("IVF1024,Flat", 8, ALL, 64, "faiss"), ("Flat", 0, ALL, 64, "torch_lowp"),
             ("PCA64,IVF1024,Flat", 8, ALL, 64, "faiss"), ("PCA32,IVF1024,Flat", 8, ALL, 64, "faiss"),
             ("IVF1024,PQ32x4fs", 8, ALL, 64, "faiss"), ("IVF1024,Flat", 2, ALL, 16, "faiss"),
