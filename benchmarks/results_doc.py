@@ -288,8 +288,7 @@ def layer_lines(seed: dict, other: dict) -> list[str]:
                   f"{m[f'{key}_perplexity']:.2f} |" for key, name in LM_METHODS if key != "base"]
     said = []
     for key, name in LM_METHODS[1:]:
-        (a, layer_a, _), (b, _, _) = sorted(((val[layer][key], words, m) for layer, words, m in layers),
-                                            key=lambda t: t[0])
+        (a, layer_a), (b, _) = sorted((val[layer][key], words) for layer, words, _ in layers)
         said.append(f"{name} is best on {layer_a} ({a:.2f} against {b:.2f})")
     return lines + ["", f"On val, {'; '.join(said)}.", ""]
 
