@@ -23,12 +23,13 @@ the perplexity turn infinite); a small floor keeps every token the base model al
 The kNN-LM baseline (Khandelwal et al.) needs only the neighbours' labels and distances:
 core/resmem.knn_interpolation, which is dense over the queries' (n, V) rows alone.
 
-Arrays in, arrays out: no Ray, no FAISS, no torch.
+Arrays in, arrays out: no Ray, no FAISS; torch only for its multithreaded scatter-add.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from resmem_ray.core.resmem import softmax
 
@@ -57,16 +58,22 @@ def sparse_correction(weights: np.ndarray, labels: np.ndarray, ids: np.ndarray, 
     w_i * prob at each of its top-m ids; nothing else is touched.
 
     weights (n, k); labels (n, k) neighbour labels; ids, probs (n, k, m) their top-m rows.
-    One bincount over the k * m flat (row, token) positions taken, then the k labels added
-    in place: a dense (n, V) array is the cost of a small k, so only one is built.
+    Two scatter-adds into one dense (n, V) array (the cost of a small k, so only one is
+    built): torch's runs the rows on every thread, in each row in the order given, so the
+    sums are those of a sequential loop.
     """
-    n = len(weights)
-    start = np.arange(n, dtype=np.int64)[:, None] * vocab_size  # each query's first flat position
-    w = np.asarray(weights, np.float64)
-    rows = np.bincount((ids + start[:, :, None]).ravel(), weights=(probs * -w[:, :, None]).ravel(),
-                       minlength=n * vocab_size)
-    np.add.at(rows, (labels + start).ravel(), w.ravel())
-    return rows.reshape(n, vocab_size)
+    n, k = np.shape(weights)
+    w = torch.tensor(weights, dtype=torch.float64)
+    rows = torch.zeros(n, vocab_size, dtype=torch.float64)
+    taken = tensor(probs).to(torch.float64, copy=True).mul_(-w[:, :, None])
+    rows.scatter_add_(1, tensor(ids).reshape(n, -1).long(), taken.reshape(n, -1))
+    rows.scatter_add_(1, tensor(labels).reshape(n, k).long(), w)
+    return rows.numpy()
+
+
+def tensor(a: np.ndarray) -> torch.Tensor:
+    """A torch view of `a`; a copy where `a` is read-only (arrays from Ray's object store)."""
+    return torch.from_numpy(np.require(a, requirements=["C", "W"]))
 
 
 def clip_renormalise(q: np.ndarray, p: np.ndarray, floor: float) -> np.ndarray:
