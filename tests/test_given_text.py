@@ -213,6 +213,9 @@ def test_any_causal_lm_folder(ray_session, folders, tmp_path):
     assert np.array_equal(rows["label"], ids[text, pos + 1])
     assert np.allclose(rows["logits"], out.logits[text, pos].numpy(), atol=1e-5)
     assert np.allclose(rows["embedding"], out.hidden_states[-2][text, pos].numpy(), atol=1e-5)
+    final = LMEmbedder(str(run_dir), temperature=1.0, num_threads=1, keep_logits=True, top_m=8, layer="final")(batch)
+    assert np.allclose(final["embedding"], out.hidden_states[-1][text, pos].numpy(), atol=1e-5)  # the final norm's output
+    assert np.allclose(final["logits"], rows["logits"], atol=1e-5)
 
 
 def test_keys_that_only_shape_a_trained_model_leave_a_given_one_current():
