@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import faiss
@@ -48,18 +49,19 @@ from resmem_ray.errors import ResMemError  # noqa: E402
 from resmem_ray.stages.tune import with_setting  # noqa: E402
 from resmem_ray.store.artifacts import load_shard, read_index_manifest  # noqa: E402
 from resmem_ray.store.rundir import RunDir  # noqa: E402
-from resmem_ray.tasks.lm import corrected_token_probs, open_gate  # noqa: E402
+from resmem_ray.tasks.lm import corrected_token_probs, logits_and_states, open_gate  # noqa: E402
 from resmem_ray.tasks.registry import task_for  # noqa: E402
 from resmem_ray.tasks.text import load_text_model, tokenize_batch  # noqa: E402
 
 # (factory, nprobe, which tokens read the memory, resmem.k (None: the run's), search backend):
-# the run's exact memory, then the levers. Which tokens: ("all", None); ("confidence", resmem.gate_threshold);
+# the run's exact memory, then the levers. {half}, {quarter}: that share of the memory's dimension. Which tokens: ("all", None); ("confidence", resmem.gate_threshold);
 # ("retrieval", share of val tokens): the learned retrieval gate `resmem tune` fitted, at its
 # cut-off that opened that share of val.
 ALL = ("all", None)
 SETTINGS = [("Flat", 0, ALL, None, "faiss"), ("IVF1024,Flat", 8, ALL, None, "faiss"),
-            ("IVF1024,Flat", 4, ALL, None, "faiss"), ("PCA128,IVF1024,Flat", 8, ALL, None, "faiss"),
-            ("IVF1024,Flat", 8, ALL, 64, "faiss"), ("Flat", 0, ALL, 64, "torch_lowp"),
+            ("IVF1024,Flat", 4, ALL, None, "faiss"), ("PCA{half},IVF1024,Flat", 8, ALL, None, "faiss"),
+            ("PCA{quarter},IVF1024,Flat", 8, ALL, None, "faiss"),
+            ("IVF1024,Flat", 8, ALL, 256, "faiss"), ("IVF1024,Flat", 8, ALL, 64, "faiss"), ("Flat", 0, ALL, 64, "torch_lowp"),
             ("PCA64,IVF1024,Flat", 8, ALL, 64, "faiss"), ("PCA32,IVF1024,Flat", 8, ALL, 64, "faiss"),
             ("IVF1024,PQ32x4fs", 8, ALL, 64, "faiss"), ("IVF1024,Flat", 2, ALL, 16, "faiss"),
             ("IVF1024,Flat", 1, ALL, 16, "faiss"), ("PCA32,IVF1024,Flat", 1, ALL, 16, "faiss"),
@@ -106,33 +108,51 @@ def memory(run: RunDir) -> tuple[np.ndarray, dict, dict]:
     return np.concatenate(vectors), rows, manifest
 
 
-def plain(model, b: dict) -> np.ndarray:
-    with torch.inference_mode():
+def plain(model, b: dict, clock: dict) -> tuple[np.ndarray, int]:
+    with timed(clock, "model"), torch.inference_mode():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[b["rows"], b["pos"]]
-    return softmax(logits.float().cpu().numpy())
+        p = softmax(logits.float().cpu().numpy())
+    return p, 0
 
 
-def with_memory(model, b: dict, index, rows: dict, cfg, layer: int, nprobe: int,
+def with_memory(model, b: dict, index, rows: dict, cfg, layer: str, nprobe: int, clock: dict,
                 opens=None) -> tuple[np.ndarray, int]:
     """ResMem's distributions for a batch and how many tokens read the memory. `opens(p,
-    hidden)`: the tokens the retrieval gate opens (None: the confidence gate alone decides)."""
+    hidden)`: the tokens the retrieval gate opens (None: the confidence gate alone decides).
+    `clock` adds up the seconds of each part: model (forward and softmax), gate, search
+    (with the neighbours' rows), correction."""
     if isinstance(index, faiss.Index):
         set_search_params(index, nprobe, cfg.index.ef_search)
-    with torch.inference_mode():
-        out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
-        logits = out.logits[b["rows"], b["pos"]].float().cpu().numpy()
-        hidden = out.hidden_states[layer][b["rows"], b["pos"]].float().cpu().numpy()
     r = cfg.resmem
-    p = softmax(logits, r.temperature)
-    g = open_gate(p, r)
-    if opens is not None:
-        g = np.where(opens(p, hidden), g, 0.0)
-    found = g > 0
+    with timed(clock, "model"), torch.inference_mode():
+        logits, hidden = logits_and_states(model, b["input_ids"], b["attention_mask"], (b["rows"], b["pos"]), layer)
+        hidden = hidden.float().cpu().numpy()
+        p = softmax(logits.float().cpu().numpy(), r.temperature)
+    with timed(clock, "gate"):
+        g = open_gate(p, r)
+        if opens is not None:
+            g = np.where(opens(p, hidden), g, 0.0)
+        found = g > 0
     if not found.any():
         return p, 0
-    queries = prepare_queries(hidden[found], r.distance, r.normalize)
-    dist, _, labels, residuals, residual_ids = search_shard(index, rows, queries, r.k, r.distance)
-    return corrected_token_probs(p, g, dist, labels, residual_ids, residuals, cfg), int(found.sum())
+    with timed(clock, "search"):
+        queries = prepare_queries(hidden[found], r.distance, r.normalize)
+        dist, _, labels, residuals, residual_ids = search_shard(index, rows, queries, r.k, r.distance)
+    with timed(clock, "correction"):
+        q = corrected_token_probs(p, g, dist, labels, residual_ids, residuals, cfg)
+    return q, int(found.sum())
+
+
+def parts(run: dict) -> str:
+    """A row's microseconds per token: model / gate / search / correction."""
+    return " / ".join(f"{run['parts'].get(part, 0.0):.1f}" for part in ("model", "gate", "search", "correction"))
+
+
+@contextmanager
+def timed(clock: dict, part: str):
+    t0 = time.perf_counter()
+    yield
+    clock[part] = clock.get(part, 0.0) + time.perf_counter() - t0
 
 
 def retrieval_opens(gate: dict, share: float):
@@ -172,14 +192,15 @@ def main() -> None:
     batches = test_batches(cfg, run, meta, args.batch, args.device, args.texts)
     tokens = sum(len(b["labels"]) for b in batches)
     vectors, rows, manifest = memory(run)
-    layer = -1 if cfg.text.lm_embedding == "final" else -2
+    layer = cfg.text.lm_embedding
     print(f"{tokens} test tokens in {len(batches)} batches; memory {vectors.shape[0]} x {vectors.shape[1]}",
           flush=True)
 
-    runs = [{"setting": "plain LM", "fn": lambda b: (plain(model, b), 0)}]
+    runs = [{"setting": "plain LM", "fn": lambda b, clock: plain(model, b, clock)}]
     per_k = {row["k"]: row for row in summary.get("best_per_k", [])}  # tune's best kernel at each k
-    indices = {}
+    indices, seen = {}, set()
     for factory, nprobe, (reader, value), k, backend in SETTINGS:
+        factory = factory.format(half=vectors.shape[1] // 2, quarter=vectors.shape[1] // 4)
         if reader == "retrieval" and "retrieval_gate" not in summary:
             print(f"skipping the retrieval gate at {value:.0%}: {tuned} holds none (`resmem tune` fits it)")
             continue
@@ -193,6 +214,9 @@ def main() -> None:
             print(f"built {factory} ({where}) in {time.perf_counter() - t0:.1f} s", flush=True)
         index, where = indices[factory, backend]
         k = k or cfg.resmem.k
+        if (factory, nprobe, reader, value, k, backend) in seen:  # a row at the run's own k
+            continue
+        seen.add((factory, nprobe, reader, value, k, backend))
         threshold = value if reader == "confidence" else 1.0
         at_k = with_setting(cfg, {p: per_k[k][p] for p in summary["searched"]}) if k in per_k else cfg
         c = dataclasses.replace(at_k, resmem=dataclasses.replace(at_k.resmem, gate_threshold=threshold, k=k))
@@ -201,13 +225,13 @@ def main() -> None:
                 else f"retrieval gate at {value:.0%} of val")
         kernel = "" if k == cfg.resmem.k else f" (sigma={c.resmem.sigma:g}, gate={c.resmem.gate:g})"
         name = f"ResMem, {factory}" + (f" nprobe={nprobe}" if nprobe else "") + f", k={k}{kernel}, {read}"
-        runs.append({"setting": f"{name} ({where})", "fn": lambda b, index=index, c=c, nprobe=nprobe, opens=opens:
-                     with_memory(model, b, index, rows, c, layer, nprobe, opens)})
+        runs.append({"setting": f"{name} ({where})", "fn": lambda b, clock, index=index, c=c, nprobe=nprobe, opens=opens:
+                     with_memory(model, b, index, rows, c, layer, nprobe, clock, opens)})
     for r in runs:  # quality and read fraction, untimed
         print(f"scoring {r['setting']}", flush=True)
         totals, reads = np.zeros(3), 0
         for b in batches:
-            q, n = r["fn"](b)
+            q, n = r["fn"](b, {})
             totals += token_metrics(q, b["labels"])
             reads += n
         r.update(accuracy=totals[0] / totals[2], perplexity=float(np.exp(totals[1] / totals[2])),
@@ -218,16 +242,19 @@ def main() -> None:
                 continue
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, clock = time.perf_counter(), {}
             for b in batches:
-                r["fn"](b)
-            r["tps"] = max(r["tps"], tokens / (time.perf_counter() - t0))
+                r["fn"](b, clock)
+            tps = tokens / (time.perf_counter() - t0)
+            if tps > r["tps"]:  # the best pass, and where its time went
+                r.update(tps=tps, parts={part: 1e6 * s / tokens for part, s in clock.items()})
     gain = runs[0]["perplexity"] - runs[1]["perplexity"]  # the run's tuned ResMem, exact search, every token
     for r in runs:
         r["ratio"] = r["tps"] / runs[0]["tps"]
         r["kept"] = (runs[0]["perplexity"] - r["perplexity"]) / gain if gain > 0 else float("nan")
         print(f"{r['setting']:<60} {r['tps']:>9,.0f} tok/s {r['ratio']:.2f}x ppl {r['perplexity']:.2f} "
-              f"acc {100 * r['accuracy']:.2f}% reads {100 * r['reads']:.1f}%", flush=True)
+              f"acc {100 * r['accuracy']:.2f}% reads {100 * r['reads']:.1f}% us/token {parts(r)}", flush=True)
+    budget = 1e6 / (0.8 * runs[0]["tps"]) - runs[0]["parts"]["model"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     r = cfg.resmem
     chosen = "chosen by `resmem tune`" if summary else "the config's"
@@ -238,11 +265,15 @@ def main() -> None:
                     f"({manifest['distance']}{'' if manifest['normalize'] else ', raw'}), k={r.k}, sigma={r.sigma:g}, "
                     f"gate={r.gate:g} ({chosen}). Tokens/s: best of {args.repeats} passes in turns (a setting under "
                     "0.25x: one pass). A smaller k runs at tune's best sigma and gate for it on val. Gain kept: the "
-                    "share of the first ResMem row's perplexity gain over the plain LM.", "",
-                    "| setting | tokens/s | vs plain | perplexity | gain kept | accuracy (%) | tokens reading the memory |",
-                    "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+                    "share of the first ResMem row's perplexity gain over the plain LM. Microseconds per token, in the best "
+                    "pass: the model (forward and softmax) / the gate / the search with the neighbours' rows / the "
+                    f"correction. At 0.8x the plain LM's tokens/s, the gate, search and correction together may take "
+                    f"{budget:.1f} us a token beside the plain LM's {runs[0]['parts']['model']:.1f}.", "",
+                    "| setting | tokens/s | vs plain | perplexity | gain kept | accuracy (%) | tokens reading the memory | "
+                    "us/token: model / gate / search / correction |",
+                    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     lines += [f"| {r['setting']} | {r['tps']:,.0f} | {r['ratio']:.2f}x | {r['perplexity']:.2f} | "
-              f"{100 * r['kept']:.0f}% | {100 * r['accuracy']:.2f} | {100 * r['reads']:.1f}% |" for r in runs]
+              f"{100 * r['kept']:.0f}% | {100 * r['accuracy']:.2f} | {100 * r['reads']:.1f}% | {parts(r)} |" for r in runs]
     write(args.out, lines, args.variant)
 
 
