@@ -54,7 +54,13 @@ def test_sparse_rows_stand_for_their_truncated_dense_rows():
     logits, labels, p, w = random_memory(vocab=50)
     n, k = w.shape
     ids, probs = encode(logits, 4)
-    correction = sparse_correction(w, labels.reshape(n, k), ids.reshape(n, k, 4), probs.reshape(n, k, 4), 50)
+    rows = probs.reshape(n, k, 4).astype(np.float64)
+    correction = sparse_correction(w, labels.reshape(n, k), ids.reshape(n, k, 4), rows, 50)
+    assert np.array_equal(rows, probs.reshape(n, k, 4))  # not written into, even where no cast copies it
+    read_only = [a.copy() for a in (w, labels.reshape(n, k), ids.reshape(n, k, 4), rows)]
+    for a in read_only:  # as Ray's object store hands arrays out
+        a.flags.writeable = False
+    assert np.array_equal(sparse_correction(*read_only, 50), correction)
     truncated = dense_residuals(labels, ids, probs, 50).reshape(n, k, 50)
     np.testing.assert_allclose(correction, np.einsum("nk,nkv->nv", w, truncated), atol=1e-12)
     untouched = np.ones_like(p, dtype=bool)  # the tokens no neighbour names
