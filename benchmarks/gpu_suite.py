@@ -346,6 +346,7 @@ def lm_step(s: Suite):
     from resmem_ray.config import load_config
     from resmem_ray.core.knn import build_shard, place_index, prepare_queries
     from resmem_ray.core.sparse import encode
+    from resmem_ray.tasks.lm import logits_and_states
 
     z = s.sizes("lm")
     overrides = [f"text.max_length={z['max_length']}"] if "max_length" in z else []
@@ -355,7 +356,7 @@ def lm_step(s: Suite):
     model = GPT2LMHeadModel(GPT2Config(vocab_size=t.vocab_size, n_positions=t.max_length, n_embd=t.lm_dim,
                                        n_layer=t.lm_layers, n_head=t.lm_heads, bos_token_id=0,
                                        eos_token_id=0)).eval().to(s.device)
-    layer = -1 if t.lm_embedding == "final" else -2
+    layer = t.lm_embedding
     rng = np.random.default_rng(0)
 
     def batch_of(n: int) -> dict:  # full-length random texts, in lm_throughput's batch form
@@ -371,9 +372,9 @@ def lm_step(s: Suite):
     for _ in range(0, z["memory_texts"], z["batch"]):
         b = batch_of(z["batch"])
         with torch.inference_mode():
-            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True)
-        vectors.append(out.hidden_states[layer][b["rows"], b["pos"]].float().cpu().numpy())
-        ids, probs = encode(out.logits[b["rows"], b["pos"]].float().cpu().numpy(), t.top_m, r.temperature)
+            logits, hidden = logits_and_states(model, b["input_ids"], b["attention_mask"], (b["rows"], b["pos"]), layer)
+        vectors.append(hidden.float().cpu().numpy())
+        ids, probs = encode(logits.float().cpu().numpy(), t.top_m, r.temperature)
         labels.append(b["labels"])
         top_ids.append(ids)
         top_probs.append(probs.astype(cfg.index.residual_dtype))
@@ -387,10 +388,10 @@ def lm_step(s: Suite):
     every = dataclasses.replace(cfg, resmem=dataclasses.replace(r, gate_threshold=1.0))  # every token reads
     flat, where = place_index(build_shard(vectors, "Flat", r.distance), "torch", use_gpu=True)
     ivf = build_shard(vectors, z["factory"], r.distance, cfg.index.train_sample)
-    settings = [("plain LM", lambda b: plain(model, b)),
-                (f"ResMem, Flat ({where}), k={r.k}", lambda b: with_memory(model, b, flat, memory, every, layer, 0)),
+    settings = [("plain LM", lambda b: plain(model, b, {})),
+                (f"ResMem, Flat ({where}), k={r.k}", lambda b: with_memory(model, b, flat, memory, every, layer, 0, {})),
                 (f"ResMem, {z['factory']} nprobe={z['nprobe']} (faiss-cpu), k={r.k}",
-                 lambda b: with_memory(model, b, ivf, memory, every, layer, z["nprobe"]))]
+                 lambda b: with_memory(model, b, ivf, memory, every, layer, z["nprobe"], {}))]
     figures, rows = {"memory_rows": len(vectors), "test_tokens": tokens}, []
     for name, fn in settings:
         seconds = best_of(lambda: [fn(b) for b in batches], s.device)
