@@ -36,7 +36,7 @@ from results import section, write  # noqa: E402
 from resmem_ray.config import load_config  # noqa: E402
 from resmem_ray.core.knn import unpack_residuals  # noqa: E402
 from resmem_ray.core.resmem import softmax  # noqa: E402
-from resmem_ray.core.sparse import clip_renormalise  # noqa: E402
+from resmem_ray.core.sparse import clip_renormalise, token_metrics  # noqa: E402
 from resmem_ray.store.artifacts import read_split  # noqa: E402
 from resmem_ray.store.rundir import RunDir  # noqa: E402
 
@@ -72,12 +72,12 @@ def read(p: np.ndarray, d: np.ndarray, near: np.ndarray, count: np.ndarray, mean
 
 def perplexity(split: dict, found, count, mean, sigma, gate, floor, batch: int = 2048) -> float:
     d, near = found
-    nll = 0.0
+    totals = np.zeros(3)
     for s in range(0, len(split["label"]), batch):
         sl = slice(s, s + batch)
         q = read(split["p"][sl], d[sl], near[sl], count, mean, sigma, gate, floor)
-        nll -= np.log(q[np.arange(len(q)), split["label"][sl]]).sum()
-    return float(np.exp(nll / len(split["label"])))
+        totals += token_metrics(q, split["label"][sl])
+    return float(np.exp(totals[1] / totals[2]))
 
 
 def main() -> None:
@@ -100,8 +100,10 @@ def main() -> None:
     splits = {s: read_split(run, s, "benchmark", ("id", "label", "embedding", "logits")) for s in ("val", "test")}
     for s in splits.values():
         s["p"] = softmax(s.pop("logits"), cfg.resmem.temperature)
-    base = {name: float(np.exp(-np.log(s["p"][np.arange(len(s["label"])), s["label"]]).mean()))
-            for name, s in splits.items()}
+    base = {}
+    for name, s in splits.items():
+        _, nll, n = token_metrics(s["p"], s["label"])
+        base[name] = float(np.exp(nll / n))
     tuned = json.loads((run.root / "tune" / "best.json").read_text())
     exact = {"val": next(r["val_perplexity"] for r in tuned["best_per_k"] if r["k"] == tuned["best"]["k"]),
              "test": json.loads((run.report / "metrics.json").read_text())["resmem_perplexity"]}
