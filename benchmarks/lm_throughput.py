@@ -247,7 +247,7 @@ def main() -> None:
             totals += token_metrics(q, b["labels"])
             reads += n
         r.update(accuracy=totals[0] / totals[2], perplexity=float(np.exp(totals[1] / totals[2])),
-                 reads=reads / tokens, tps=0.0)
+                 reads=reads / tokens, tps=0.0, pairs=[])
 
     def timed_pass(r: dict) -> float:
         """One pass over the batches: its seconds; a row keeps its best pass's tokens/s and parts."""
@@ -265,7 +265,7 @@ def main() -> None:
     # quiet minute of the machine hits both sides of a ratio alike, and every other turn the
     # setting goes first (what one pass leaves behind, e.g. freed memory, falls on both).
     # A setting's ratio is the median over its pairs (under 0.25x after the first: one is enough).
-    runs[0]["pairs"] = [1.0]
+    runs[0]["pairs"].append(1.0)
     for rep in range(args.repeats):
         for r in runs[1:]:
             if rep and np.median(r["pairs"]) < 0.25:
@@ -274,7 +274,7 @@ def main() -> None:
                 seconds = timed_pass(r)
                 r["pairs"].append(timed_pass(runs[0]) / seconds)
             else:
-                r.setdefault("pairs", []).append(timed_pass(runs[0]) / timed_pass(r))
+                r["pairs"].append(timed_pass(runs[0]) / timed_pass(r))
     gain = runs[0]["perplexity"] - runs[1]["perplexity"]  # the run's tuned ResMem, exact search, every token
     for r in runs:
         r["ratio"] = float(np.median(r["pairs"]))
@@ -292,10 +292,11 @@ def main() -> None:
                     f"({manifest['distance']}{'' if manifest['normalize'] else ', raw'}), k={r.k}, sigma={r.sigma:g}, "
                     f"gate={r.gate:g} ({chosen}). Each pass of a setting sits beside one of the plain LM (before it "
                     f"and after it in turns), in turns over the settings, {args.repeats} times: vs plain is the median "
-                    "ratio of those pairs, tokens/s the best pass (a setting under 0.25x: one pair). A smaller k runs at tune's best sigma and gate for it on val. Gain kept: the "
-                    "share of the first ResMem row's perplexity gain over the plain LM. Microseconds per token, in the best "
-                    "pass: the model (forward and softmax) / the gate / the search with the neighbours' rows / the "
-                    f"correction. At 0.8x the plain LM's tokens/s, the gate, search and correction together may take "
+                    "ratio of those pairs, tokens/s the best pass (a setting under 0.25x: one pair). A smaller k runs "
+                    "at tune's best sigma and gate for it on val. Gain kept: the share of the first ResMem row's "
+                    "perplexity gain over the plain LM. Microseconds per token, in the best pass: the model (forward "
+                    "and softmax) / the gate / the search with the neighbours' rows / the correction. "
+                    "At 0.8x the plain LM's tokens/s, the gate, search and correction together may take "
                     f"a quarter of the plain LM's {runs[0]['parts']['model']:.1f} us a token: {budget:.1f} us.", "",
                     "| setting | tokens/s | vs plain | perplexity | gain kept | accuracy (%) | tokens reading the memory | "
                     "us/token: model / gate / search / correction |",
